@@ -1,0 +1,52 @@
+// Input checks for the host entry points. Each failure raises a Python exception that names
+// the op, the argument and what was expected: ValueError for a bad value, TypeError for a
+// bad dtype, RuntimeError otherwise.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "pool2d_shape.h"
+
+namespace dlcv_fast {
+
+inline DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+}
+
+// float32, float64, float16 and bfloat16 on every device.
+inline void check_floating(const char* op, const char* arg, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+                   op, ": ", arg, " must be float32, float64, float16 or bfloat16, but got ", s);
+}
+
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                              const char* ref_arg, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but ", ref_arg,
+              " is on ", ref.device(), "; expected both on the same device");
+}
+
+inline void check_pair(const char* op, const char* arg, at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": ", arg, " must hold 2 ints, but got ", v.size());
+}
+
+// With DLCV_FAST_POISON=1, outputs start as NaN (int64 outputs as INT64_MIN) instead of
+// uninitialised memory, so a test catches any element a kernel fails to write.
+inline bool poison_outputs() {
+  const char* v = std::getenv("DLCV_FAST_POISON");
+  return v != nullptr && std::string(v) == "1";
+}
+
+}  // namespace dlcv_fast

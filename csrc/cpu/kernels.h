@@ -1,0 +1,18 @@
+// CPU kernels, on raw pointers like their CUDA counterparts. Float32 and Float64 only: the
+// host entry points run 16-bit inputs through Float32.
+#pragma once
+
+#include <cstdint>
+
+#include "../pool2d_shape.h"
+
+namespace dlcv_fast::cpu {
+
+void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void* output,
+                        int64_t* indices, const Pool2dShape& shape);
+
+// Throws if an index lies outside its input plane.
+void max_pool2d_backward(DType dtype, bool channels_last, const void* grad_output,
+                         const int64_t* indices, void* grad_input, const Pool2dShape& shape);
+
+}  // namespace dlcv_fast::cpu

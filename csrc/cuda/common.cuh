@@ -1,0 +1,95 @@
+// Small device helpers shared by the kernels: element-type traits, vector access and
+// launch geometry. No torch headers (see DESIGN.md).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+namespace dlcv_fast::cuda {
+
+// Arithmetic type of an element type: float for the 16-bit types, else itself.
+// Conversions are spelled out because torch builds with __CUDA_NO_HALF_CONVERSIONS__.
+template <typename T> struct Acc { using type = T; };
+template <> struct Acc<__half> { using type = float; };
+template <> struct Acc<__nv_bfloat16> { using type = float; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements moved as one aligned access (V * sizeof(T) <= 16 bytes).
+template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
+
+constexpr int kThreads = 256;
+
+// Blocks for a grid-stride loop over n items; capped so that the count fits in gridDim.x.
+inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
+  const int64_t blocks = (n + threads - 1) / threads;
+  return static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
+}
+
+inline bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Widest V in {16 bytes / sizeof(T), ..., 1} that divides `channels` and keeps every
+// pointer in `data` aligned to V elements and `index` (int64) aligned to min(V, 2) elements,
+// so that rows of V elements and of V indices move as whole vectors.
+template <typename T>
+inline int vector_width(int64_t channels, std::initializer_list<const void*> data,
+                        const int64_t* index) {
+  for (int v = static_cast<int>(16 / sizeof(T)); v > 1; v /= 2) {
+    bool ok = channels % v == 0 && aligned(index, 16);
+    for (const void* p : data) ok = ok && aligned(p, v * sizeof(T));
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// V int64 indices at p (16-byte aligned when V is even) as pairs.
+template <int V>
+__device__ __forceinline__ void load_indices(const int64_t* p, int64_t (&out)[V]) {
+  if constexpr (V % 2 == 0) {
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      const Vec<int64_t, 2> q = *reinterpret_cast<const Vec<int64_t, 2>*>(p + j);
+      out[j] = q.v[0];
+      out[j + 1] = q.v[1];
+    }
+  } else {
+    out[0] = p[0];
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void store_indices(int64_t* p, const int64_t (&in)[V]) {
+  if constexpr (V % 2 == 0) {
+#pragma unroll
+    for (int j = 0; j < V; j += 2) {
+      *reinterpret_cast<Vec<int64_t, 2>*>(p + j) = Vec<int64_t, 2>{{in[j], in[j + 1]}};
+    }
+  } else {
+    p[0] = in[0];
+  }
+}
+
+// 32-bit index arithmetic (cheaper division) when every flat offset and the grid-stride
+// step stay below 2^31.
+inline bool fits_int32(int64_t largest_numel) {
+  return largest_numel <= std::numeric_limits<int32_t>::max() / 2;
+}
+
+}  // namespace dlcv_fast::cuda

@@ -1,0 +1,24 @@
+// Host-callable CUDA launchers, declared in plain C++ so that the host entry points
+// (compiled with torch headers) and the kernels (compiled without) meet here.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "../pool2d_shape.h"
+
+namespace dlcv_fast::cuda {
+
+// Each launcher enqueues its kernel on `stream` and returns the launch status.
+// Tensors are dense in NCHW (channels_last = false) or NHWC (channels_last = true) order.
+
+// output[n,c,oh,ow] = max over the window; indices = h * in_w + w of the max (int64).
+cudaError_t max_pool2d_forward(DType dtype, bool channels_last, const void* input,
+                               void* output, int64_t* indices, const Pool2dShape& shape,
+                               cudaStream_t stream);
+
+// grad_input[n,c,h,w] = sum of grad_output over the windows whose max was (h, w).
+cudaError_t max_pool2d_backward(DType dtype, bool channels_last, const void* grad_output,
+                                const int64_t* indices, void* grad_input,
+                                const Pool2dShape& shape, cudaStream_t stream);
+
+}  // namespace dlcv_fast::cuda

@@ -1,0 +1,36 @@
+"""dlcv_fast: hand-written CUDA, Triton and CPU kernels for vision networks, as drop-in
+PyTorch ops (``dlcv_fast.max_pool2d``, ...) and layers (``dlcv_fast.nn``).
+
+Every op is registered with torch.library under ``torch.ops.dlcv_fast`` (with fake
+implementations and autograd formulas, so torch.compile traces through it), and runs on
+the backend chosen with :func:`set_backend` / :func:`use_backend` / ``DLCV_FAST_BACKEND``.
+"""
+
+from dlcv_fast._ext import _C  # noqa: F401  (registers the C++ ops)
+from dlcv_fast.backend import (
+    BACKENDS,
+    BackendError,
+    cuda_built,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from dlcv_fast.ops.max_pool2d import max_pool2d
+from dlcv_fast import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+# Ops with kernels in every backend, in the order the command line lists them.
+OPS = ("max_pool2d",)
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "OPS",
+    "cuda_built",
+    "get_backend",
+    "max_pool2d",
+    "nn",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,17 @@
+"""Loads the compiled extension dlcv_fast._C, which registers the C++ ops under
+torch.ops.dlcv_fast, or says how to build it."""
+
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
+try:
+    from dlcv_fast import _C
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "dlcv_fast's compiled extension (dlcv_fast._C) is missing or does not load: "
+        f"{exc}.\nBuild it from the repository root with `make build`, or with "
+        "`pip install -e . --no-build-isolation` in an environment that has torch, ninja and "
+        "pybind11 (set CUDA_HOME=/usr/local/cuda, or wherever the CUDA toolkit lives, to "
+        "build the CUDA kernels; DLCV_FAST_SKIP_CUDA=1 builds the CPU kernels only)."
+    ) from exc
+
+__all__ = ["_C"]

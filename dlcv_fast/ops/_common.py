@@ -1,0 +1,40 @@
+"""Helpers shared by the ops and the Triton launchers: output allocation, memory formats
+and pooling arithmetic. Pure Python on torch: the fake (meta) implementations use them too,
+so they must work on symbolic sizes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an op's output takes from its 4-D input (PyTorch's rule)."""
+    return suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
+
+
+def empty_output(
+    shape, like: torch.Tensor, dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """A new output tensor. With ``DLCV_FAST_POISON=1`` it starts as NaN (int64: its
+    minimum) so that a test catches any element a kernel fails to write."""
+    dtype = like.dtype if dtype is None else dtype
+    out = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
+    if os.environ.get("DLCV_FAST_POISON") == "1":
+        out.fill_(torch.iinfo(dtype).min if dtype == torch.int64 else math.nan)
+    return out
+
+
+def pool_output_size(size, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool):
+    """torch.nn.functional.max_pool2d's output length along one dimension:
+    floor((size + 2p - d(k-1) - 1) / s) + 1, rounded up instead with ceil_mode, where a
+    window that would start past the input and its left padding is dropped."""
+    span = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out = out - 1
+    return out
