@@ -2,7 +2,7 @@
 // format, then run the CPU or CUDA kernel.
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
+#include <ATen/ops/fill.h>
 
 #include <limits>
 
@@ -85,9 +85,15 @@ Pooling prepare(const char* op, const at::Tensor& self, at::IntArrayRef kernel_s
 at::Tensor new_output(const Pooling& p, int64_t h, int64_t w, at::ScalarType dtype) {
   const auto options = p.input.options().dtype(dtype).memory_format(p.format);
   const std::vector<int64_t> sizes{p.shape.batch, p.shape.channels, h, w};
-  if (!poison_outputs()) return at::empty(sizes, options);
-  if (dtype == at::kLong) return at::full(sizes, std::numeric_limits<int64_t>::min(), options);
-  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs()) {
+    if (dtype == at::kLong) {
+      out.fill_(std::numeric_limits<int64_t>::min());
+    } else {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+  return out;
 }
 
 bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }

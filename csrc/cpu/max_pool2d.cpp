@@ -7,6 +7,8 @@
 //
 // Backward scatters grad_output through the indices; each plane (NCHW) or image (NHWC) is
 // owned by one thread and visited in output order, so the sum is deterministic.
+// Unlike PyTorch's CPU kernel, an output whose window lies wholly in the padding (possible
+// with dilation) passes no gradient: PyTorch adds it at its index, outside the window.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -14,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -104,20 +107,39 @@ void forward_nhwc(const T* input, T* output, int64_t* indices, const Pool2dShape
                     " elements; indices must come from max_pool2d's forward");
 }
 
+// live[o] = whether output o's window holds an in-bounds tap along one dimension. An output
+// whose window lies wholly in the padding keeps PyTorch's index (which may name an element
+// outside the window, or outside the plane) but passes no gradient.
+inline std::vector<char> live_windows(int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                                      int64_t dilation, int64_t size) {
+  std::vector<char> live(out);
+  for (int64_t o = 0; o < out; ++o) {
+    int64_t first, end;
+    window(o, kernel, stride, pad, dilation, size, first, end);
+    live[o] = first < end;
+  }
+  return live;
+}
+
 template <typename T>
 void backward_nchw(const T* grad_output, const int64_t* indices, T* grad_input,
                    const Pool2dShape& s) {
-  const int64_t plane_in = s.in_h * s.in_w, plane_out = s.out_h * s.out_w;
-  at::parallel_for(0, s.batch * s.channels, grain(plane_in + plane_out), [&](int64_t begin, int64_t end) {
+  const int64_t plane_in = s.in_h * s.in_w;
+  const auto live_h = live_windows(s.out_h, s.kernel_h, s.stride_h, s.pad_h, s.dilation_h, s.in_h);
+  const auto live_w = live_windows(s.out_w, s.kernel_w, s.stride_w, s.pad_w, s.dilation_w, s.in_w);
+  at::parallel_for(0, s.batch * s.channels, grain(plane_in + s.out_h * s.out_w), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       T* gin = grad_input + plane * plane_in;
-      const T* gout = grad_output + plane * plane_out;
-      const int64_t* idx = indices + plane * plane_out;
       std::fill(gin, gin + plane_in, T(0));
-      for (int64_t o = 0; o < plane_out; ++o) {
-        const int64_t at = idx[o];
-        if (at < 0 || at >= plane_in) bad_index(at, s);
-        gin[at] += gout[o];
+      for (int64_t oh = 0; oh < s.out_h; ++oh) {
+        if (!live_h[oh]) continue;
+        const int64_t row = (plane * s.out_h + oh) * s.out_w;
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          if (!live_w[ow]) continue;
+          const int64_t at = indices[row + ow];
+          if (at < 0 || at >= plane_in) bad_index(at, s);
+          gin[at] += grad_output[row + ow];
+        }
       }
     }
   });
@@ -127,18 +149,25 @@ template <typename T>
 void backward_nhwc(const T* grad_output, const int64_t* indices, T* grad_input,
                    const Pool2dShape& s) {
   const int64_t C = s.channels;
-  const int64_t plane_in = s.in_h * s.in_w, plane_out = s.out_h * s.out_w;
-  at::parallel_for(0, s.batch, grain((plane_in + plane_out) * C), [&](int64_t begin, int64_t end) {
+  const int64_t plane_in = s.in_h * s.in_w;
+  const auto live_h = live_windows(s.out_h, s.kernel_h, s.stride_h, s.pad_h, s.dilation_h, s.in_h);
+  const auto live_w = live_windows(s.out_w, s.kernel_w, s.stride_w, s.pad_w, s.dilation_w, s.in_w);
+  at::parallel_for(0, s.batch, grain((plane_in + s.out_h * s.out_w) * C), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       T* gin = grad_input + n * plane_in * C;
       std::fill(gin, gin + plane_in * C, T(0));
-      for (int64_t o = 0; o < plane_out; ++o) {
-        const T* gout = grad_output + (n * plane_out + o) * C;
-        const int64_t* idx = indices + (n * plane_out + o) * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t at = idx[c];
-          if (at < 0 || at >= plane_in) bad_index(at, s);
-          gin[at * C + c] += gout[c];
+      for (int64_t oh = 0; oh < s.out_h; ++oh) {
+        if (!live_h[oh]) continue;
+        for (int64_t ow = 0; ow < s.out_w; ++ow) {
+          if (!live_w[ow]) continue;
+          const int64_t pixel = (n * s.out_h + oh) * s.out_w + ow;
+          const T* gout = grad_output + pixel * C;
+          const int64_t* idx = indices + pixel * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const int64_t at = idx[c];
+            if (at < 0 || at >= plane_in) bad_index(at, s);
+            gin[at * C + c] += gout[c];
+          }
         }
       }
     }

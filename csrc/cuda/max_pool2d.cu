@@ -7,7 +7,7 @@
 // included.
 //
 // Backward is a gather: each thread owns input elements and sums grad_output over the
-// windows that could hold it and whose saved index points at it. No atomics, so the
+// windows that hold it as a tap and whose saved index points at it. No atomics, so the
 // result is deterministic, and overlapping windows (stride < kernel) lose no update.
 
 #include <cuda_runtime.h>
@@ -34,7 +34,7 @@ __device__ __forceinline__ void window(I o, I kernel, I stride, I pad, I dilatio
 }
 
 // Outputs o in [lo, hi) whose window span [o*stride - pad, o*stride - pad + (kernel-1)*dilation]
-// contains position x.
+// contains position x. With dilation > 1, x is a tap of o only if is_tap(...) also holds.
 template <typename I>
 __device__ __forceinline__ void windows_over(I x, I kernel, I stride, I pad, I dilation, I out,
                                              I& lo, I& hi) {
@@ -42,6 +42,11 @@ __device__ __forceinline__ void windows_over(I x, I kernel, I stride, I pad, I d
   lo = from <= 0 ? 0 : (from + stride - 1) / stride;
   hi = (x + pad) / stride + 1;
   if (hi > out) hi = out;
+}
+
+template <typename I>
+__device__ __forceinline__ bool is_tap(I x, I o, I stride, I pad, I dilation) {
+  return (x + pad - o * stride) % dilation == 0;
 }
 
 // Pooling parameters narrowed to the index type once, outside the loops.
@@ -144,8 +149,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t here = h * p.in_w + w;
     const I base = plane * p.out_h * p.out_w;
     A sum = 0;
+    // Only windows that hold (h, w) as a tap: an output whose window lies wholly in the
+    // padding keeps PyTorch's index (which may name an element outside the window) but
+    // passes no gradient.
     for (I oh = oh0; oh < oh1; ++oh) {
+      if (!is_tap(h, oh, p.sh, p.ph, p.dh)) continue;
       for (I ow = ow0; ow < ow1; ++ow) {
+        if (!is_tap(w, ow, p.sw, p.pw, p.dw)) continue;
         const I o = base + oh * p.out_w + ow;
         if (indices[o] == here) sum += to_acc(grad_output[o]);
       }
@@ -175,7 +185,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) sum[j] = 0;
     for (I oh = oh0; oh < oh1; ++oh) {
+      if (!is_tap(h, oh, p.sh, p.ph, p.dh)) continue;
       for (I ow = ow0; ow < ow1; ++ow) {
+        if (!is_tap(w, ow, p.sw, p.pw, p.dw)) continue;
         const I o = base + (oh * p.out_w + ow) * p.channels;
         int64_t at[V];
         load_indices<V>(indices + o, at);

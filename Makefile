@@ -1,0 +1,55 @@
+# make demo | make test | make bench | make gpu-check
+# demo, test and bench create .venv when missing, install the pinned dependencies
+# (requirements.txt), build the extension (`pip install -e . --no-build-isolation`, which
+# recompiles only what changed: objects stay in build/temp), then run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
+	setup.py pyproject.toml
+
+export MAX_JOBS ?= $(NPROC)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+
+.PHONY: demo test bench build gpu-check clean
+
+demo: build
+	$(PY) -m dlcv_fast demo
+
+test: build
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) -m dlcv_fast bench
+
+build: $(VENV)/.built
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+# On a GPU machine whose Python already has torch, triton, pybind11 and ninja (no network):
+# build in place with every core, run the whole test suite on the GPU, run
+# compute-sanitizer over the CUDA tests, then the benchmarks (results in benchmarks/results/).
+gpu-check:
+	MAX_JOBS=$(NPROC) $(PYTHON) setup.py build_ext --inplace
+	$(PYTHON) -m pytest -q
+	compute-sanitizer --tool memcheck --error-exitcode 1 \
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
+	compute-sanitizer --tool racecheck --error-exitcode 1 \
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda and forward" tests/test_max_pool2d.py
+	$(PYTHON) -m dlcv_fast bench --json benchmarks/results/latest.json
+	$(PYTHON) benchmarks/record.py benchmarks/results/latest.json
+
+clean:
+	rm -rf build dlcv_fast/_C*.so $(VENV)/.built

@@ -1,0 +1,83 @@
+"""Shared test parametrisation: backend x device x dtype, and the tolerance table.
+
+Without a GPU, Triton's kernels run through its interpreter on CPU tensors
+(TRITON_INTERPRET=1 must be set before triton is first imported, hence here), and the
+cuda tests are not collected as runnable: they need a device. With a GPU, the cuda and
+triton backends run on it and the cpu backend on the host.
+
+Every kernel output starts as NaN (DLCV_FAST_POISON=1), so an element a kernel forgets to
+write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["DLCV_FAST_POISON"] = "1"
+
+import dlcv_fast  # noqa: E402
+from dlcv_fast.backend import triton_interpreted  # noqa: E402
+
+# (backend, device) pairs that can run here.
+BACKEND_DEVICES = [("cpu", "cpu")]
+if HAS_CUDA and dlcv_fast.cuda_built():
+    BACKEND_DEVICES.append(("cuda", "cuda"))
+if HAS_CUDA:
+    BACKEND_DEVICES.append(("triton", "cuda"))
+elif triton_interpreted():
+    BACKEND_DEVICES.append(("triton", "cpu"))
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    """The dtypes a backend is tested in on a device. Triton's interpreter gets bfloat16
+    wrong (the backend refuses it there; tested on the GPU instead)."""
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float64, torch.float16]
+    return list(FLOAT_DTYPES)
+
+
+# (rtol, atol) by dtype, for results that are sums (gradients). Selections (a max, an
+# index) are compared exactly.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 msg: str = "") -> None:
+    """Compares with the tolerance of ``dtype`` (default: ``actual``'s)."""
+    rtol, atol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True,
+                               check_dtype=False, msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+def _ids(pair):
+    return f"{pair[0]}-{pair[1]}"
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=_ids)
+def backend_device(request):
+    """(backend, device): runs the test with that backend in force."""
+    backend, device = request.param
+    with dlcv_fast.use_backend(backend):
+        yield backend, device
+
+
+def backend_dtype_cases() -> list:
+    """pytest params of (backend, device, dtype) over everything that runs here."""
+    return [
+        pytest.param(b, d, t, id=f"{b}-{d}-{str(t).removeprefix('torch.')}")
+        for b, d in BACKEND_DEVICES
+        for t in dtypes_for(b, d)
+    ]
