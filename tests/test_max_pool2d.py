@@ -263,8 +263,10 @@ def test_gradcheck(backend_device, layout):
     x.requires_grad_()
     for k, s, p, d, ceil in [(3, 1, 1, 1, False), ((2, 3), 2, (1, 0), (2, 1), True)]:
         fn = lambda t: dlcv_fast.max_pool2d(t, k, s, p, d, ceil)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x,))
-        assert torch.autograd.gradgradcheck(fn, (x,))
+        # Triton's interpreter is slow: check random projections of the Jacobians there.
+        fast = backend_device == ("triton", "cpu")
+        assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
+        assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
 
 
 def _opcheck_args(device, requires_grad):

@@ -1,0 +1,196 @@
+"""Benchmark harness: each op of each backend against PyTorch on the same inputs, in the
+same run, as medians after warm-up.
+
+GPU times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed before every
+run); CPU times from a synchronous host clock. Memory-bound ops report GB/s and the
+fraction of the copy bandwidth measured in the same run (``x.copy_(y)`` on a buffer far
+larger than the caches), which is the ceiling a streaming kernel can reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import dlcv_fast
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    case: str
+    shape: tuple
+    dtype: str
+    layout: str
+    direction: str  # forward | backward
+    backend: str
+    ms: float
+    torch_ms: float
+    bytes: int
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.ms
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.ms / 1e6
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.5) -> float:
+    """Median time of fn() in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# --- max_pool2d ------------------------------------------------------------------------------
+
+# (network.layer, C, H, W, kernel, stride, padding): the max-pooling layers of AlexNet,
+# VGG-16 and ResNet-50 (torchvision's, 224 x 224 input).
+POOL_LAYERS = [
+    ("alexnet.pool1", 64, 55, 55, 3, 2, 0),
+    ("alexnet.pool2", 192, 27, 27, 3, 2, 0),
+    ("alexnet.pool3", 256, 13, 13, 3, 2, 0),
+    ("vgg16.pool1", 64, 224, 224, 2, 2, 0),
+    ("vgg16.pool2", 128, 112, 112, 2, 2, 0),
+    ("vgg16.pool3", 256, 56, 56, 2, 2, 0),
+    ("vgg16.pool4", 512, 28, 28, 2, 2, 0),
+    ("vgg16.pool5", 512, 14, 14, 2, 2, 0),
+    ("resnet50.pool", 64, 112, 112, 3, 2, 1),
+]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def bench_max_pool2d(device: torch.device, dtypes, batch: int, backends, layers=None,
+                     layouts=("nchw", "channels_last")) -> Iterator[Result]:
+    for name, c, h, w, k, s, p in layers or POOL_LAYERS:
+        for dtype in dtypes:
+            for layout in layouts:
+                x = _layout(torch.randn(batch, c, h, w, device=device, dtype=dtype), layout)
+                args = ([k, k], [s, s], [p, p], [1, 1], False)
+                ref_out, ref_idx = F.max_pool2d(x, k, s, p, return_indices=True)
+                grad = torch.randn_like(ref_out)
+                torch_fwd = median_ms(lambda: F.max_pool2d(x, k, s, p), device)
+                torch_bwd = median_ms(
+                    lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                        grad, x, *args[:4], False, ref_idx), device)
+                e = x.element_size()
+                fwd_bytes = x.numel() * e + ref_out.numel() * (e + 8)
+                bwd_bytes = ref_out.numel() * (e + 8) + x.numel() * e
+                common = dict(op="max_pool2d", case=name, shape=tuple(x.shape),
+                              dtype=str(dtype).removeprefix("torch."), layout=layout)
+                for backend in backends:
+                    fwd = _forward_op(backend)
+                    bwd = _backward_op(backend)
+                    out, idx = fwd(x, *args)
+                    if not (torch.equal(out, ref_out) and torch.equal(idx, ref_idx)):
+                        raise AssertionError(f"max_pool2d {backend} disagrees with PyTorch on "
+                                             f"{name} {dtype} {layout}")
+                    yield Result(**common, direction="forward", backend=backend,
+                                 ms=median_ms(lambda: fwd(x, *args), device),
+                                 torch_ms=torch_fwd, bytes=fwd_bytes)
+                    yield Result(**common, direction="backward", backend=backend,
+                                 ms=median_ms(lambda: bwd(grad, x, idx, *args), device),
+                                 torch_ms=torch_bwd, bytes=bwd_bytes)
+
+
+def _forward_op(backend: str):
+    if backend == "triton":
+        return torch.ops.dlcv_fast.max_pool2d_triton
+    return torch.ops.dlcv_fast.max_pool2d
+
+
+def _backward_op(backend: str):
+    if backend == "triton":
+        return torch.ops.dlcv_fast.max_pool2d_backward_triton
+    return torch.ops.dlcv_fast.max_pool2d_backward
+
+
+BENCHMARKS = {"max_pool2d": bench_max_pool2d}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+
+
+def default_backends(device: torch.device) -> list[str]:
+    if device.type == "cpu":
+        return ["cpu"]
+    return (["cuda"] if dlcv_fast.cuda_built() else []) + ["triton"]
+
+
+def environment(device: torch.device) -> dict:
+    """What a committed result must say about where it was measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def format_table(results: list[Result], peak_gbps: float) -> str:
+    head = (f"{'case':<15} {'shape':<20} {'dtype':<9} {'layout':<13} {'pass':<8} "
+            f"{'backend':<7} {'ms':>8} {'torch ms':>9} {'speedup':>7} {'GB/s':>8} {'peak':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.case:<15} {'x'.join(map(str, r.shape)):<20} {r.dtype:<9} {r.layout:<13} "
+            f"{r.direction:<8} {r.backend:<7} {r.ms:8.3f} {r.torch_ms:9.3f} {r.speedup:6.2f}x "
+            f"{r.gbps:8.1f} {r.gbps / peak_gbps:6.1%}"
+        )
+    return "\n".join(lines)
+
+
+def geomean_speedups(results: list[Result]) -> dict[str, float]:
+    """Geometric mean of the speedup over PyTorch per (backend, dtype, pass)."""
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        groups.setdefault(f"{r.backend} {r.dtype} {r.direction}", []).append(r.speedup)
+    return {key: statistics.geometric_mean(v) for key, v in groups.items()}

@@ -1,0 +1,88 @@
+"""`python -m dlcv_fast check`: every op of every backend that runs here against PyTorch
+on a few shapes, as a pass/fail table with the worst error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import dlcv_fast
+from dlcv_fast.backend import BackendError, _why_not
+
+# (shape, kernel_size, stride, padding, dilation, ceil_mode)
+_POOL_CASES = [
+    ((2, 3, 13, 17), 3, 2, 1, 1, True),
+    ((1, 8, 9, 9), (2, 3), (1, 2), (1, 0), (2, 1), False),
+    ((4, 16, 28, 28), 2, 2, 0, 1, False),
+]
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    backend: str
+    device: str
+    dtype: str
+    cases: int
+    worst: float
+    ok: bool
+    note: str = ""
+
+
+def _check_max_pool2d(backend: str, device: str, dtype: torch.dtype) -> Row:
+    worst, ok, cases = 0.0, True, 0
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    for shape, k, s, p, d, ceil in _POOL_CASES:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=layout)
+            x.requires_grad_()
+            with dlcv_fast.use_backend(backend):
+                out, idx = dlcv_fast.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+            ref_out, ref_idx = F.max_pool2d(x.detach(), k, s, p, d, ceil, return_indices=True)
+            g = torch.randn_like(out)
+            (grad,) = torch.autograd.grad(out, x, g)
+            x64 = x.detach().double().requires_grad_()
+            (ref_grad,) = torch.autograd.grad(F.max_pool2d(x64, k, s, p, d, ceil), x64, g.double())
+            err = (grad.double() - ref_grad).abs().max().item()
+            worst = max(worst, err)
+            ok &= torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+            ok &= err <= tol[dtype] * (1 + ref_grad.abs().max().item())
+            cases += 1
+    return Row("max_pool2d", backend, device, str(dtype).removeprefix("torch."), cases, worst, ok)
+
+
+CHECKS = {"max_pool2d": _check_max_pool2d}
+
+
+def runnable() -> list[tuple[str, str, torch.dtype]]:
+    """(backend, device, dtype) triples that can run on this machine."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = []
+    for backend in ("cpu", "cuda", "triton"):
+        for device in devices:
+            for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                if _why_not(backend, torch.empty(0, device=device, dtype=dtype)) is None:
+                    out.append((backend, device, dtype))
+    return out
+
+
+def run(ops=None) -> list[Row]:
+    rows = []
+    for op in ops or dlcv_fast.OPS:
+        for backend, device, dtype in runnable():
+            try:
+                rows.append(CHECKS[op](backend, device, dtype))
+            except BackendError as exc:
+                rows.append(Row(op, backend, device, str(dtype), 0, float("nan"), False, str(exc)))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = f"{'op':<12} {'backend':<8} {'device':<7} {'dtype':<9} {'cases':>5} {'worst error':>12}  result"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.op:<12} {r.backend:<8} {r.device:<7} {r.dtype:<9} {r.cases:>5} "
+                     f"{r.worst:12.3e}  {'PASS' if r.ok else 'FAIL'} {r.note}")
+    return "\n".join(lines)

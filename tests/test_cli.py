@@ -1,0 +1,36 @@
+"""The command line: check and bench run and report."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "dlcv_fast", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_check_passes_and_prints_a_table():
+    out = _run("check")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "max_pool2d   cpu" in out.stdout
+    assert "FAIL" not in out.stdout
+    assert " 0 failed" in out.stdout
+
+
+def test_bench_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    device_batch = "2" if not torch.cuda.is_available() else "8"
+    out = _run("bench", "--op", "max_pool2d", "--dtype", "fp32", "--batch", device_batch,
+               "--json", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(path.read_text())
+    assert data["copy_gbps"] > 0
+    assert {"device", "torch", "cuda", "triton", "commit", "date"} <= set(data["environment"])
+    rows = data["results"]
+    assert {r["case"] for r in rows} >= {"alexnet.pool1", "vgg16.pool1", "resnet50.pool"}
+    assert {r["direction"] for r in rows} == {"forward", "backward"}
+    assert all(r["ms"] > 0 and r["torch_ms"] > 0 and r["gbps"] > 0 for r in rows)
+    assert "speedup" in out.stdout
