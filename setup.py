@@ -24,15 +24,20 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template over OpenMP; without the flag it
+    # runs on one thread.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not _want_cuda():
-        return cpp_extension.CppExtension("dlcv_fast._C", cpp, extra_compile_args={"cxx": cxx})
+        return cpp_extension.CppExtension("dlcv_fast._C", cpp, extra_compile_args={"cxx": cxx},
+                                          extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     nvcc = ["-O3", "-lineinfo"]
     return cpp_extension.CUDAExtension(
         "dlcv_fast._C",
         cpp + sorted(glob.glob("csrc/cuda/*.cu")),
         extra_compile_args={"cxx": cxx + ["-DDLCV_FAST_WITH_CUDA=1"], "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

@@ -1,12 +1,110 @@
 // The whole C++ surface of dlcv_fast: the torch.library schema of every op (namespace
-// dlcv_fast) with its CPU and CUDA implementations, and the same functions as a plain
-// pybind11 module. Fake (meta) implementations and autograd formulas are registered from
-// Python, next to each op (dlcv_fast/ops/), where they can use symbolic shapes.
+// dlcv_fast) with its CPU, CUDA and autograd implementations, and the same functions as a
+// plain pybind11 module. Fake (meta) implementations are registered from Python, next to
+// each op (dlcv_fast/ops/), where they work on symbolic shapes.
 
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
 #include "ops.h"
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The ops as the dispatcher sees them: calling through it reaches the CPU, CUDA or fake
+// implementation below autograd, and records autograd where it is enabled.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_op(const at::Tensor& self, at::IntArrayRef k,
+                                                 at::IntArrayRef s, at::IntArrayRef p,
+                                                 at::IntArrayRef d, bool ceil_mode) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dlcv_fast::max_pool2d", "")
+                             .typed<decltype(dlcv_fast::max_pool2d)>();
+  return op.call(self, k, s, p, d, ceil_mode);
+}
+
+at::Tensor max_pool2d_backward_op(const at::Tensor& grad_output, const at::Tensor& self,
+                                  const at::Tensor& indices, at::IntArrayRef k, at::IntArrayRef s,
+                                  at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dlcv_fast::max_pool2d_backward", "")
+                             .typed<decltype(dlcv_fast::max_pool2d_backward)>();
+  return op.call(grad_output, self, indices, k, s, p, d, ceil_mode);
+}
+
+void save_params(AutogradContext* ctx, at::IntArrayRef k, at::IntArrayRef s, at::IntArrayRef p,
+                 at::IntArrayRef d, bool ceil_mode) {
+  ctx->saved_data["kernel_size"] = k.vec();
+  ctx->saved_data["stride"] = s.vec();
+  ctx->saved_data["padding"] = p.vec();
+  ctx->saved_data["dilation"] = d.vec();
+  ctx->saved_data["ceil_mode"] = ceil_mode;
+}
+
+// Autograd in C++ rather than Python: it keeps a call's overhead near PyTorch's own.
+class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& self, at::IntArrayRef k,
+                               at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                               bool ceil_mode) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, indices] = max_pool2d_op(self, k, s, p, d, ceil_mode);
+    ctx->save_for_backward({self, indices});
+    save_params(ctx, k, s, p, d, ceil_mode);
+    ctx->mark_non_differentiable({indices});
+    return {output, indices};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& m = ctx->saved_data;
+    // Through the dispatcher, so that a double backward is recorded.
+    at::Tensor grad_input = max_pool2d_backward_op(
+        grads[0], saved[0], saved[1], m.at("kernel_size").toIntVector(),
+        m.at("stride").toIntVector(), m.at("padding").toIntVector(),
+        m.at("dilation").toIntVector(), m.at("ceil_mode").toBool());
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// max_pool2d_backward is linear in grad_output; its adjoint gathers through the indices.
+class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
+                            const at::Tensor& self, const at::Tensor& indices, at::IntArrayRef k,
+                            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                            bool ceil_mode) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({indices});
+    return max_pool2d_backward_op(grad_output, self, indices, k, s, p, d, ceil_mode);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor indices = ctx->get_saved_variables()[0];
+    const at::Tensor grad_grad_output =
+        grads[0].flatten(-2).gather(-1, indices.flatten(-2)).view(indices.sizes());
+    return {grad_grad_output, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& self, at::IntArrayRef k,
+                                                       at::IntArrayRef s, at::IntArrayRef p,
+                                                       at::IntArrayRef d, bool ceil_mode) {
+  auto out = MaxPool2dFunction::apply(self, k, s, p, d, ceil_mode);
+  return {out[0], out[1]};
+}
+
+at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at::Tensor& self,
+                                        const at::Tensor& indices, at::IntArrayRef k,
+                                        at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                                        bool ceil_mode) {
+  return MaxPool2dBackwardFunction::apply(grad_output, self, indices, k, s, p, d, ceil_mode);
+}
+
+}  // namespace
 
 TORCH_LIBRARY(dlcv_fast, m) {
   m.def(
@@ -22,6 +120,11 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("max_pool2d_backward", &dlcv_fast::max_pool2d_backward);
 }
 
+TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
+  m.impl("max_pool2d", &max_pool2d_autograd);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_autograd);
+}
+
 #ifdef DLCV_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("max_pool2d", &dlcv_fast::max_pool2d);
@@ -32,6 +135,10 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlcv_fast's CPU and CUDA kernels (the ops are also under torch.ops.dlcv_fast)";
   m.def("cuda_built", &dlcv_fast::cuda_built, "whether this build holds the CUDA kernels");
+  m.def("cpu_isa", [] { return dlcv_fast::cpu::isa_name(dlcv_fast::cpu::active_isa()); },
+        "the instruction set the CPU kernels run with: base, avx2 or avx512");
+  m.def("set_cpu_isa", &dlcv_fast::cpu::set_isa, py::arg("name"),
+        "run the CPU kernels with 'base', 'avx2' or 'avx512' (if supported), or 'auto'");
   m.def("max_pool2d", &dlcv_fast::max_pool2d, "max_pool2d forward: (output, indices)",
         py::arg("input"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("ceil_mode"));

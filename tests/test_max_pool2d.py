@@ -47,8 +47,12 @@ def make_input(shape, dtype, device, layout="nchw", values="randn", seed=0):
     g = torch.Generator().manual_seed(seed)
     if values == "randn":
         x = torch.randn(shape, generator=g, dtype=torch.float64)
-    else:  # few distinct values: ties everywhere
+    elif values == "ties":  # few distinct values: ties everywhere
         x = torch.randint(0, 3, shape, generator=g).double()
+    else:  # "nan": NaN and -inf sprinkled over randn
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        x.view(-1)[::7] = float("nan")
+        x.view(-1)[3::11] = float("-inf")
     x = x.to(dtype=dtype, device=device)
     if layout == "channels_last" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
@@ -136,6 +140,45 @@ def test_backward(backend, device, dtype, config, layout):
 
 def _format_of(x):
     return torch._prims_common.suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
+
+
+def _supported_isas():
+    isas = []
+    for isa in ("base", "avx2", "avx512"):
+        try:
+            dlcv_fast._C.set_cpu_isa(isa)
+            isas.append(isa)
+        except ValueError:
+            pass
+    dlcv_fast._C.set_cpu_isa("auto")
+    return isas
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_cpu_instruction_set(isa, dtype):
+    """The CPU forward kernels exist once per instruction set; each must match PyTorch."""
+    dlcv_fast._C.set_cpu_isa(isa)
+    try:
+        assert dlcv_fast._C.cpu_isa() == isa
+        for config in CONFIGS:
+            for layout in LAYOUTS:
+                for values in ("randn", "ties", "nan"):
+                    x = make_input(config[0], dtype, "cpu", layout, values)
+                    ref_out, ref_idx = torch_pool(x, config, return_indices=True)
+                    with dlcv_fast.use_backend("cpu"):
+                        out, idx = ours(x, config, return_indices=True)
+                    assert torch.equal(out.nan_to_num(), ref_out.nan_to_num()), \
+                        f"{_ids(config)} {layout} {values}"
+                    assert torch.equal(out.isnan(), ref_out.isnan())
+                    assert torch.equal(idx, ref_idx), f"{_ids(config)} {layout} {values}"
+    finally:
+        dlcv_fast._C.set_cpu_isa("auto")
+
+
+def test_cpu_isa_errors():
+    with pytest.raises(ValueError, match="expected 'auto', 'base', 'avx2' or 'avx512'"):
+        dlcv_fast._C.set_cpu_isa("sse9")
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())

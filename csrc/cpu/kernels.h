@@ -11,6 +11,18 @@ namespace dlcv_fast::cpu {
 void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void* output,
                         int64_t* indices, const Pool2dShape& shape);
 
+// The forward kernels of each instruction set (max_pool2d_impl.h), which the one above
+// dispatches to (isa.h).
+namespace base {
+void max_pool2d_forward(DType, bool, const void*, void*, int64_t*, const Pool2dShape&);
+}
+namespace avx2 {
+void max_pool2d_forward(DType, bool, const void*, void*, int64_t*, const Pool2dShape&);
+}
+namespace avx512 {
+void max_pool2d_forward(DType, bool, const void*, void*, int64_t*, const Pool2dShape&);
+}
+
 // Throws if an index lies outside its input plane.
 void max_pool2d_backward(DType dtype, bool channels_last, const void* grad_output,
                          const int64_t* indices, void* grad_input, const Pool2dShape& shape);

@@ -12,7 +12,8 @@ Ops (namespace ``dlcv_fast``):
 
 Each forward op carries its own autograd formula (so ``torch.ops.dlcv_fast.max_pool2d`` is
 differentiable by itself), and each backward op too (a gather through the indices), so
-double backward works.
+double backward works: in C++ for the C++ ops (a call then costs about what PyTorch's
+own costs), in Python for the Triton ops.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _IntPair = int | Sequence[int]
 
 def _pair(op: str, name: str, value, default=None) -> list[int]:
     """An int or a sequence of one or two ints as [h, w]; ``default`` for None or []."""
+    if type(value) is int:  # the common case, first: this runs on every call
+        return [value, value]
     if value is None or (isinstance(value, Sequence) and len(value) == 0 and default is not None):
         if default is None:
             raise TypeError(f"{op}: {name} must be an int or a pair of ints, but got {value!r}")
@@ -172,7 +175,7 @@ def _check_backward_args(grad_output, input, indices, kernel_size, stride, paddi
                              f"{list(t.shape)}")
 
 
-# --- autograd ------------------------------------------------------------------------------
+# --- autograd of the Triton ops (the C++ ops have theirs in csrc/dlcv_fast.cpp) --------------
 
 def _forward_setup_context(ctx, inputs, output):
     input, *params = inputs
@@ -180,13 +183,11 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward_of(backward_op):
-    def backward(ctx, grad_output, _grad_indices):
-        input, indices = ctx.saved_tensors
-        grad_input = backward_op(grad_output, input, indices, *ctx.params)
-        return grad_input, None, None, None, None, None
-
-    return backward
+def _triton_backward(ctx, grad_output, _grad_indices):
+    input, indices = ctx.saved_tensors
+    grad_input = torch.ops.dlcv_fast.max_pool2d_backward_triton(grad_output, input, indices,
+                                                                 *ctx.params)
+    return grad_input, None, None, None, None, None
 
 
 def _double_backward_setup_context(ctx, inputs, output):
@@ -202,14 +203,9 @@ def _double_backward(ctx, grad_grad_input):
     return (grad_grad_output,) + (None,) * 7
 
 
-for _fwd, _bwd in (
-    ("dlcv_fast::max_pool2d", torch.ops.dlcv_fast.max_pool2d_backward),
-    ("dlcv_fast::max_pool2d_triton", torch.ops.dlcv_fast.max_pool2d_backward_triton),
-):
-    torch.library.register_autograd(_fwd, _backward_of(_bwd), setup_context=_forward_setup_context)
-for _bwd_name in ("dlcv_fast::max_pool2d_backward", "dlcv_fast::max_pool2d_backward_triton"):
-    torch.library.register_autograd(_bwd_name, _double_backward,
-                                    setup_context=_double_backward_setup_context)
+_max_pool2d_triton.register_autograd(_triton_backward, setup_context=_forward_setup_context)
+_max_pool2d_backward_triton.register_autograd(_double_backward,
+                                              setup_context=_double_backward_setup_context)
 
 
 # --- the functional entry point -------------------------------------------------------------
@@ -247,7 +243,14 @@ def max_pool2d(
     Ties go to the first maximum in row-major window order and NaN propagates, exactly as
     in PyTorch. The backward pass is deterministic.
     """
-    k, s, p, d = check_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if not isinstance(input, Tensor):
+        raise TypeError(f"max_pool2d: input must be a Tensor, but got {type(input).__name__}")
+    # The registered op checks everything else (in C++, or in Python for Triton), with the
+    # messages of check_args.
+    k = _pair("max_pool2d", "kernel_size", kernel_size)
+    s = _pair("max_pool2d", "stride", stride, default=k)
+    p = _pair("max_pool2d", "padding", padding)
+    d = _pair("max_pool2d", "dilation", dilation)
     op = _FORWARD[backend.resolve("max_pool2d", input)]
     output, indices = op(input, k, s, p, d, bool(ceil_mode))
     return (output, indices) if return_indices else output

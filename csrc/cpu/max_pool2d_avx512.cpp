@@ -1,0 +1,9 @@
+// max_pool2d's forward kernels for AVX512 CPUs, chosen at run time (isa.h).
+#include "isa.h"
+
+#if DLCV_CPU_X86
+#define DLCV_CPU_ISA avx512
+#define DLCV_CPU_VECTOR_BYTES 64
+#define DLCV_CPU_TARGET_PRAGMA _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq\")")
+#include "max_pool2d_impl.h"
+#endif
