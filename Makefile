@@ -40,16 +40,16 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 # On a GPU machine whose Python already has torch, triton, pybind11 and ninja (no network):
 # build in place with every core, run the whole test suite on the GPU, run
-# compute-sanitizer over the CUDA tests, then the benchmarks (results in benchmarks/results/).
+# compute-sanitizer (memcheck; initcheck: reads of unwritten memory) over the CUDA tests,
+# then the benchmarks (results in benchmarks/results/).
 gpu-check:
 	MAX_JOBS=$(NPROC) $(PYTHON) setup.py build_ext --inplace
 	$(PYTHON) -m pytest -q
 	compute-sanitizer --tool memcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
-	compute-sanitizer --tool racecheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda and forward" tests/test_max_pool2d.py
-	$(PYTHON) -m dlcv_fast bench --json benchmarks/results/latest.json
-	$(PYTHON) benchmarks/record.py benchmarks/results/latest.json
+	compute-sanitizer --tool initcheck --error-exitcode 1 \
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" tests/test_max_pool2d.py
+	$(PYTHON) -m dlcv_fast bench --save benchmarks/results
 
 clean:
 	rm -rf build dlcv_fast/_C*.so $(VENV)/.built

@@ -5,6 +5,7 @@
 #include <ATen/ops/fill.h>
 
 #include <limits>
+#include <utility>
 
 #include "checks.h"
 #include "cpu/kernels.h"
@@ -19,6 +20,9 @@
 
 namespace dlcv_fast {
 namespace {
+
+// Window parameters fit in 32 bits, as in PyTorch (the kernels narrow them).
+constexpr int64_t kMaxParam = std::numeric_limits<int32_t>::max();
 
 struct Pooling {
   Pool2dShape shape;
@@ -49,6 +53,12 @@ Pooling prepare(const char* op, const at::Tensor& self, at::IntArrayRef kernel_s
                     ": dilation must be positive, but got ", dilation);
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, op,
                     ": padding must be non-negative, but got ", padding);
+  const std::pair<const char*, at::IntArrayRef> params[] = {
+      {"kernel_size", kernel_size}, {"stride", stride}, {"padding", padding}, {"dilation", dilation}};
+  for (const auto& [name, v] : params) {
+    TORCH_CHECK_VALUE(v[0] <= kMaxParam && v[1] <= kMaxParam, op, ": ", name,
+                      " must be below 2^31, but got ", v);
+  }
   TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op,
                     ": padding must be at most half of kernel_size, but got padding ", padding,
                     " with kernel_size ", kernel_size);

@@ -362,6 +362,8 @@ BAD_CALLS = [
     ((2, 3, 8, 8), torch.float32, {"kernel_size": 3, "padding": 2}, ValueError, "at most half of kernel_size"),
     ((2, 3, 4, 4), torch.float32, {"kernel_size": 5}, ValueError, "too small"),
     ((2, 3, 4, 4), torch.float32, {"kernel_size": 3, "dilation": 2}, ValueError, "too small"),
+    ((2, 3, 8, 8), torch.float32, {"kernel_size": 1, "stride": 2**32}, ValueError, "stride must be below 2"),
+    ((2, 3, 8, 8), torch.float32, {"kernel_size": 2**32 + 1, "padding": 2**31}, ValueError, "kernel_size must be below 2"),
     ((2, 3, 8, 8), torch.float32, {"kernel_size": (1, 2, 3)}, TypeError, "kernel_size must be an int or a pair"),
     ((2, 3, 8, 8), torch.float32, {"kernel_size": 2.5}, TypeError, "kernel_size must be an int or a pair"),
     ((8, 8), torch.float32, {"kernel_size": 2}, ValueError, "3-D .* or 4-D"),

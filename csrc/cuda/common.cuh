@@ -35,10 +35,22 @@ template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 
 constexpr int kThreads = 256;
 
-// Blocks for a grid-stride loop over n items; capped so that the count fits in gridDim.x.
+// Blocks for a grid-stride loop over n items, at most 2^20: more buy nothing on any GPU, and
+// the grid's thread count then stays far below 2^31.
 inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
   const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned int>(blocks < (int64_t{1} << 30) ? blocks : (int64_t{1} << 30));
+  return static_cast<unsigned int>(blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20));
+}
+
+// This thread's first item and the grid-stride step, in the kernel's index type (the
+// built-in variables are 32-bit unsigned: their product must not be formed in that type).
+template <typename I>
+__device__ __forceinline__ I first_item() {
+  return static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x);
+}
+template <typename I>
+__device__ __forceinline__ I grid_step() {
+  return static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
 }
 
 inline bool aligned(const void* p, size_t bytes) {

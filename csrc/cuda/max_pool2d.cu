@@ -39,7 +39,7 @@ template <typename I>
 __device__ __forceinline__ void windows_over(I x, I kernel, I stride, I pad, I dilation, I out,
                                              I& lo, I& hi) {
   const I from = x + pad - (kernel - 1) * dilation;
-  lo = from <= 0 ? 0 : (from + stride - 1) / stride;
+  lo = from <= 0 ? 0 : (from - 1) / stride + 1;  // ceil(from / stride), no overflow
   hi = (x + pad) / stride + 1;
   if (hi > out) hi = out;
 }
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_nchw(const T* __restrict__ input, T* __restrict__ output,
                  int64_t* __restrict__ indices, const Params<I> p, const I total) {
   using A = acc_t<T>;
-  for (I i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+  for (I i = first_item<I>(); i < total; i += grid_step<I>()) {
     const I ow = i % p.out_w;
     const I oh = (i / p.out_w) % p.out_h;
     const I plane = i / (p.out_w * p.out_h);
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
                  int64_t* __restrict__ indices, const Params<I> p, const I total) {
   using A = acc_t<T>;
   const I groups = p.channels / V;
-  for (I i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+  for (I i = first_item<I>(); i < total; i += grid_step<I>()) {
     const I c = (i % groups) * V;
     const I pixel = i / groups;
     const I ow = pixel % p.out_w;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
     backward_nchw(const T* __restrict__ grad_output, const int64_t* __restrict__ indices,
                   T* __restrict__ grad_input, const Params<I> p, const I total) {
   using A = acc_t<T>;
-  for (I i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+  for (I i = first_item<I>(); i < total; i += grid_step<I>()) {
     const I w = i % p.in_w;
     const I h = (i / p.in_w) % p.in_h;
     const I plane = i / (p.in_w * p.in_h);
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
                   T* __restrict__ grad_input, const Params<I> p, const I total) {
   using A = acc_t<T>;
   const I groups = p.channels / V;
-  for (I i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+  for (I i = first_item<I>(); i < total; i += grid_step<I>()) {
     const I c = (i % groups) * V;
     const I pixel = i / groups;
     const I w = pixel % p.in_w;
@@ -205,6 +205,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A bound on every offset and window coordinate the kernels compute.
+int64_t largest_offset(const Pool2dShape& s) {
+  const auto span = [](int64_t in, int64_t out, int64_t k, int64_t st, int64_t p, int64_t d) {
+    return in + 2 * p + (k - 1) * d + out * st;
+  };
+  int64_t largest = s.input_numel() > s.output_numel() ? s.input_numel() : s.output_numel();
+  const int64_t h = span(s.in_h, s.out_h, s.kernel_h, s.stride_h, s.pad_h, s.dilation_h);
+  const int64_t w = span(s.in_w, s.out_w, s.kernel_w, s.stride_w, s.pad_w, s.dilation_w);
+  if (h > largest) largest = h;
+  if (w > largest) largest = w;
+  return largest;
+}
+
 // Calls f(I{}) with I = int32_t when every offset fits in 32 bits, else int64_t.
 template <typename F>
 void with_index_type(int64_t largest_numel, F&& f) {
@@ -234,8 +247,7 @@ cudaError_t forward_typed(bool channels_last, const void* input, void* output, i
                           const Pool2dShape& s, cudaStream_t stream) {
   const T* in = static_cast<const T*>(input);
   T* out = static_cast<T*>(output);
-  with_index_type(s.input_numel() > s.output_numel() ? s.input_numel() : s.output_numel(),
-                  [&](auto index_tag) {
+  with_index_type(largest_offset(s), [&](auto index_tag) {
     using I = decltype(index_tag);
     const Params<I> p(s);
     if (!channels_last) {
@@ -259,8 +271,7 @@ cudaError_t backward_typed(bool channels_last, const void* grad_output, const in
                            void* grad_input, const Pool2dShape& s, cudaStream_t stream) {
   const T* gout = static_cast<const T*>(grad_output);
   T* gin = static_cast<T*>(grad_input);
-  with_index_type(s.input_numel() > s.output_numel() ? s.input_numel() : s.output_numel(),
-                  [&](auto index_tag) {
+  with_index_type(largest_offset(s), [&](auto index_tag) {
     using I = decltype(index_tag);
     const Params<I> p(s);
     if (!channels_last) {

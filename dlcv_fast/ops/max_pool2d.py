@@ -77,6 +77,9 @@ def check_args(
         raise ValueError(f"{op}: dilation must be positive, but got {d}")
     if min(p) < 0:
         raise ValueError(f"{op}: padding must be non-negative, but got {p}")
+    for name, v in (("kernel_size", k), ("stride", s), ("padding", p), ("dilation", d)):
+        if max(v) >= 2**31:
+            raise ValueError(f"{op}: {name} must be below 2^31, but got {v}")
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(
             f"{op}: padding must be at most half of kernel_size, but got padding {p} with "

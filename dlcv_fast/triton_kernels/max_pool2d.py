@@ -120,8 +120,9 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _wide(*tensors: torch.Tensor) -> bool:
-    """Whether some offset may not fit in 32 bits."""
-    return any(t.numel() * max(1, t.element_size()) >= 2**31 - 2**20 for t in tensors) or any(
+    """Whether some element offset may not fit in 32 bits. Each stride term is added to the
+    pointer on its own, so the largest term bounds it."""
+    return any(t.numel() >= 2**31 - 2**20 for t in tensors) or any(
         max((abs(s) * (d - 1) for s, d in zip(t.stride(), t.shape)), default=0) >= 2**31 - 2**20
         for t in tensors
     )
