@@ -66,8 +66,14 @@ def make_input(shape, dtype, device, layout="nchw", values="randn", seed=0):
 
 
 def torch_pool(x, config, **kw):
+    """PyTorch's max_pool2d run on the CPU, the reference semantics, moved to x's device.
+    (On CUDA, PyTorch's channels_last kernel gives index 0 to a window holding only -inf,
+    where its CPU and NCHW kernels, and dlcv_fast everywhere, give the window's first tap.)"""
     _, k, s, p, d, ceil = config
-    return F.max_pool2d(x, k, s, p, d, ceil_mode=ceil, **kw)
+    out = F.max_pool2d(x.detach().cpu(), k, s, p, d, ceil_mode=ceil, **kw)
+    if isinstance(out, tuple):
+        return tuple(t.to(x.device) for t in out)
+    return out.to(x.device)
 
 
 def ours(x, config, **kw):
@@ -82,7 +88,7 @@ def reference_grad(x, config, grad_out):
     (even in another channel): see test_window_wholly_in_padding."""
     _, k, s, p, d, ceil = config
     k, s, p, d = ([v, v] if isinstance(v, int) else list(v) for v in (k, s if s else k, p, d))
-    x64 = x.detach().double().requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
     h, w = x.shape[-2:]
     out = [pool_output_size(n, k[i], s[i], p[i], d[i], ceil) for i, n in enumerate((h, w))]
     # Right padding so that every window of the ceil_mode output fits.
@@ -91,8 +97,8 @@ def reference_grad(x, config, grad_out):
     padded = F.pad(x64, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=float("-inf"))
     y = F.max_pool2d(padded, k, s, 0, d)
     assert list(y.shape[-2:]) == out
-    (grad,) = torch.autograd.grad(y, x64, grad_out.double())
-    return grad
+    (grad,) = torch.autograd.grad(y, x64, grad_out.double().cpu())
+    return grad.to(x.device)
 
 
 def assert_same_format(actual, expected):
