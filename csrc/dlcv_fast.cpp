@@ -104,6 +104,86 @@ at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at:
   return MaxPool2dBackwardFunction::apply(grad_output, self, indices, k, s, p, d, ceil_mode);
 }
 
+// --- noise scheduling -------------------------------------------------------------------
+
+template <typename Fn>
+auto op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+at::Tensor noise_op(bool velocity, const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
+                    const at::Tensor& table) {
+  static const auto add = op_handle<decltype(dlcv_fast::add_noise)>("dlcv_fast::add_noise");
+  static const auto vel = op_handle<decltype(dlcv_fast::get_velocity)>("dlcv_fast::get_velocity");
+  return velocity ? vel.call(x, e, t, table) : add.call(x, e, t, table);
+}
+
+std::tuple<at::Tensor, at::Tensor> noise_backward_op(const at::Tensor& grad, const at::Tensor& t,
+                                                     const at::Tensor& table, bool velocity) {
+  static const auto op =
+      op_handle<decltype(dlcv_fast::noise_backward)>("dlcv_fast::noise_backward");
+  return op.call(grad, t, table, velocity);
+}
+
+// add_noise and get_velocity are out = cx * x + ce * e: linear in (x, e).
+template <bool Velocity>
+class NoiseFunction : public torch::autograd::Function<NoiseFunction<Velocity>> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& e,
+                            const at::Tensor& t, const at::Tensor& table) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({t, table});
+    return noise_op(Velocity, x, e, t, table);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_x, grad_e] = noise_backward_op(grads[0], saved[0], saved[1], Velocity);
+    return {grad_x, grad_e, at::Tensor(), at::Tensor()};
+  }
+};
+
+// noise_backward is (cx * g, ce * g); its adjoint maps (gx, ge) to cx * gx + ce * ge, the
+// forward op again.
+class NoiseBackwardFunction : public torch::autograd::Function<NoiseBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& t,
+                               const at::Tensor& table, bool velocity) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({t, table});
+    ctx->saved_data["velocity"] = velocity;
+    auto [grad_x, grad_e] = noise_backward_op(grad, t, table, velocity);
+    return {grad_x, grad_e};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool velocity = ctx->saved_data["velocity"].toBool();
+    const at::Tensor gx = grads[0].defined() ? grads[0] : at::zeros_like(grads[1]);
+    const at::Tensor ge = grads[1].defined() ? grads[1] : at::zeros_like(grads[0]);
+    return {noise_op(velocity, gx, ge, saved[0], saved[1]), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor add_noise_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
+                              const at::Tensor& table) {
+  return NoiseFunction<false>::apply(x, e, t, table);
+}
+
+at::Tensor get_velocity_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
+                                 const at::Tensor& table) {
+  return NoiseFunction<true>::apply(x, e, t, table);
+}
+
+std::tuple<at::Tensor, at::Tensor> noise_backward_autograd(const at::Tensor& grad,
+                                                           const at::Tensor& t,
+                                                           const at::Tensor& table,
+                                                           bool velocity) {
+  auto out = NoiseBackwardFunction::apply(grad, t, table, velocity);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dlcv_fast, m) {
@@ -113,22 +193,38 @@ TORCH_LIBRARY(dlcv_fast, m) {
   m.def(
       "max_pool2d_backward(Tensor grad_output, Tensor self, Tensor indices, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def(
+      "add_noise(Tensor original_samples, Tensor noise, Tensor timesteps, "
+      "Tensor alphas_cumprod) -> Tensor");
+  m.def("get_velocity(Tensor sample, Tensor noise, Tensor timesteps, Tensor alphas_cumprod) -> Tensor");
+  m.def(
+      "noise_backward(Tensor grad, Tensor timesteps, Tensor alphas_cumprod, bool velocity) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("max_pool2d", &dlcv_fast::max_pool2d);
   m.impl("max_pool2d_backward", &dlcv_fast::max_pool2d_backward);
+  m.impl("add_noise", &dlcv_fast::add_noise);
+  m.impl("get_velocity", &dlcv_fast::get_velocity);
+  m.impl("noise_backward", &dlcv_fast::noise_backward);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
   m.impl("max_pool2d", &max_pool2d_autograd);
   m.impl("max_pool2d_backward", &max_pool2d_backward_autograd);
+  m.impl("add_noise", &add_noise_autograd);
+  m.impl("get_velocity", &get_velocity_autograd);
+  m.impl("noise_backward", &noise_backward_autograd);
 }
 
 #ifdef DLCV_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("max_pool2d", &dlcv_fast::max_pool2d);
   m.impl("max_pool2d_backward", &dlcv_fast::max_pool2d_backward);
+  m.impl("add_noise", &dlcv_fast::add_noise);
+  m.impl("get_velocity", &dlcv_fast::get_velocity);
+  m.impl("noise_backward", &dlcv_fast::noise_backward);
 }
 #endif
 
@@ -145,4 +241,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_backward", &dlcv_fast::max_pool2d_backward, "max_pool2d backward: grad_input",
         py::arg("grad_output"), py::arg("input"), py::arg("indices"), py::arg("kernel_size"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("ceil_mode"));
+  m.def("add_noise", &dlcv_fast::add_noise, "sqrt(a_t) x0 + sqrt(1 - a_t) noise",
+        py::arg("original_samples"), py::arg("noise"), py::arg("timesteps"),
+        py::arg("alphas_cumprod"));
+  m.def("get_velocity", &dlcv_fast::get_velocity, "sqrt(a_t) noise - sqrt(1 - a_t) sample",
+        py::arg("sample"), py::arg("noise"), py::arg("timesteps"), py::arg("alphas_cumprod"));
+  m.def("noise_backward", &dlcv_fast::noise_backward,
+        "gradients (sample, noise) of add_noise or (velocity=True) get_velocity", py::arg("grad"),
+        py::arg("timesteps"), py::arg("alphas_cumprod"), py::arg("velocity"));
 }

@@ -17,6 +17,19 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool ceil_mode);
 
+// Fused noise scheduling: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) e and
+// v_t = sqrt(a_t) e - sqrt(1 - a_t) x, a_t = alphas_cumprod[timesteps[b]] per sample b.
+at::Tensor add_noise(const at::Tensor& original_samples, const at::Tensor& noise,
+                     const at::Tensor& timesteps, const at::Tensor& alphas_cumprod);
+
+at::Tensor get_velocity(const at::Tensor& sample, const at::Tensor& noise,
+                        const at::Tensor& timesteps, const at::Tensor& alphas_cumprod);
+
+// Gradients (of the clean sample, of the noise) of add_noise, or of get_velocity.
+std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
+                                                  const at::Tensor& timesteps,
+                                                  const at::Tensor& alphas_cumprod, bool velocity);
+
 // Whether this build holds the CUDA kernels.
 bool cuda_built();
 

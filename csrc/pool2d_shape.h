@@ -4,10 +4,9 @@
 
 #include <cstdint>
 
-namespace dlcv_fast {
+#include "dtype.h"
 
-// Element types a kernel is instantiated for (the launchers take untyped pointers).
-enum class DType { Float32, Float64, Float16, BFloat16 };
+namespace dlcv_fast {
 
 struct Pool2dShape {
   int64_t batch, channels;

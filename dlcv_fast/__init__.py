@@ -16,19 +16,22 @@ from dlcv_fast.backend import (
     use_backend,
 )
 from dlcv_fast.ops.max_pool2d import max_pool2d
+from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
 # Ops with kernels in every backend, in the order the command line lists them.
-OPS = ("max_pool2d",)
+OPS = ("max_pool2d", "add_noise", "get_velocity")
 
 __all__ = [
     "BACKENDS",
     "BackendError",
     "OPS",
+    "add_noise",
     "cuda_built",
     "get_backend",
+    "get_velocity",
     "max_pool2d",
     "nn",
     "set_backend",

@@ -47,16 +47,23 @@ class Result:
         return self.bytes / self.ms / 1e6
 
 
+_CPU_FLUSH_BYTES = 256 << 20  # larger than any CPU's last-level cache
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.5) -> float:
-    """Median time of fn() in milliseconds."""
+    """Median time of fn() in milliseconds, with cold caches: on a GPU the L2 is flushed
+    before each run (do_bench), on the CPU a buffer larger than the caches is written."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()  # warm-up
+    flush = torch.empty(_CPU_FLUSH_BYTES // 4, dtype=torch.float32)
+    for _ in range(3):  # warm-up, also of the allocator
+        fn()
     times = []
     deadline = time.perf_counter() + budget_s
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
+        flush.zero_()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -138,7 +145,49 @@ def _backward_op(backend: str):
     return torch.ops.dlcv_fast.max_pool2d_backward
 
 
-BENCHMARKS = {"max_pool2d": bench_max_pool2d}
+# --- add_noise, get_velocity ----------------------------------------------------------------
+
+# (name, shape): latent-diffusion latents and pixel-space images.
+NOISE_SHAPES = [("latents", (64, 4, 64, 64)), ("pixels", (16, 3, 256, 256))]
+
+
+def torch_noise_formula(op: str, x, noise, timesteps, alphas_cumprod):
+    """The formula as plain PyTorch ops, written the way the diffusers library writes it:
+    gather, square roots, cast to the sample's dtype, broadcast, then three passes."""
+    a = alphas_cumprod[timesteps]
+    signal = (a**0.5).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    noise_scale = ((1 - a) ** 0.5).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    if op == "add_noise":
+        return signal * x + noise_scale * noise
+    return signal * noise - noise_scale * x
+
+
+def _noise_bench(op: str):
+    def bench(device: torch.device, dtypes, batch: int, backends) -> Iterator[Result]:
+        table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        table = table.float().to(device)
+        for name, shape in NOISE_SHAPES:
+            for dtype in dtypes:
+                x = torch.randn(shape, device=device, dtype=dtype)
+                noise = torch.randn_like(x)
+                t = torch.randint(0, 1000, (shape[0],), device=device)
+                torch_ms = median_ms(lambda: torch_noise_formula(op, x, noise, t, table), device)
+                for backend in backends:
+                    fn = getattr(torch.ops.dlcv_fast, op + ("_triton" if backend == "triton" else ""))
+                    yield Result(op=op, case=name, shape=tuple(shape),
+                                 dtype=str(dtype).removeprefix("torch."), layout="nchw",
+                                 direction="forward", backend=backend,
+                                 ms=median_ms(lambda: fn(x, noise, t, table), device),
+                                 torch_ms=torch_ms, bytes=3 * x.numel() * x.element_size())
+
+    return bench
+
+
+BENCHMARKS = {
+    "max_pool2d": bench_max_pool2d,
+    "add_noise": _noise_bench("add_noise"),
+    "get_velocity": _noise_bench("get_velocity"),
+}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}

@@ -53,7 +53,37 @@ def _check_max_pool2d(backend: str, device: str, dtype: torch.dtype) -> Row:
     return Row("max_pool2d", backend, device, str(dtype).removeprefix("torch."), cases, worst, ok)
 
 
-CHECKS = {"max_pool2d": _check_max_pool2d}
+def _check_noise(op: str):
+    def check(backend: str, device: str, dtype: torch.dtype) -> Row:
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3,
+               torch.bfloat16: 2e-2}
+        table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        worst, cases = 0.0, 0
+        for shape in [(4, 3, 16, 16), (3, 97), (2, 4, 5, 6, 7)]:
+            x = torch.randn(shape, dtype=torch.float64)
+            noise = torch.randn_like(x)
+            t = torch.randint(0, 1000, (shape[0],))
+            tab = table.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            a = tab.double()[t].reshape(-1, *([1] * (x.dim() - 1)))
+            want = (a.sqrt() * x + (1 - a).sqrt() * noise if op == "add_noise"
+                    else a.sqrt() * noise - (1 - a).sqrt() * x)
+            with dlcv_fast.use_backend(backend):
+                got = getattr(dlcv_fast, op)(x.to(device, dtype), noise.to(device, dtype),
+                                             t.to(device), tab.to(device))
+            exact = want.to(dtype).double()  # what the dtype can hold
+            worst = max(worst, (got.double().cpu() - exact).abs().max().item())
+            cases += 1
+        return Row(op, backend, device, str(dtype).removeprefix("torch."), cases, worst,
+                   worst <= tol[dtype] * 4)
+
+    return check
+
+
+CHECKS = {
+    "max_pool2d": _check_max_pool2d,
+    "add_noise": _check_noise("add_noise"),
+    "get_velocity": _check_noise("get_velocity"),
+}
 
 
 def runnable() -> list[tuple[str, str, torch.dtype]]:

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../noise_shape.h"
 #include "../pool2d_shape.h"
 
 namespace dlcv_fast::cpu {
@@ -26,5 +27,13 @@ void max_pool2d_forward(DType, bool, const void*, void*, int64_t*, const Pool2dS
 // Throws if an index lies outside its input plane.
 void max_pool2d_backward(DType dtype, bool channels_last, const void* grad_output,
                          const int64_t* indices, void* grad_input, const Pool2dShape& shape);
+
+// The noise-scheduling combination (noise_shape.h), as its CUDA counterpart.
+void noise_combine(DType dtype, NoiseKind kind, const void* x, const void* e,
+                   const int64_t* timesteps, const void* table, void* out, const NoiseShape& shape);
+
+void noise_combine_backward(DType dtype, NoiseKind kind, const void* grad,
+                            const int64_t* timesteps, const void* table, void* grad_x,
+                            void* grad_e, const NoiseShape& shape);
 
 }  // namespace dlcv_fast::cpu

@@ -40,9 +40,12 @@ struct Simd {
     best = take ? v : best;
     best_at = take ? at : best_at;
   }
+  // The argmax widened to int64 as one vector conversion (not L scalar stores).
+  typedef int64_t W __attribute__((vector_size(8 * L)));
   static void store(V best, M best_at, T* out, int64_t* idx) {
     std::memcpy(out, &best, sizeof best);
-    for (int j = 0; j < L; ++j) idx[j] = best_at[j];
+    const W wide = __builtin_convertvector(best_at, W);
+    std::memcpy(idx, &wide, sizeof wide);
   }
 };
 

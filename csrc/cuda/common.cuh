@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace dlcv_fast::cuda {
 
@@ -58,11 +59,11 @@ inline bool aligned(const void* p, size_t bytes) {
 }
 
 // Widest V in {16 bytes / sizeof(T), ..., 1} that divides `channels` and keeps every
-// pointer in `data` aligned to V elements and `index` (int64) aligned to min(V, 2) elements,
-// so that rows of V elements and of V indices move as whole vectors.
+// pointer in `data` aligned to V elements and `index` (int64, if any) to 16 bytes, so that
+// rows of V elements and of V indices move as whole vectors.
 template <typename T>
 inline int vector_width(int64_t channels, std::initializer_list<const void*> data,
-                        const int64_t* index) {
+                        const int64_t* index = nullptr) {
   for (int v = static_cast<int>(16 / sizeof(T)); v > 1; v /= 2) {
     bool ok = channels % v == 0 && aligned(index, 16);
     for (const void* p : data) ok = ok && aligned(p, v * sizeof(T));
@@ -102,6 +103,30 @@ __device__ __forceinline__ void store_indices(int64_t* p, const int64_t (&in)[V]
 // step stay below 2^31.
 inline bool fits_int32(int64_t largest_numel) {
   return largest_numel <= std::numeric_limits<int32_t>::max() / 2;
+}
+
+// Calls f(I{}) with I = int32_t when every offset fits in 32 bits, else int64_t.
+template <typename F>
+void with_index_type(int64_t largest_numel, F&& f) {
+  if (fits_int32(largest_numel)) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+// Calls f(std::integral_constant<int, V>{}) for the runtime vector width v.
+template <typename T, typename F>
+void with_vector_width(int v, F&& f) {
+  constexpr int widest = 16 / sizeof(T);
+  if constexpr (widest >= 8) {
+    if (v == 8) return f(std::integral_constant<int, 8>{});
+  }
+  if constexpr (widest >= 4) {
+    if (v == 4) return f(std::integral_constant<int, 4>{});
+  }
+  if (v == 2) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace dlcv_fast::cuda

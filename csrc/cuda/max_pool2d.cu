@@ -218,30 +218,6 @@ int64_t largest_offset(const Pool2dShape& s) {
   return largest;
 }
 
-// Calls f(I{}) with I = int32_t when every offset fits in 32 bits, else int64_t.
-template <typename F>
-void with_index_type(int64_t largest_numel, F&& f) {
-  if (fits_int32(largest_numel)) {
-    f(int32_t{});
-  } else {
-    f(int64_t{});
-  }
-}
-
-// Calls f(std::integral_constant<int, V>{}) for the runtime vector width v.
-template <typename T, typename F>
-void with_vector_width(int v, F&& f) {
-  constexpr int widest = 16 / sizeof(T);
-  if constexpr (widest >= 8) {
-    if (v == 8) return f(std::integral_constant<int, 8>{});
-  }
-  if constexpr (widest >= 4) {
-    if (v == 4) return f(std::integral_constant<int, 4>{});
-  }
-  if (v == 2) return f(std::integral_constant<int, 2>{});
-  f(std::integral_constant<int, 1>{});
-}
-
 template <typename T>
 cudaError_t forward_typed(bool channels_last, const void* input, void* output, int64_t* indices,
                           const Pool2dShape& s, cudaStream_t stream) {

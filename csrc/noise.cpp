@@ -1,0 +1,168 @@
+// Host entry points of the fused noise-scheduling ops (add_noise, get_velocity and their
+// backward): check the arguments, lay the samples out densely with the batch outermost,
+// then run the CPU or CUDA kernel.
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <limits>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "noise_shape.h"
+#include "ops.h"
+
+#ifdef DLCV_FAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/launchers.h"
+#endif
+
+namespace dlcv_fast {
+namespace {
+
+// Timesteps as dense int64 of one per sample (a 0-d tensor applies to every sample), after
+// checking that each indexes alphas_cumprod.
+at::Tensor checked_timesteps(const char* op, const at::Tensor& timesteps, int64_t batch,
+                             const at::Tensor& alphas_cumprod, const at::Tensor& like) {
+  check_same_device(op, "timesteps", timesteps, "the samples", like);
+  TORCH_CHECK_TYPE(!at::isFloatingType(timesteps.scalar_type()) &&
+                       !at::isComplexType(timesteps.scalar_type()) &&
+                       timesteps.scalar_type() != at::kBool,
+                   op, ": timesteps must be an integer tensor, but got ", timesteps.scalar_type());
+  TORCH_CHECK_VALUE(timesteps.dim() == 0 || (timesteps.dim() == 1 && timesteps.size(0) == batch),
+                    op, ": timesteps must hold one timestep per sample (shape (", batch,
+                    ",)) or be 0-d, but got shape ", timesteps.sizes());
+  const int64_t steps = alphas_cumprod.size(0);
+  if (timesteps.numel() > 0) {
+    // One host synchronisation on a GPU: an index past the table must not reach a kernel.
+    const bool bad = timesteps.lt(0).logical_or(timesteps.ge(steps)).any().item<bool>();
+    TORCH_CHECK_INDEX(!bad, op, ": timesteps must lie in [0, ", steps,
+                      ") (the length of alphas_cumprod), but got ", timesteps.min().item<int64_t>(),
+                      " .. ", timesteps.max().item<int64_t>());
+  }
+  return timesteps.to(at::kLong).expand({batch}).contiguous();
+}
+
+at::Tensor checked_table(const char* op, const at::Tensor& alphas_cumprod, const at::Tensor& like) {
+  check_same_device(op, "alphas_cumprod", alphas_cumprod, "the samples", like);
+  TORCH_CHECK_VALUE(alphas_cumprod.dim() == 1 && alphas_cumprod.numel() > 0, op,
+                    ": alphas_cumprod must be a non-empty 1-D tensor, but got shape ",
+                    alphas_cumprod.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(alphas_cumprod.scalar_type()), op,
+                   ": alphas_cumprod must be floating point, but got ",
+                   alphas_cumprod.scalar_type());
+  // The kernels read the table in their arithmetic type.
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return alphas_cumprod.to(acc).contiguous();
+}
+
+bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);  // dense input: empty_like keeps its strides
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at::Tensor& e,
+                   const at::Tensor& timesteps, const at::Tensor& alphas_cumprod) {
+  const char* x_name = kind == NoiseKind::AddNoise ? "original_samples" : "sample";
+  check_floating(op, x_name, x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", x_name, " must have a batch dimension, but is 0-d");
+  check_same_device(op, "noise", e, x_name, x);
+  TORCH_CHECK_TYPE(e.scalar_type() == x.scalar_type(), op, ": noise has dtype ", e.scalar_type(),
+                   " but ", x_name, " has ", x.scalar_type());
+  TORCH_CHECK_VALUE(e.sizes() == x.sizes(), op, ": noise must have the shape of ", x_name, " ",
+                    x.sizes(), ", but got ", e.sizes());
+  const at::Tensor table = checked_table(op, alphas_cumprod, x);
+  const at::Tensor t = checked_timesteps(op, timesteps, x.size(0), alphas_cumprod, x);
+
+  // The batch stays outermost in both formats, so sample b is one run of `inner` elements.
+  const auto format = x.suggest_memory_format();
+  const bool cpu_16bit = x.is_cpu() && is_16bit(x.scalar_type());
+  at::Tensor xc = x.contiguous(format), ec = e.contiguous(format);
+  if (cpu_16bit) {  // the CPU kernels compute 16-bit samples in float32
+    xc = xc.to(at::kFloat);
+    ec = ec.to(at::kFloat);
+  }
+  at::Tensor out = new_output(xc);
+  const NoiseShape s{x.size(0), x.size(0) > 0 ? x.numel() / x.size(0) : 0, table.size(0)};
+  if (out.numel() > 0) {
+    const DType dtype = kernel_dtype(xc.scalar_type());
+    if (x.is_cpu()) {
+      cpu::noise_combine(dtype, kind, xc.const_data_ptr(), ec.const_data_ptr(),
+                         t.const_data_ptr<int64_t>(), table.const_data_ptr(),
+                         out.mutable_data_ptr(), s);
+    } else {
+#ifdef DLCV_FAST_WITH_CUDA
+      TORCH_CHECK(x.is_cuda(), op, ": samples on ", x.device(), " are not supported");
+      const c10::cuda::CUDAGuard guard(x.device());
+      const cudaError_t err = cuda::noise_combine(
+          dtype, kind, xc.const_data_ptr(), ec.const_data_ptr(), t.const_data_ptr<int64_t>(),
+          table.const_data_ptr(), out.mutable_data_ptr(), s,
+          c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+      TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+#else
+      TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (samples on ",
+                  x.device(), ")");
+#endif
+    }
+  }
+  return cpu_16bit ? out.to(x.scalar_type()) : out;
+}
+
+}  // namespace
+
+at::Tensor add_noise(const at::Tensor& original_samples, const at::Tensor& noise,
+                     const at::Tensor& timesteps, const at::Tensor& alphas_cumprod) {
+  return combine("add_noise", NoiseKind::AddNoise, original_samples, noise, timesteps,
+                 alphas_cumprod);
+}
+
+at::Tensor get_velocity(const at::Tensor& sample, const at::Tensor& noise,
+                        const at::Tensor& timesteps, const at::Tensor& alphas_cumprod) {
+  return combine("get_velocity", NoiseKind::Velocity, sample, noise, timesteps, alphas_cumprod);
+}
+
+std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
+                                                  const at::Tensor& timesteps,
+                                                  const at::Tensor& alphas_cumprod, bool velocity) {
+  const char* op = "noise_backward";
+  check_floating(op, "grad", grad);
+  TORCH_CHECK_VALUE(grad.dim() >= 1, op, ": grad must have a batch dimension, but is 0-d");
+  const at::Tensor table = checked_table(op, alphas_cumprod, grad);
+  const at::Tensor t = checked_timesteps(op, timesteps, grad.size(0), alphas_cumprod, grad);
+  const NoiseKind kind = velocity ? NoiseKind::Velocity : NoiseKind::AddNoise;
+  const bool cpu_16bit = grad.is_cpu() && is_16bit(grad.scalar_type());
+  at::Tensor g = grad.contiguous(grad.suggest_memory_format());
+  if (cpu_16bit) g = g.to(at::kFloat);
+  at::Tensor grad_x = new_output(g), grad_e = new_output(g);
+  const NoiseShape s{g.size(0), g.size(0) > 0 ? g.numel() / g.size(0) : 0, table.size(0)};
+  if (g.numel() > 0) {
+    const DType dtype = kernel_dtype(g.scalar_type());
+    if (g.is_cpu()) {
+      cpu::noise_combine_backward(dtype, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(),
+                                  table.const_data_ptr(), grad_x.mutable_data_ptr(),
+                                  grad_e.mutable_data_ptr(), s);
+    } else {
+#ifdef DLCV_FAST_WITH_CUDA
+      TORCH_CHECK(g.is_cuda(), op, ": grad on ", g.device(), " is not supported");
+      const c10::cuda::CUDAGuard guard(g.device());
+      const cudaError_t err = cuda::noise_combine_backward(
+          dtype, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(), table.const_data_ptr(),
+          grad_x.mutable_data_ptr(), grad_e.mutable_data_ptr(), s,
+          c10::cuda::getCurrentCUDAStream(g.device().index()).stream());
+      TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+#else
+      TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (grad on ",
+                  g.device(), ")");
+#endif
+    }
+  }
+  if (cpu_16bit) return {grad_x.to(grad.scalar_type()), grad_e.to(grad.scalar_type())};
+  return {grad_x, grad_e};
+}
+
+}  // namespace dlcv_fast

@@ -1,0 +1,213 @@
+"""Fused noise scheduling for diffusion models: add_noise and get_velocity.
+
+For sample b at timestep t = timesteps[b], with a = alphas_cumprod[t]:
+
+- ``add_noise``:    x_t = sqrt(a) * x0 + sqrt(1 - a) * noise   (the forward process)
+- ``get_velocity``: v   = sqrt(a) * noise - sqrt(1 - a) * x0   (the v-prediction target)
+
+One pass over memory: the per-sample coefficients are gathered from the table inside the
+kernel, the arithmetic is in float32 (float64 for float64 samples) and the result is
+rounded once. (The plain PyTorch formula, as in the diffusers library, gathers, takes
+square roots, casts the coefficients to the sample's dtype and makes three passes.)
+
+Ops (namespace ``dlcv_fast``): ``add_noise``, ``get_velocity``, ``noise_backward`` in C++
+(CPU, CUDA, with autograd in C++), and ``*_triton`` twins on the Triton kernels. Both are
+differentiable in the sample and the noise, twice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from dlcv_fast import backend
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_args(op: str, x: Tensor, noise: Tensor, timesteps: Tensor, table: Tensor,
+               x_name: str, check_range: bool = True) -> None:
+    """The checks of the C++ entry points (csrc/noise.cpp), for the Triton and fake paths."""
+    for name, t in ((x_name, x), ("noise", noise), ("timesteps", timesteps),
+                    ("alphas_cumprod", table)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, but got {type(t).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {x_name} must be float32, float64, float16 or bfloat16, "
+                        f"but got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: {x_name} must have a batch dimension, but is 0-d")
+    for name, t in (("noise", noise), ("timesteps", timesteps), ("alphas_cumprod", table)):
+        if t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {x_name} is on {x.device}; "
+                               "expected both on the same device")
+    if noise.dtype != x.dtype:
+        raise TypeError(f"{op}: noise has dtype {noise.dtype} but {x_name} has {x.dtype}")
+    if noise.shape != x.shape:
+        raise ValueError(f"{op}: noise must have the shape of {x_name} {tuple(x.shape)}, "
+                         f"but got {tuple(noise.shape)}")
+    if table.dim() != 1 or table.numel() == 0:
+        raise ValueError(f"{op}: alphas_cumprod must be a non-empty 1-D tensor, but got shape "
+                         f"{tuple(table.shape)}")
+    if not table.dtype.is_floating_point:
+        raise TypeError(f"{op}: alphas_cumprod must be floating point, but got {table.dtype}")
+    if timesteps.dtype.is_floating_point or timesteps.dtype.is_complex or \
+            timesteps.dtype == torch.bool:
+        raise TypeError(f"{op}: timesteps must be an integer tensor, but got {timesteps.dtype}")
+    if not (timesteps.dim() == 0 or (timesteps.dim() == 1 and timesteps.shape[0] == x.shape[0])):
+        raise ValueError(f"{op}: timesteps must hold one timestep per sample (shape "
+                         f"({x.shape[0]},)) or be 0-d, but got shape {tuple(timesteps.shape)}")
+    if check_range and timesteps.numel() > 0:
+        steps = table.shape[0]
+        if bool(((timesteps < 0) | (timesteps >= steps)).any()):
+            raise IndexError(f"{op}: timesteps must lie in [0, {steps}) (the length of "
+                             f"alphas_cumprod), but got {int(timesteps.min())} .. "
+                             f"{int(timesteps.max())}")
+
+
+# --- fake implementations -------------------------------------------------------------------
+
+def _combine_fake(x, noise, timesteps, table):
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+
+
+def _backward_fake(grad, timesteps, table, velocity):
+    fmt = suggest_memory_format(grad)
+    return torch.empty_like(grad, memory_format=fmt), torch.empty_like(grad, memory_format=fmt)
+
+
+for _name in ("add_noise", "get_velocity"):
+    torch.library.register_fake(f"dlcv_fast::{_name}")(_combine_fake)
+torch.library.register_fake("dlcv_fast::noise_backward")(_backward_fake)
+
+
+# --- the Triton backend ---------------------------------------------------------------------
+
+def _triton_inputs(x, timesteps, table):
+    fmt = suggest_memory_format(x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = timesteps.to(torch.int64).expand(x.shape[0]).contiguous()
+    return x.contiguous(memory_format=fmt), fmt, t, table.to(acc).contiguous()
+
+
+def _triton_combine(op, x, noise, timesteps, table, velocity, x_name):
+    from dlcv_fast.triton_kernels import noise as kernels
+
+    check_args(op, x, noise, timesteps, table, x_name)
+    xc, fmt, t, tab = _triton_inputs(x, timesteps, table)
+    return kernels.combine(xc, noise.contiguous(memory_format=fmt), t, tab, velocity)
+
+
+@torch.library.custom_op("dlcv_fast::add_noise_triton", mutates_args=())
+def _add_noise_triton(original_samples: Tensor, noise: Tensor, timesteps: Tensor,
+                      alphas_cumprod: Tensor) -> Tensor:
+    return _triton_combine("add_noise", original_samples, noise, timesteps, alphas_cumprod,
+                           False, "original_samples")
+
+
+@torch.library.custom_op("dlcv_fast::get_velocity_triton", mutates_args=())
+def _get_velocity_triton(sample: Tensor, noise: Tensor, timesteps: Tensor,
+                         alphas_cumprod: Tensor) -> Tensor:
+    return _triton_combine("get_velocity", sample, noise, timesteps, alphas_cumprod, True,
+                           "sample")
+
+
+@torch.library.custom_op("dlcv_fast::noise_backward_triton", mutates_args=())
+def _noise_backward_triton(grad: Tensor, timesteps: Tensor, alphas_cumprod: Tensor,
+                           velocity: bool) -> tuple[Tensor, Tensor]:
+    from dlcv_fast.triton_kernels import noise as kernels
+
+    check_args("noise_backward", grad, grad, timesteps, alphas_cumprod, "grad")
+    g, _, t, tab = _triton_inputs(grad, timesteps, alphas_cumprod)
+    return kernels.backward(g, t, tab, velocity)
+
+
+_add_noise_triton.register_fake(_combine_fake)
+_get_velocity_triton.register_fake(_combine_fake)
+_noise_backward_triton.register_fake(_backward_fake)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _backward_of(velocity: bool):
+    def backward(ctx, grad):
+        timesteps, table = ctx.saved_tensors
+        gx, ge = torch.ops.dlcv_fast.noise_backward_triton(grad, timesteps, table, velocity)
+        return gx, ge, None, None
+
+    return backward
+
+
+def _setup_double(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.velocity = inputs[3]
+
+
+def _double_backward(ctx, grad_x, grad_e):
+    # noise_backward is (cx g, ce g): its adjoint is cx gx + ce ge, the forward op again.
+    timesteps, table = ctx.saved_tensors
+    grad_x = torch.zeros_like(grad_e) if grad_x is None else grad_x
+    grad_e = torch.zeros_like(grad_x) if grad_e is None else grad_e
+    op = _TRITON["get_velocity" if ctx.velocity else "add_noise"]
+    return op(grad_x, grad_e, timesteps, table), None, None, None
+
+
+_add_noise_triton.register_autograd(_backward_of(False), setup_context=_setup)
+_get_velocity_triton.register_autograd(_backward_of(True), setup_context=_setup)
+_noise_backward_triton.register_autograd(_double_backward, setup_context=_setup_double)
+
+_TRITON = {
+    "add_noise": torch.ops.dlcv_fast.add_noise_triton,
+    "get_velocity": torch.ops.dlcv_fast.get_velocity_triton,
+}
+_CPP = {
+    "add_noise": torch.ops.dlcv_fast.add_noise,
+    "get_velocity": torch.ops.dlcv_fast.get_velocity,
+}
+
+
+# --- the functional entry points -------------------------------------------------------------
+
+def _timesteps(timesteps, device) -> Tensor:
+    if isinstance(timesteps, int) and not isinstance(timesteps, bool):
+        return torch.tensor(timesteps, dtype=torch.int64, device=device)
+    return timesteps
+
+
+def _run(op: str, x: Tensor, noise: Tensor, timesteps, alphas_cumprod: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: the samples must be a Tensor, but got {type(x).__name__}")
+    name = backend.resolve(op, x)
+    table = _TRITON if name == "triton" else _CPP
+    return table[op](x, noise, _timesteps(timesteps, x.device), alphas_cumprod)
+
+
+def add_noise(original_samples: Tensor, noise: Tensor, timesteps: Tensor | int,
+              alphas_cumprod: Tensor) -> Tensor:
+    """sqrt(a_t) * original_samples + sqrt(1 - a_t) * noise, a_t = alphas_cumprod[t] per
+    sample, in one pass.
+
+    Args:
+        original_samples: (B, ...) float32, float64, float16 or bfloat16, any layout; the
+            result takes its memory format.
+        noise: same shape and dtype.
+        timesteps: (B,) integer tensor, one per sample, or a 0-d tensor or int for all.
+        alphas_cumprod: 1-D table of alpha_bar (float32 or float64) on the same device.
+
+    Differentiable in original_samples and noise. Timesteps outside the table raise
+    IndexError (checking costs one host synchronisation on a GPU).
+    """
+    return _run("add_noise", original_samples, noise, timesteps, alphas_cumprod)
+
+
+def get_velocity(sample: Tensor, noise: Tensor, timesteps: Tensor | int,
+                 alphas_cumprod: Tensor) -> Tensor:
+    """The v-prediction target sqrt(a_t) * noise - sqrt(1 - a_t) * sample, in one pass;
+    arguments as :func:`add_noise`."""
+    return _run("get_velocity", sample, noise, timesteps, alphas_cumprod)
+
+
+__all__ = ["add_noise", "get_velocity"]
