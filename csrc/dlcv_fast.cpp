@@ -14,23 +14,25 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The ops as the dispatcher sees them: calling through it reaches the CPU, CUDA or fake
+// An op as the dispatcher sees it: a call through the handle reaches the CPU, CUDA or fake
 // implementation below autograd, and records autograd where it is enabled.
+template <typename Fn>
+auto op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_op(const at::Tensor& self, at::IntArrayRef k,
                                                  at::IntArrayRef s, at::IntArrayRef p,
                                                  at::IntArrayRef d, bool ceil_mode) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dlcv_fast::max_pool2d", "")
-                             .typed<decltype(dlcv_fast::max_pool2d)>();
+  static const auto op = op_handle<decltype(dlcv_fast::max_pool2d)>("dlcv_fast::max_pool2d");
   return op.call(self, k, s, p, d, ceil_mode);
 }
 
 at::Tensor max_pool2d_backward_op(const at::Tensor& grad_output, const at::Tensor& self,
                                   const at::Tensor& indices, at::IntArrayRef k, at::IntArrayRef s,
                                   at::IntArrayRef p, at::IntArrayRef d, bool ceil_mode) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dlcv_fast::max_pool2d_backward", "")
-                             .typed<decltype(dlcv_fast::max_pool2d_backward)>();
+  static const auto op =
+      op_handle<decltype(dlcv_fast::max_pool2d_backward)>("dlcv_fast::max_pool2d_backward");
   return op.call(grad_output, self, indices, k, s, p, d, ceil_mode);
 }
 
@@ -105,11 +107,6 @@ at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at:
 }
 
 // --- noise scheduling -------------------------------------------------------------------
-
-template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 at::Tensor noise_op(bool velocity, const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
                     const at::Tensor& table) {

@@ -35,17 +35,20 @@ at::Tensor checked_timesteps(const char* op, const at::Tensor& timesteps, int64_
                     op, ": timesteps must hold one timestep per sample (shape (", batch,
                     ",)) or be 0-d, but got shape ", timesteps.sizes());
   const int64_t steps = alphas_cumprod.size(0);
-  if (timesteps.numel() > 0) {
+  // In int64: compared in a narrow type, the table length would wrap (1000 as int8 is -24).
+  const at::Tensor t = timesteps.to(at::kLong);
+  if (t.numel() > 0) {
     // One host synchronisation on a GPU: an index past the table must not reach a kernel.
-    const bool bad = timesteps.lt(0).logical_or(timesteps.ge(steps)).any().item<bool>();
+    const bool bad = t.lt(0).logical_or(t.ge(steps)).any().item<bool>();
     TORCH_CHECK_INDEX(!bad, op, ": timesteps must lie in [0, ", steps,
-                      ") (the length of alphas_cumprod), but got ", timesteps.min().item<int64_t>(),
-                      " .. ", timesteps.max().item<int64_t>());
+                      ") (the length of alphas_cumprod), but got ", t.min().item<int64_t>(),
+                      " .. ", t.max().item<int64_t>());
   }
-  return timesteps.to(at::kLong).expand({batch}).contiguous();
+  return t.expand({batch}).contiguous();
 }
 
-at::Tensor checked_table(const char* op, const at::Tensor& alphas_cumprod, const at::Tensor& like) {
+at::Tensor checked_table(const char* op, const at::Tensor& alphas_cumprod,
+                         const at::Tensor& like) {
   check_same_device(op, "alphas_cumprod", alphas_cumprod, "the samples", like);
   TORCH_CHECK_VALUE(alphas_cumprod.dim() == 1 && alphas_cumprod.numel() > 0, op,
                     ": alphas_cumprod must be a non-empty 1-D tensor, but got shape ",
@@ -53,9 +56,10 @@ at::Tensor checked_table(const char* op, const at::Tensor& alphas_cumprod, const
   TORCH_CHECK_TYPE(at::isFloatingType(alphas_cumprod.scalar_type()), op,
                    ": alphas_cumprod must be floating point, but got ",
                    alphas_cumprod.scalar_type());
-  // The kernels read the table in their arithmetic type.
-  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return alphas_cumprod.to(acc).contiguous();
+  // A float64 table stays float64 (the coefficients are then computed in float64); any
+  // other goes to float32.
+  const auto type = alphas_cumprod.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return alphas_cumprod.to(type).contiguous();
 }
 
 bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
@@ -89,10 +93,11 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
   }
   at::Tensor out = new_output(xc);
   const NoiseShape s{x.size(0), x.size(0) > 0 ? x.numel() / x.size(0) : 0, table.size(0)};
+  const bool table_double = table.scalar_type() == at::kDouble;
   if (out.numel() > 0) {
     const DType dtype = kernel_dtype(xc.scalar_type());
     if (x.is_cpu()) {
-      cpu::noise_combine(dtype, kind, xc.const_data_ptr(), ec.const_data_ptr(),
+      cpu::noise_combine(dtype, table_double, kind, xc.const_data_ptr(), ec.const_data_ptr(),
                          t.const_data_ptr<int64_t>(), table.const_data_ptr(),
                          out.mutable_data_ptr(), s);
     } else {
@@ -100,7 +105,7 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
       TORCH_CHECK(x.is_cuda(), op, ": samples on ", x.device(), " are not supported");
       const c10::cuda::CUDAGuard guard(x.device());
       const cudaError_t err = cuda::noise_combine(
-          dtype, kind, xc.const_data_ptr(), ec.const_data_ptr(), t.const_data_ptr<int64_t>(),
+          dtype, table_double, kind, xc.const_data_ptr(), ec.const_data_ptr(), t.const_data_ptr<int64_t>(),
           table.const_data_ptr(), out.mutable_data_ptr(), s,
           c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
       TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
@@ -140,10 +145,11 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
   if (cpu_16bit) g = g.to(at::kFloat);
   at::Tensor grad_x = new_output(g), grad_e = new_output(g);
   const NoiseShape s{g.size(0), g.size(0) > 0 ? g.numel() / g.size(0) : 0, table.size(0)};
+  const bool table_double = table.scalar_type() == at::kDouble;
   if (g.numel() > 0) {
     const DType dtype = kernel_dtype(g.scalar_type());
     if (g.is_cpu()) {
-      cpu::noise_combine_backward(dtype, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(),
+      cpu::noise_combine_backward(dtype, table_double, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(),
                                   table.const_data_ptr(), grad_x.mutable_data_ptr(),
                                   grad_e.mutable_data_ptr(), s);
     } else {
@@ -151,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
       TORCH_CHECK(g.is_cuda(), op, ": grad on ", g.device(), " is not supported");
       const c10::cuda::CUDAGuard guard(g.device());
       const cudaError_t err = cuda::noise_combine_backward(
-          dtype, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(), table.const_data_ptr(),
+          dtype, table_double, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(), table.const_data_ptr(),
           grad_x.mutable_data_ptr(), grad_e.mutable_data_ptr(), s,
           c10::cuda::getCurrentCUDAStream(g.device().index()).stream());
       TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));

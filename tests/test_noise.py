@@ -69,9 +69,12 @@ def test_timestep_forms_and_tables(backend_device, kind):
     backend, device = backend_device
     x = torch.randn(3, 2, 5, 5, device=device)
     noise = torch.randn_like(x)
-    for table in (alphas_cumprod(50).to(device), alphas_cumprod(50, torch.float64).to(device)):
+    # 1000 entries: more than int8 or uint8 can count (the range check must not wrap).
+    for table in (alphas_cumprod(1000).to(device), alphas_cumprod(1000, torch.float64).to(device)):
         for t in (7, torch.tensor(49, device=device), torch.tensor([0, 3, 49], device=device),
-                  torch.tensor([1, 2, 3], dtype=torch.int32, device=device)):
+                  torch.tensor([1, 2, 3], dtype=torch.int32, device=device),
+                  torch.tensor([1, 2, 3], dtype=torch.int8, device=device),
+                  torch.tensor([5, 20, 49], dtype=torch.uint8, device=device)):
             out = run(kind, x, noise, t, table)
             tt = torch.as_tensor(t, device=device)
             assert_close(out, reference(kind, x, noise, tt, table), torch.float32)

@@ -29,10 +29,10 @@ void max_pool2d_backward(DType dtype, bool channels_last, const void* grad_outpu
                          const int64_t* indices, void* grad_input, const Pool2dShape& shape);
 
 // The noise-scheduling combination (noise_shape.h), as its CUDA counterpart.
-void noise_combine(DType dtype, NoiseKind kind, const void* x, const void* e,
+void noise_combine(DType dtype, bool table_double, NoiseKind kind, const void* x, const void* e,
                    const int64_t* timesteps, const void* table, void* out, const NoiseShape& shape);
 
-void noise_combine_backward(DType dtype, NoiseKind kind, const void* grad,
+void noise_combine_backward(DType dtype, bool table_double, NoiseKind kind, const void* grad,
                             const int64_t* timesteps, const void* table, void* grad_x,
                             void* grad_e, const NoiseShape& shape);
 

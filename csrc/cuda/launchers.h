@@ -23,14 +23,15 @@ cudaError_t max_pool2d_backward(DType dtype, bool channels_last, const void* gra
                                 const Pool2dShape& shape, cudaStream_t stream);
 
 // out = cx * x + ce * e per noise_shape.h. Tensors are dense with the batch outermost;
-// `table` (alphas_cumprod) has the arithmetic type: float64 for Float64, else float32.
-cudaError_t noise_combine(DType dtype, NoiseKind kind, const void* x, const void* e,
-                          const int64_t* timesteps, const void* table, void* out,
+// `table` (alphas_cumprod) is float64 if table_double, else float32.
+cudaError_t noise_combine(DType dtype, bool table_double, NoiseKind kind, const void* x,
+                          const void* e, const int64_t* timesteps, const void* table, void* out,
                           const NoiseShape& shape, cudaStream_t stream);
 
 // grad_x = cx * grad, grad_e = ce * grad.
-cudaError_t noise_combine_backward(DType dtype, NoiseKind kind, const void* grad,
-                                   const int64_t* timesteps, const void* table, void* grad_x,
-                                   void* grad_e, const NoiseShape& shape, cudaStream_t stream);
+cudaError_t noise_combine_backward(DType dtype, bool table_double, NoiseKind kind,
+                                   const void* grad, const int64_t* timesteps, const void* table,
+                                   void* grad_x, void* grad_e, const NoiseShape& shape,
+                                   cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda

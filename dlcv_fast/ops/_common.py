@@ -4,6 +4,7 @@ so they must work on symbolic sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -38,3 +39,9 @@ def pool_output_size(size, kernel: int, stride: int, pad: int, dilation: int, ce
     if ceil_mode and (out - 1) * stride >= size + pad:
         out = out - 1
     return out
+
+
+def on_device_of(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current one: Triton launches on the current
+    device, not on the device of its arguments."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -6,8 +6,8 @@ For sample b at timestep t = timesteps[b], with a = alphas_cumprod[t]:
 - ``get_velocity``: v   = sqrt(a) * noise - sqrt(1 - a) * x0   (the v-prediction target)
 
 One pass over memory: the per-sample coefficients are gathered from the table inside the
-kernel, the arithmetic is in float32 (float64 for float64 samples) and the result is
-rounded once. (The plain PyTorch formula, as in the diffusers library, gathers, takes
+kernel (and computed in float64 when the table is float64), the arithmetic is in float32
+(float64 for float64 samples) and the result is rounded once. (The plain PyTorch formula, as in the diffusers library, gathers, takes
 square roots, casts the coefficients to the sample's dtype and makes three passes.)
 
 Ops (namespace ``dlcv_fast``): ``add_noise``, ``get_velocity``, ``noise_backward`` in C++
@@ -60,10 +60,10 @@ def check_args(op: str, x: Tensor, noise: Tensor, timesteps: Tensor, table: Tens
                          f"({x.shape[0]},)) or be 0-d, but got shape {tuple(timesteps.shape)}")
     if check_range and timesteps.numel() > 0:
         steps = table.shape[0]
-        if bool(((timesteps < 0) | (timesteps >= steps)).any()):
+        t = timesteps.to(torch.int64)  # in a narrow type the table length would wrap
+        if bool(((t < 0) | (t >= steps)).any()):
             raise IndexError(f"{op}: timesteps must lie in [0, {steps}) (the length of "
-                             f"alphas_cumprod), but got {int(timesteps.min())} .. "
-                             f"{int(timesteps.max())}")
+                             f"alphas_cumprod), but got {int(t.min())} .. {int(t.max())}")
 
 
 # --- fake implementations -------------------------------------------------------------------
@@ -86,9 +86,9 @@ torch.library.register_fake("dlcv_fast::noise_backward")(_backward_fake)
 
 def _triton_inputs(x, timesteps, table):
     fmt = suggest_memory_format(x)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    table_type = torch.float64 if table.dtype == torch.float64 else torch.float32
     t = timesteps.to(torch.int64).expand(x.shape[0]).contiguous()
-    return x.contiguous(memory_format=fmt), fmt, t, table.to(acc).contiguous()
+    return x.contiguous(memory_format=fmt), fmt, t, table.to(table_type).contiguous()
 
 
 def _triton_combine(op, x, noise, timesteps, table, velocity, x_name):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcv_fast.ops._common import empty_output, memory_format_of, pool_output_size
+from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, pool_output_size
 
 # 4 warps x 32 lanes x 2 elements. Not tuned on a GPU yet.
 BLOCK = 256
@@ -139,12 +139,13 @@ def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     idx = empty_output((n, c, oh, ow), x, dtype=torch.int64, memory_format=fmt)
     total = out.numel()
     if total > 0:
-        _forward_kernel[(triton.cdiv(total, BLOCK),)](
-            x, out, idx, total, c, h, w, oh, ow, *x.stride(),
-            *kernel_size, *stride, *padding, *dilation,
-            CHANNELS_LAST=fmt == torch.channels_last, WIDE_INDEX=_wide(x, idx),
-            ACC=_acc_type(x.dtype), BLOCK=BLOCK,
-        )
+        with on_device_of(x):
+            _forward_kernel[(triton.cdiv(total, BLOCK),)](
+                x, out, idx, total, c, h, w, oh, ow, *x.stride(),
+                *kernel_size, *stride, *padding, *dilation,
+                CHANNELS_LAST=fmt == torch.channels_last, WIDE_INDEX=_wide(x, idx),
+                ACC=_acc_type(x.dtype), BLOCK=BLOCK,
+            )
     if input.dim() == 3:
         return out.squeeze(0), idx.squeeze(0)
     return out, idx
@@ -159,10 +160,11 @@ def backward(grad_output, input, indices, kernel_size, stride, padding, dilation
     grad_input = empty_output((n, c, h, w), g, memory_format=fmt)
     total = grad_input.numel()
     if total > 0:
-        _backward_kernel[(triton.cdiv(total, BLOCK),)](
-            g, i, grad_input, total, c, h, w, oh, ow, *g.stride(), *i.stride(),
-            *kernel_size, *stride, *padding, *dilation,
-            CHANNELS_LAST=fmt == torch.channels_last, WIDE_INDEX=_wide(g, i, grad_input),
-            ACC=_acc_type(g.dtype), BLOCK=BLOCK,
-        )
+        with on_device_of(g):
+            _backward_kernel[(triton.cdiv(total, BLOCK),)](
+                g, i, grad_input, total, c, h, w, oh, ow, *g.stride(), *i.stride(),
+                *kernel_size, *stride, *padding, *dilation,
+                CHANNELS_LAST=fmt == torch.channels_last, WIDE_INDEX=_wide(g, i, grad_input),
+                ACC=_acc_type(g.dtype), BLOCK=BLOCK,
+            )
     return grad_input if input.dim() == 4 else grad_input.squeeze(0)
