@@ -197,6 +197,10 @@ TORCH_LIBRARY(dlcv_fast, m) {
   m.def(
       "noise_backward(Tensor grad, Tensor timesteps, Tensor alphas_cumprod, bool velocity) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "scheduler_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor? variance, "
+      "Tensor? thresholds, float[] coefficients, int clip, int variance_mode, "
+      "bool recompute_eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
@@ -205,6 +209,7 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("add_noise", &dlcv_fast::add_noise);
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
+  m.impl("scheduler_step", &dlcv_fast::scheduler_step);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
@@ -222,6 +227,7 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("add_noise", &dlcv_fast::add_noise);
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
+  m.impl("scheduler_step", &dlcv_fast::scheduler_step);
 }
 #endif
 

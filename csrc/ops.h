@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace dlcv_fast {
@@ -29,6 +30,12 @@ at::Tensor get_velocity(const at::Tensor& sample, const at::Tensor& noise,
 std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
                                                   const at::Tensor& timesteps,
                                                   const at::Tensor& alphas_cumprod, bool velocity);
+
+// One DDPM or DDIM sampler step in one pass (step_params.h): (prev_sample, pred_original).
+std::tuple<at::Tensor, at::Tensor> scheduler_step(
+    const at::Tensor& model_output, const at::Tensor& sample, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& thresholds,
+    at::ArrayRef<double> coefficients, int64_t clip, int64_t variance_mode, bool recompute_eps);
 
 // Whether this build holds the CUDA kernels.
 bool cuda_built();

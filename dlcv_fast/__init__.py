@@ -21,8 +21,9 @@ from dlcv_fast import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
-# Ops with kernels in every backend, in the order the command line lists them.
-OPS = ("max_pool2d", "add_noise", "get_velocity")
+# Ops with kernels in every backend, in the order the command line lists them (the sampler
+# steps live in dlcv_fast.diffusion).
+OPS = ("max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step")
 
 __all__ = [
     "BACKENDS",

@@ -183,10 +183,61 @@ def _noise_bench(op: str):
     return bench
 
 
+# --- ddpm_step, ddim_step ---------------------------------------------------------------
+
+def torch_step_formula(op: str, model_output, sample, noise, alphas_cumprod, t: int,
+                       prev_t: int):
+    """One step as plain PyTorch ops, the way diffusers writes it (epsilon prediction, x0
+    clipped to [-1, 1]; DDPM: fixed_small variance; DDIM: eta = 0)."""
+    a_t, a_prev = float(alphas_cumprod[t]), float(alphas_cumprod[prev_t])
+    x0 = (sample - (1 - a_t) ** 0.5 * model_output) / a_t**0.5
+    x0 = x0.clamp(-1, 1)
+    if op == "ddpm_step":
+        cur_a = a_t / a_prev
+        prev = (a_prev**0.5 * (1 - cur_a) / (1 - a_t)) * x0 + (
+            cur_a**0.5 * (1 - a_prev) / (1 - a_t)) * sample
+        variance = (1 - a_prev) / (1 - a_t) * (1 - cur_a)
+        return prev + variance**0.5 * noise, x0
+    return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * model_output, x0
+
+
+def _step_bench(op: str):
+    from dlcv_fast.diffusion import ddim_step, ddpm_step
+
+    def bench(device: torch.device, dtypes, batch: int, backends) -> Iterator[Result]:
+        table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        table = table.float()
+        t, prev_t = 500, 480
+        for name, shape in NOISE_SHAPES:
+            for dtype in dtypes:
+                m = torch.randn(shape, device=device, dtype=dtype)
+                s = torch.randn_like(m)
+                z = torch.randn_like(m)
+                torch_ms = median_ms(
+                    lambda: torch_step_formula(op, m, s, z, table, t, prev_t), device)
+                moved = (5 if op == "ddpm_step" else 4) * m.numel() * m.element_size()
+                for backend in backends:
+                    with dlcv_fast.use_backend(backend):
+                        if op == "ddpm_step":
+                            fn = lambda: ddpm_step(m, t, s, table, prev_timestep=prev_t,  # noqa: E731
+                                                   variance_noise=z)
+                        else:
+                            fn = lambda: ddim_step(m, t, s, table, prev_timestep=prev_t)  # noqa: E731
+                        ms = median_ms(fn, device)
+                    yield Result(op=op, case=name, shape=tuple(shape),
+                                 dtype=str(dtype).removeprefix("torch."), layout="nchw",
+                                 direction="forward", backend=backend, ms=ms, torch_ms=torch_ms,
+                                 bytes=moved)
+
+    return bench
+
+
 BENCHMARKS = {
     "max_pool2d": bench_max_pool2d,
     "add_noise": _noise_bench("add_noise"),
     "get_velocity": _noise_bench("get_velocity"),
+    "ddpm_step": _step_bench("ddpm_step"),
+    "ddim_step": _step_bench("ddim_step"),
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,

@@ -6,6 +6,7 @@
 
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
+#include "../step_params.h"
 
 namespace dlcv_fast::cpu {
 
@@ -35,5 +36,10 @@ void noise_combine(DType dtype, bool table_double, NoiseKind kind, const void* x
 void noise_combine_backward(DType dtype, bool table_double, NoiseKind kind, const void* grad,
                             const int64_t* timesteps, const void* table, void* grad_x,
                             void* grad_e, const NoiseShape& shape);
+
+// One sampler step (step_params.h), as its CUDA counterpart.
+void scheduler_step(DType dtype, const void* model_output, const void* sample, const void* noise,
+                    const void* variance, const double* thresholds, void* prev, void* x0,
+                    const StepParams& params);
 
 }  // namespace dlcv_fast::cpu

@@ -6,6 +6,7 @@
 
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
+#include "../step_params.h"
 
 namespace dlcv_fast::cuda {
 
@@ -33,5 +34,12 @@ cudaError_t noise_combine_backward(DType dtype, bool table_double, NoiseKind kin
                                    const void* grad, const int64_t* timesteps, const void* table,
                                    void* grad_x, void* grad_e, const NoiseShape& shape,
                                    cudaStream_t stream);
+
+// One sampler step (step_params.h): prev and x0 from model_output and sample, with noise,
+// predicted variance and per-sample thresholds where the parameters ask for them (else
+// null). Tensors dense with the batch outermost.
+cudaError_t scheduler_step(DType dtype, const void* model_output, const void* sample,
+                           const void* noise, const void* variance, const double* thresholds,
+                           void* prev, void* x0, const StepParams& params, cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda

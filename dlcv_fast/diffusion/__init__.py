@@ -1,5 +1,7 @@
 """Diffusion-model utilities: noise (beta) schedules with the semantics of diffusers'
-DDPMScheduler / DDIMScheduler constructors, computed in float64 and returned as float32."""
+DDPMScheduler / DDIMScheduler constructors (computed in float64, returned as float32),
+and the DDPM and DDIM sampler steps as fused kernels. The noising ops themselves are
+dlcv_fast.add_noise and dlcv_fast.get_velocity."""
 
 from dlcv_fast.diffusion.schedules import (
     BETA_SCHEDULES,
@@ -7,10 +9,22 @@ from dlcv_fast.diffusion.schedules import (
     make_betas,
     rescale_zero_terminal_snr,
 )
+from dlcv_fast.diffusion.steps import (
+    PREDICTION_TYPES,
+    VARIANCE_TYPES,
+    SchedulerStepOutput,
+    ddim_step,
+    ddpm_step,
+)
 
 __all__ = [
     "BETA_SCHEDULES",
+    "PREDICTION_TYPES",
+    "SchedulerStepOutput",
+    "VARIANCE_TYPES",
     "alphas_cumprod_from_betas",
+    "ddim_step",
+    "ddpm_step",
     "make_betas",
     "rescale_zero_terminal_snr",
 ]

@@ -1,0 +1,103 @@
+"""The fused sampler step: one elementwise pass that turns (model_output, sample[, noise,
+predicted variance]) into (prev_sample, pred_original_sample), given the scalar
+coefficients a scheduler derives from its timestep (csrc/step_params.h has the formula).
+dlcv_fast.diffusion.ddpm_step and ddim_step compute the coefficients; this module holds
+the registered ops (``dlcv_fast::scheduler_step`` in C++, ``scheduler_step_triton``),
+their fake implementations and the backend dispatch. A sampler step is not
+differentiable."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from dlcv_fast import backend
+
+N_COEFFICIENTS = 13  # a, b, c, d, e, f, p, q, r, sigma, min_log, max_log, clip_range
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+VARIANCE_SCALAR, VARIANCE_LEARNED, VARIANCE_LEARNED_RANGE = 0, 1, 2
+
+
+def check_args(model_output, sample, noise, variance, thresholds, coefficients, clip,
+               variance_mode) -> None:
+    """The checks of csrc/scheduler_step.cpp, for the Triton and fake paths."""
+    op = "scheduler_step"
+    if sample.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: sample must be float32, float64, float16 or bfloat16, but got "
+                        f"{sample.dtype}")
+    if sample.dim() < 1:
+        raise ValueError(f"{op}: sample must have a batch dimension, but is 0-d")
+    for name, t in (("model_output", model_output), ("noise", noise), ("variance", variance)):
+        if t is None:
+            continue
+        if t.device != sample.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but sample is on "
+                               f"{sample.device}; expected both on the same device")
+        if t.dtype != sample.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but sample has {sample.dtype}")
+        if t.shape != sample.shape:
+            raise ValueError(f"{op}: {name} must have the shape of sample "
+                             f"{list(sample.shape)}, but got {list(t.shape)}")
+    if len(coefficients) != N_COEFFICIENTS:
+        raise ValueError(f"{op}: expected {N_COEFFICIENTS} coefficients, but got "
+                         f"{len(coefficients)}")
+    if clip not in (0, 1, 2):
+        raise ValueError(f"{op}: clip must be 0, 1 or 2, but got {clip}")
+    if variance_mode not in (0, 1, 2):
+        raise ValueError(f"{op}: variance_mode must be 0, 1 or 2, but got {variance_mode}")
+    if variance_mode != 0 and variance is None:
+        raise ValueError(f"{op}: a learned variance mode needs the predicted variance")
+    if clip == CLIP_THRESHOLD:
+        if thresholds is None:
+            raise ValueError(f"{op}: clip=2 (thresholding) needs thresholds")
+        if thresholds.device != sample.device:
+            raise RuntimeError(f"{op}: thresholds is on {thresholds.device} but sample is on "
+                               f"{sample.device}; expected both on the same device")
+        if thresholds.shape != (sample.shape[0],):
+            raise ValueError(f"{op}: thresholds must have shape ({sample.shape[0]},), but got "
+                             f"{list(thresholds.shape)}")
+
+
+@torch.library.register_fake("dlcv_fast::scheduler_step")
+def _step_fake(model_output, sample, noise, variance, thresholds, coefficients, clip,
+               variance_mode, recompute_eps):
+    fmt = suggest_memory_format(sample)
+    return (torch.empty_like(sample, memory_format=fmt),
+            torch.empty_like(sample, memory_format=fmt))
+
+
+@torch.library.custom_op("dlcv_fast::scheduler_step_triton", mutates_args=())
+def _scheduler_step_triton(
+    model_output: Tensor, sample: Tensor, noise: Tensor | None, variance: Tensor | None,
+    thresholds: Tensor | None, coefficients: list[float], clip: int, variance_mode: int,
+    recompute_eps: bool,
+) -> tuple[Tensor, Tensor]:
+    from dlcv_fast.triton_kernels import scheduler_step as kernels
+
+    check_args(model_output, sample, noise, variance, thresholds, coefficients, clip,
+               variance_mode)
+    fmt = suggest_memory_format(sample)
+
+    def dense(t):
+        return None if t is None else t.contiguous(memory_format=fmt)
+
+    th = thresholds.to(torch.float64).contiguous() if clip == CLIP_THRESHOLD else None
+    return kernels.step(dense(model_output), dense(sample), dense(noise),
+                        dense(variance) if variance_mode else None, th, coefficients, clip,
+                        variance_mode, recompute_eps)
+
+
+_scheduler_step_triton.register_fake(_step_fake)
+
+
+def scheduler_step(model_output: Tensor, sample: Tensor, noise: Tensor | None,
+                   variance: Tensor | None, thresholds: Tensor | None,
+                   coefficients: list[float], clip: int, variance_mode: int,
+                   recompute_eps: bool) -> tuple[Tensor, Tensor]:
+    """(prev_sample, pred_original_sample) of one step on the backend in force."""
+    name = backend.resolve("scheduler_step", sample)
+    op = (torch.ops.dlcv_fast.scheduler_step_triton if name == "triton"
+          else torch.ops.dlcv_fast.scheduler_step)
+    return op(model_output, sample, noise, variance, thresholds, [float(c) for c in coefficients],
+              int(clip), int(variance_mode), bool(recompute_eps))

@@ -1,0 +1,227 @@
+"""The fused DDPM and DDIM steps against the formulas written here in plain PyTorch
+(float64, structured as diffusers' DDPMScheduler.step and DDIMScheduler.step), for every
+prediction type, variance type and clipping option, on every backend here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import assert_close, backend_dtype_cases
+
+import dlcv_fast
+from dlcv_fast.diffusion import ddim_step, ddpm_step
+
+T = 1000
+
+
+def table():
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def x0_and_eps(prediction_type, s, m, a_t):
+    b_t = 1 - a_t
+    if prediction_type == "epsilon":
+        return (s - b_t.sqrt() * m) / a_t.sqrt(), m
+    if prediction_type == "sample":
+        return m, (s - a_t.sqrt() * m) / b_t.sqrt()
+    return a_t.sqrt() * s - b_t.sqrt() * m, a_t.sqrt() * m + b_t.sqrt() * s
+
+
+def clip_x0(x0, clip_sample, clip_range, thresholding, ratio=0.995, max_value=1.0):
+    if thresholding:
+        q = torch.quantile(x0.abs().reshape(x0.shape[0], -1), ratio, dim=1)
+        q = q.clamp(min=1, max=max_value).reshape(-1, *([1] * (x0.dim() - 1)))
+        return torch.clamp(x0, -q, q) / q
+    if clip_sample:
+        return x0.clamp(-clip_range, clip_range)
+    return x0
+
+
+def reference_ddpm(m, t, s, ab, prev_t, prediction_type, variance_type, clip_sample, clip_range,
+                   thresholding, noise, max_value=1.0):
+    ab = ab.double()
+    s, m = s.double(), m.double()
+    pv = None
+    if variance_type in ("learned", "learned_range"):
+        m, pv = torch.split(m, s.shape[1], dim=1)
+    a_t = ab[t]
+    a_prev = ab[prev_t] if prev_t >= 0 else torch.tensor(1.0, dtype=torch.float64)
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    cur_a = a_t / a_prev
+    cur_b = 1 - cur_a
+    x0, _ = x0_and_eps(prediction_type, s, m, a_t)
+    x0 = clip_x0(x0, clip_sample, clip_range, thresholding, max_value=max_value)
+    prev = (a_prev.sqrt() * cur_b / b_t) * x0 + (cur_a.sqrt() * b_prev / b_t) * s
+    if t > 0:
+        var = (b_prev / b_t * cur_b).clamp(min=1e-20)
+        std = {
+            "fixed_small": lambda: var.sqrt(),
+            "fixed_small_log": lambda: torch.exp(0.5 * torch.log(var)),
+            "fixed_large": lambda: cur_b.sqrt(),
+            "fixed_large_log": lambda: torch.exp(0.5 * torch.log(cur_b)),
+            "learned": lambda: pv.sqrt() if pv is not None else None,
+            "learned_range": lambda: torch.exp(
+                0.5 * ((pv + 1) / 2 * torch.log(cur_b) + (1 - (pv + 1) / 2) * torch.log(var))),
+        }[variance_type]()
+        prev = prev + std * noise.double()
+    return prev, x0
+
+
+def reference_ddim(m, t, s, ab, prev_t, final_ab, eta, use_clipped, prediction_type, clip_sample,
+                   clip_range, thresholding, noise, max_value=1.0):
+    ab = ab.double()
+    s, m = s.double(), m.double()
+    a_t = ab[t]
+    a_prev = ab[prev_t] if prev_t >= 0 else torch.tensor(final_ab, dtype=torch.float64)
+    b_t = 1 - a_t
+    x0, eps = x0_and_eps(prediction_type, s, m, a_t)
+    x0 = clip_x0(x0, clip_sample, clip_range, thresholding, max_value=max_value)
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+    std = eta * variance.sqrt()
+    if use_clipped:
+        eps = (s - a_t.sqrt() * x0) / b_t.sqrt()
+    prev = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
+    if eta > 0:
+        prev = prev + std * noise.double()
+    return prev, x0
+
+
+def inputs(shape, device, dtype, learned=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    m = torch.randn(shape, generator=g, dtype=torch.float64)
+    if learned:  # second half: a predicted variance, positive, or a fraction in [-1, 1]
+        m = torch.cat([m, torch.rand(shape, generator=g, dtype=torch.float64) * 1.8 - 0.9], 1)
+    noise = torch.randn(shape, generator=g, dtype=torch.float64)
+    return (t.to(device, dtype) for t in (s, m, noise))
+
+
+CLIPS = [(False, False), (True, False), (False, True)]  # (clip_sample, thresholding)
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
+def test_ddpm_step(backend, device, dtype):
+    ab = table()
+    for pred, var, (clip, thresh), t in itertools.product(
+        ("epsilon", "sample", "v_prediction"),
+        ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+         "learned_range"),
+        CLIPS, (999, 10, 0),
+    ):
+        learned = var in ("learned", "learned_range")
+        s, m, noise = inputs((2, 3, 5, 7), device, dtype, learned)
+        if var == "learned":  # a variance: positive
+            m = torch.cat([m[:, :3], m[:, 3:].abs() + 0.05], 1)
+        with dlcv_fast.use_backend(backend):
+            out = ddpm_step(m, t, s, ab.to(device), prediction_type=pred, variance_type=var,
+                            clip_sample=clip, clip_sample_range=1.5, thresholding=thresh,
+                            sample_max_value=2.0, variance_noise=noise)
+        want_prev, want_x0 = reference_ddpm(m.cpu(), t, s.cpu(), ab, t - 1, pred, var, clip, 1.5,
+                                            thresh, noise.cpu(), max_value=2.0)
+        what = f"{pred} {var} clip={clip} threshold={thresh} t={t}"
+        assert out.prev_sample.dtype == dtype
+        assert_close(out.pred_original_sample.cpu(), want_x0, dtype, msg=what)
+        assert_close(out.prev_sample.cpu(), want_prev, dtype, msg=what)
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
+def test_ddim_step(backend, device, dtype):
+    ab = table()
+    for pred, (clip, thresh), eta, clipped, (t, prev_t), final in itertools.product(
+        ("epsilon", "sample", "v_prediction"), CLIPS, (0.0, 0.5, 1.0), (False, True),
+        ((999, 979), (20, 0), (20, -1)), (1.0, float(ab[0])),
+    ):
+        s, m, noise = inputs((3, 4, 6), device, dtype)
+        with dlcv_fast.use_backend(backend):
+            out = ddim_step(m, t, s, ab.to(device), prev_timestep=prev_t, final_alpha_cumprod=final,
+                            eta=eta, use_clipped_model_output=clipped, prediction_type=pred,
+                            clip_sample=clip, clip_sample_range=1.0, thresholding=thresh,
+                            sample_max_value=2.5, variance_noise=noise)
+        want_prev, want_x0 = reference_ddim(m.cpu(), t, s.cpu(), ab, prev_t, final, eta, clipped,
+                                            pred, clip, 1.0, thresh, noise.cpu(), max_value=2.5)
+        what = f"{pred} clip={clip} threshold={thresh} eta={eta} clipped={clipped} t={t}->{prev_t}"
+        assert_close(out.pred_original_sample.cpu(), want_x0, dtype, msg=what)
+        assert_close(out.prev_sample.cpu(), want_prev, dtype, msg=what)
+
+
+def test_generator_makes_steps_reproducible(backend_device):
+    _, device = backend_device
+    ab = table().to(device)
+    s, m, _ = inputs((2, 3, 4, 4), device, torch.float32)
+    runs = [ddpm_step(m, 500, s, ab, generator=torch.Generator(device).manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(runs[0].prev_sample, runs[1].prev_sample)
+    noise = torch.randn(m.shape, generator=torch.Generator(device).manual_seed(7), device=device)
+    explicit = ddpm_step(m, 500, s, ab, variance_noise=noise)
+    assert torch.equal(runs[0].prev_sample, explicit.prev_sample)
+    other = ddpm_step(m, 500, s, ab, generator=torch.Generator(device).manual_seed(8))
+    assert not torch.equal(runs[0].prev_sample, other.prev_sample)
+    # DDIM with eta > 0 draws noise the same way.
+    d1 = ddim_step(m, 500, s, ab, prev_timestep=480, eta=1.0,
+                   generator=torch.Generator(device).manual_seed(3))
+    d2 = ddim_step(m, 500, s, ab, prev_timestep=480, eta=1.0,
+                   generator=torch.Generator(device).manual_seed(3))
+    assert torch.equal(d1.prev_sample, d2.prev_sample)
+
+
+def test_layouts_are_kept(backend_device):
+    _, device = backend_device
+    ab = table().to(device)
+    s, m, noise = inputs((2, 3, 5, 5), device, torch.float32)
+    s_cl = s.contiguous(memory_format=torch.channels_last)
+    out = ddpm_step(m, 100, s_cl, ab, variance_noise=noise)
+    assert out.prev_sample.is_contiguous(memory_format=torch.channels_last)
+    ref = ddpm_step(m, 100, s, ab, variance_noise=noise)
+    assert_close(out.prev_sample, ref.prev_sample)
+
+
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    op = (torch.ops.dlcv_fast.scheduler_step_triton if backend == "triton"
+          else torch.ops.dlcv_fast.scheduler_step)
+    s, m, noise = inputs((2, 3, 4), device, torch.float32)
+    coefficients = [1.5, -0.5, 0.1, 1.0, 0.3, -0.2, 0.9, 0.05, 0.4, 0.2, -3.0, -2.0, 1.0]
+    th = torch.tensor([1.2, 1.0], device=device)
+    for clip, mode, recompute, z, v in [(0, 0, False, None, None), (1, 0, True, noise, None),
+                                        (2, 1, False, noise, noise.abs()),
+                                        (2, 2, True, noise, noise.tanh())]:
+        torch.library.opcheck(op.default, (m, s, z, v, th, coefficients, clip, mode, recompute))
+
+
+BAD = [
+    (dict(prediction_type="x0"), ValueError, "prediction_type must be one of"),
+    (dict(variance_type="fixed"), ValueError, "variance_type must be one of"),
+    (dict(variance_type="learned"), ValueError, "twice the channels"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.0), ValueError,
+     "dynamic_thresholding_ratio"),
+    (dict(timestep=1000), IndexError, r"timestep 1000 is outside \[0, 1000\)"),
+    (dict(variance_noise=torch.zeros(1, 3, 4, 4)), ValueError, "variance_noise must have shape"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), BAD, ids=[b[2] for b in BAD])
+def test_bad_arguments(kwargs, exc, match):
+    s, m, _ = inputs((2, 3, 4, 4), "cpu", torch.float32)
+    kwargs = dict(kwargs)
+    t = kwargs.pop("timestep", 500)
+    with pytest.raises(exc, match=match):
+        ddpm_step(m, t, s, table(), **kwargs)
+
+
+def test_bad_arguments_to_the_op():
+    s, m, _ = inputs((2, 3, 4), "cpu", torch.float32)
+    op = torch.ops.dlcv_fast.scheduler_step
+    coefficients = [0.0] * 13
+    with pytest.raises(ValueError, match="expected 13 coefficients"):
+        op(m, s, None, None, None, [0.0] * 12, 0, 0, False)
+    with pytest.raises(ValueError, match="needs thresholds"):
+        op(m, s, None, None, None, coefficients, 2, 0, False)
+    with pytest.raises(ValueError, match="needs the predicted variance"):
+        op(m, s, None, None, None, coefficients, 0, 1, False)
+    with pytest.raises(ValueError, match="model_output must have the shape of sample"):
+        op(m[:1], s, None, None, None, coefficients, 0, 0, False)
+    with pytest.raises(TypeError, match="noise has dtype"):
+        op(m, s, m.double(), None, None, coefficients, 0, 0, False)
