@@ -1,8 +1,10 @@
 """Diffusion-model utilities: noise (beta) schedules with the semantics of diffusers'
 DDPMScheduler / DDIMScheduler constructors (computed in float64, returned as float32),
-and the DDPM and DDIM sampler steps as fused kernels. The noising ops themselves are
+the DDPM and DDIM sampler steps as fused kernels, and DDPMScheduler / DDIMScheduler
+classes that stand in for diffusers' own. The noising ops themselves are
 dlcv_fast.add_noise and dlcv_fast.get_velocity."""
 
+from dlcv_fast.diffusion.schedulers import TIMESTEP_SPACINGS, DDIMScheduler, DDPMScheduler
 from dlcv_fast.diffusion.schedules import (
     BETA_SCHEDULES,
     alphas_cumprod_from_betas,
@@ -19,6 +21,9 @@ from dlcv_fast.diffusion.steps import (
 
 __all__ = [
     "BETA_SCHEDULES",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "TIMESTEP_SPACINGS",
     "PREDICTION_TYPES",
     "SchedulerStepOutput",
     "VARIANCE_TYPES",
