@@ -12,6 +12,12 @@
 
 #include "pool2d_shape.h"
 
+#ifdef DLCV_FAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
 namespace dlcv_fast {
 
 inline DType kernel_dtype(at::ScalarType t) {
@@ -48,5 +54,22 @@ inline bool poison_outputs() {
   const char* v = std::getenv("DLCV_FAST_POISON");
   return v != nullptr && std::string(v) == "1";
 }
+
+#ifdef DLCV_FAST_WITH_CUDA
+// Runs launch(stream) with x's GPU current and on its current stream; a failed launch
+// raises, naming the op.
+template <typename F>
+void launch_cuda(const char* op, const at::Tensor& x, F&& launch) {
+  TORCH_CHECK(x.is_cuda(), op, ": tensors on ", x.device(), " are not supported");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaError_t err = launch(c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+}
+#else
+[[noreturn]] inline void no_cuda_kernels(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (tensors on ",
+              x.device(), ")");
+}
+#endif
 
 }  // namespace dlcv_fast

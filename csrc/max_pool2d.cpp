@@ -12,9 +12,6 @@
 #include "ops.h"
 
 #ifdef DLCV_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/launchers.h"
 #endif
 
@@ -136,17 +133,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& self, at::IntArr
                               output.mutable_data_ptr(), indices.mutable_data_ptr<int64_t>(), s);
     } else {
 #ifdef DLCV_FAST_WITH_CUDA
-      TORCH_CHECK(self.is_cuda(), "max_pool2d: input on ", self.device(), " is not supported");
-      const c10::cuda::CUDAGuard guard(self.device());
-      const cudaError_t err = cuda::max_pool2d_forward(
-          kernel_dtype(input.scalar_type()), channels_last, input.const_data_ptr(),
-          output.mutable_data_ptr(), indices.mutable_data_ptr<int64_t>(), s,
-          c10::cuda::getCurrentCUDAStream(self.device().index()).stream());
-      TORCH_CHECK(err == cudaSuccess, "max_pool2d (cuda): kernel launch failed: ",
-                  cudaGetErrorString(err));
+      launch_cuda("max_pool2d", self, [&](cudaStream_t stream) {
+        return cuda::max_pool2d_forward(kernel_dtype(input.scalar_type()), channels_last,
+                                        input.const_data_ptr(), output.mutable_data_ptr(),
+                                        indices.mutable_data_ptr<int64_t>(), s, stream);
+      });
 #else
-      TORCH_CHECK(false, "max_pool2d: this build of dlcv_fast has no CUDA kernels (input on ",
-                  self.device(), ")");
+      no_cuda_kernels("max_pool2d", self);
 #endif
     }
   }
@@ -192,16 +185,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
                                idx.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr(), s);
     } else {
 #ifdef DLCV_FAST_WITH_CUDA
-      TORCH_CHECK(self.is_cuda(), op, ": input on ", self.device(), " is not supported");
-      const c10::cuda::CUDAGuard guard(self.device());
-      const cudaError_t err = cuda::max_pool2d_backward(
-          kernel_dtype(gout.scalar_type()), channels_last, gout.const_data_ptr(),
-          idx.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr(), s,
-          c10::cuda::getCurrentCUDAStream(self.device().index()).stream());
-      TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+      launch_cuda(op, self, [&](cudaStream_t stream) {
+        return cuda::max_pool2d_backward(kernel_dtype(gout.scalar_type()), channels_last,
+                                         gout.const_data_ptr(), idx.const_data_ptr<int64_t>(),
+                                         grad_input.mutable_data_ptr(), s, stream);
+      });
 #else
-      TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (input on ",
-                  self.device(), ")");
+      no_cuda_kernels(op, self);
 #endif
     }
   }

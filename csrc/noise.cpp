@@ -13,9 +13,6 @@
 #include "ops.h"
 
 #ifdef DLCV_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/launchers.h"
 #endif
 
@@ -102,16 +99,13 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
                          out.mutable_data_ptr(), s);
     } else {
 #ifdef DLCV_FAST_WITH_CUDA
-      TORCH_CHECK(x.is_cuda(), op, ": samples on ", x.device(), " are not supported");
-      const c10::cuda::CUDAGuard guard(x.device());
-      const cudaError_t err = cuda::noise_combine(
-          dtype, table_double, kind, xc.const_data_ptr(), ec.const_data_ptr(), t.const_data_ptr<int64_t>(),
-          table.const_data_ptr(), out.mutable_data_ptr(), s,
-          c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-      TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+      launch_cuda(op, x, [&](cudaStream_t stream) {
+        return cuda::noise_combine(dtype, table_double, kind, xc.const_data_ptr(),
+                                   ec.const_data_ptr(), t.const_data_ptr<int64_t>(),
+                                   table.const_data_ptr(), out.mutable_data_ptr(), s, stream);
+      });
 #else
-      TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (samples on ",
-                  x.device(), ")");
+      no_cuda_kernels(op, x);
 #endif
     }
   }
@@ -154,16 +148,14 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
                                   grad_e.mutable_data_ptr(), s);
     } else {
 #ifdef DLCV_FAST_WITH_CUDA
-      TORCH_CHECK(g.is_cuda(), op, ": grad on ", g.device(), " is not supported");
-      const c10::cuda::CUDAGuard guard(g.device());
-      const cudaError_t err = cuda::noise_combine_backward(
-          dtype, table_double, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(), table.const_data_ptr(),
-          grad_x.mutable_data_ptr(), grad_e.mutable_data_ptr(), s,
-          c10::cuda::getCurrentCUDAStream(g.device().index()).stream());
-      TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+      launch_cuda(op, g, [&](cudaStream_t stream) {
+        return cuda::noise_combine_backward(dtype, table_double, kind, g.const_data_ptr(),
+                                            t.const_data_ptr<int64_t>(), table.const_data_ptr(),
+                                            grad_x.mutable_data_ptr(), grad_e.mutable_data_ptr(),
+                                            s, stream);
+      });
 #else
-      TORCH_CHECK(false, op, ": this build of dlcv_fast has no CUDA kernels (grad on ",
-                  g.device(), ")");
+      no_cuda_kernels(op, g);
 #endif
     }
   }

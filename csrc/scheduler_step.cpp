@@ -12,9 +12,6 @@
 #include "step_params.h"
 
 #ifdef DLCV_FAST_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/launchers.h"
 #endif
 
@@ -98,16 +95,13 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(
                           prev.mutable_data_ptr(), x0.mutable_data_ptr(), p);
     } else {
 #ifdef DLCV_FAST_WITH_CUDA
-      TORCH_CHECK(s.is_cuda(), kOp, ": sample on ", s.device(), " is not supported");
-      const c10::cuda::CUDAGuard guard(s.device());
-      const cudaError_t err = cuda::scheduler_step(
-          dtype, m.const_data_ptr(), s.const_data_ptr(), ptr(z), ptr(v), th_ptr,
-          prev.mutable_data_ptr(), x0.mutable_data_ptr(), p,
-          c10::cuda::getCurrentCUDAStream(s.device().index()).stream());
-      TORCH_CHECK(err == cudaSuccess, kOp, " (cuda): kernel launch failed: ", cudaGetErrorString(err));
+      launch_cuda(kOp, s, [&](cudaStream_t stream) {
+        return cuda::scheduler_step(dtype, m.const_data_ptr(), s.const_data_ptr(), ptr(z), ptr(v),
+                                    th_ptr, prev.mutable_data_ptr(), x0.mutable_data_ptr(), p,
+                                    stream);
+      });
 #else
-      TORCH_CHECK(false, kOp, ": this build of dlcv_fast has no CUDA kernels (sample on ",
-                  s.device(), ")");
+      no_cuda_kernels(kOp, s);
 #endif
     }
   }
