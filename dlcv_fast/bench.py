@@ -201,9 +201,19 @@ def torch_step_formula(op: str, model_output, sample, noise, alphas_cumprod, t: 
     return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * model_output, x0
 
 
-def _step_bench(op: str):
+def fused_step(op: str, model_output, sample, noise, alphas_cumprod, t: int, prev_t: int):
+    """The same step as torch_step_formula, by dlcv_fast: (prev_sample, x0)."""
     from dlcv_fast.diffusion import ddim_step, ddpm_step
 
+    if op == "ddpm_step":
+        out = ddpm_step(model_output, t, sample, alphas_cumprod, prev_timestep=prev_t,
+                        variance_noise=noise)
+    else:
+        out = ddim_step(model_output, t, sample, alphas_cumprod, prev_timestep=prev_t)
+    return out.prev_sample, out.pred_original_sample
+
+
+def _step_bench(op: str):
     def bench(device: torch.device, dtypes, batch: int, backends) -> Iterator[Result]:
         table = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
         table = table.float()
@@ -218,12 +228,7 @@ def _step_bench(op: str):
                 moved = (5 if op == "ddpm_step" else 4) * m.numel() * m.element_size()
                 for backend in backends:
                     with dlcv_fast.use_backend(backend):
-                        if op == "ddpm_step":
-                            fn = lambda: ddpm_step(m, t, s, table, prev_timestep=prev_t,  # noqa: E731
-                                                   variance_noise=z)
-                        else:
-                            fn = lambda: ddim_step(m, t, s, table, prev_timestep=prev_t)  # noqa: E731
-                        ms = median_ms(fn, device)
+                        ms = median_ms(lambda: fused_step(op, m, s, z, table, t, prev_t), device)
                     yield Result(op=op, case=name, shape=tuple(shape),
                                  dtype=str(dtype).removeprefix("torch."), layout="nchw",
                                  direction="forward", backend=backend, ms=ms, torch_ms=torch_ms,

@@ -80,8 +80,7 @@ def _check_noise(op: str):
 
 
 def _check_step(op: str):
-    from dlcv_fast.bench import torch_step_formula
-    from dlcv_fast.diffusion import ddim_step, ddpm_step
+    from dlcv_fast.bench import fused_step, torch_step_formula
 
     def check(backend: str, device: str, dtype: torch.dtype) -> Row:
         tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3,
@@ -91,14 +90,10 @@ def _check_step(op: str):
         for shape, (t, prev_t) in [((2, 4, 16, 16), (500, 480)), ((3, 97), (20, 0))]:
             m, s, z = (torch.randn(shape, dtype=torch.float64) for _ in range(3))
             want, _ = torch_step_formula(op, m, s, z, table, t, prev_t)
-            args = [v.to(device, dtype) for v in (m, s, z)]
             with dlcv_fast.use_backend(backend):
-                if op == "ddpm_step":
-                    got = ddpm_step(args[0], t, args[1], table, prev_timestep=prev_t,
-                                    variance_noise=args[2])
-                else:
-                    got = ddim_step(args[0], t, args[1], table, prev_timestep=prev_t)
-            err = (got.prev_sample.double().cpu() - want).abs().max().item()
+                got, _ = fused_step(op, *(v.to(device, dtype) for v in (m, s, z)), table, t,
+                                    prev_t)
+            err = (got.double().cpu() - want).abs().max().item()
             worst = max(worst, err / (1 + want.abs().max().item()))
             cases += 1
         return Row(op, backend, device, str(dtype).removeprefix("torch."), cases, worst,
