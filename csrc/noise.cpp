@@ -89,7 +89,7 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
     ec = ec.to(at::kFloat);
   }
   at::Tensor out = new_output(xc);
-  const NoiseShape s{x.size(0), x.size(0) > 0 ? x.numel() / x.size(0) : 0, table.size(0)};
+  const NoiseShape s{x.size(0), x.size(0) > 0 ? x.numel() / x.size(0) : 0};
   const bool table_double = table.scalar_type() == at::kDouble;
   if (out.numel() > 0) {
     const DType dtype = kernel_dtype(xc.scalar_type());
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
   at::Tensor g = grad.contiguous(grad.suggest_memory_format());
   if (cpu_16bit) g = g.to(at::kFloat);
   at::Tensor grad_x = new_output(g), grad_e = new_output(g);
-  const NoiseShape s{g.size(0), g.size(0) > 0 ? g.numel() / g.size(0) : 0, table.size(0)};
+  const NoiseShape s{g.size(0), g.size(0) > 0 ? g.numel() / g.size(0) : 0};
   const bool table_double = table.scalar_type() == at::kDouble;
   if (g.numel() > 0) {
     const DType dtype = kernel_dtype(g.scalar_type());

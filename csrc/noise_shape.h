@@ -18,7 +18,6 @@ enum class NoiseKind { AddNoise, Velocity };
 struct NoiseShape {
   int64_t batch;       // samples; timesteps[b] belongs to elements [b * inner, (b + 1) * inner)
   int64_t inner;       // elements per sample
-  int64_t table_size;  // entries of alphas_cumprod (timesteps are checked against it)
 
   int64_t numel() const { return batch * inner; }
 };
