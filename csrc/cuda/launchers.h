@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../conv2d_shape.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -41,5 +42,36 @@ cudaError_t noise_combine_backward(DType dtype, bool table_double, NoiseKind kin
 cudaError_t scheduler_step(DType dtype, const void* model_output, const void* sample,
                            const void* noise, const void* variance, const double* thresholds,
                            void* prev, void* x0, const StepParams& params, cudaStream_t stream);
+
+// --- conv2d (conv2d_shape.h; tensors of any strides, given per tensor) -------------------
+// Accumulation in float32 (float64 for float64). For float32, tf32 = true allows TF32
+// tensor cores (as torch.backends.cudnn.allow_tf32 does for PyTorch's convolution).
+
+// y = conv(x, w) + bias (bias: O contiguous elements, or null), then max(y, 0) if relu.
+cudaError_t conv2d_forward(DType dtype, const void* x, Strides4 xs, const void* w, Strides4 ws,
+                           const void* bias, void* y, Strides4 ys, const Conv2dShape& shape,
+                           bool relu, bool tf32, cudaStream_t stream);
+
+// grad_x (dgrad): every element of grad_x is written.
+cudaError_t conv2d_backward_input(DType dtype, const void* gy, Strides4 gys, const void* w,
+                                  Strides4 ws, void* gx, Strides4 gxs, const Conv2dShape& shape,
+                                  bool tf32, cudaStream_t stream);
+
+// float32 elements of scratch memory conv2d_backward_weight needs (split-K partial sums).
+int64_t conv2d_backward_weight_workspace(const Conv2dShape& shape);
+
+// grad_w (wgrad), summed over the batch and the output positions; `workspace` holds
+// conv2d_backward_weight_workspace(shape) floats. Deterministic.
+cudaError_t conv2d_backward_weight(DType dtype, const void* gy, Strides4 gys, const void* x,
+                                   Strides4 xs, void* gw, Strides4 gws, float* workspace,
+                                   const Conv2dShape& shape, bool tf32, cudaStream_t stream);
+
+// The gradient that reaches the convolution from bias and ReLU: g = gy * (y > 0) if y is
+// given (relu), else gy. Writes g to g_out if not null (same strides as gy: gys) and
+// grad_bias[o] = sum over n, oh, ow of g (O contiguous elements) if not null.
+// Deterministic.
+cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys, const void* y,
+                                      Strides4 ys, void* g_out, void* grad_bias,
+                                      const Conv2dShape& shape, cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda
