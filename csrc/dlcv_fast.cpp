@@ -201,6 +201,18 @@ TORCH_LIBRARY(dlcv_fast, m) {
       "scheduler_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor? variance, "
       "Tensor? thresholds, float[] coefficients, int clip, int variance_mode, "
       "bool recompute_eps) -> (Tensor, Tensor)");
+  m.def(
+      "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+      "int[2] dilation, int groups, bool relu) -> Tensor");
+  m.def(
+      "conv2d_backward_input(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_backward_weight(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_bias_relu_backward(Tensor grad_output, Tensor? output, bool bias) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
@@ -210,6 +222,10 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
   m.impl("scheduler_step", &dlcv_fast::scheduler_step);
+  m.impl("conv2d", &dlcv_fast::conv2d);
+  m.impl("conv2d_backward_input", &dlcv_fast::conv2d_backward_input);
+  m.impl("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight);
+  m.impl("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
@@ -228,6 +244,10 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
   m.impl("scheduler_step", &dlcv_fast::scheduler_step);
+  m.impl("conv2d", &dlcv_fast::conv2d);
+  m.impl("conv2d_backward_input", &dlcv_fast::conv2d_backward_input);
+  m.impl("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight);
+  m.impl("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward);
 }
 #endif
 
@@ -252,4 +272,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("noise_backward", &dlcv_fast::noise_backward,
         "gradients (sample, noise) of add_noise or (velocity=True) get_velocity", py::arg("grad"),
         py::arg("timesteps"), py::arg("alphas_cumprod"), py::arg("velocity"));
+  m.def("conv2d", &dlcv_fast::conv2d,
+        "conv2d forward (padding [top, left, bottom, right]), bias and ReLU fused",
+        py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("relu"));
+  m.def("conv2d_backward_input", &dlcv_fast::conv2d_backward_input, "conv2d dgrad",
+        py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"));
+  m.def("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight, "conv2d wgrad",
+        py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"));
+  m.def("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward,
+        "(grad masked by output > 0, grad_bias)", py::arg("grad_output"), py::arg("output"),
+        py::arg("bias"));
 }

@@ -37,6 +37,29 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(
     const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& thresholds,
     at::ArrayRef<double> coefficients, int64_t clip, int64_t variance_mode, bool recompute_eps);
 
+// conv2d (conv2d_shape.h): padding is [top, left, bottom, right]; bias and ReLU fused when
+// given. Outputs take the input's memory format.
+at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
+
+// The gradient of the input (dgrad) and of the weight (wgrad) from grad_output (the
+// gradient that reaches the convolution itself, after bias and ReLU).
+at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const at::Tensor& weight, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups);
+
+at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tensor& input,
+                                  const at::Tensor& weight, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  int64_t groups);
+
+// (g, grad_bias): g = grad_output * (output > 0) when output is given (the fused ReLU), else
+// an empty tensor; grad_bias = g (or grad_output) summed per channel when bias, else empty.
+std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& output, bool bias);
+
 // Whether this build holds the CUDA kernels.
 bool cuda_built();
 

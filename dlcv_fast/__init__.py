@@ -15,6 +15,7 @@ from dlcv_fast.backend import (
     set_backend,
     use_backend,
 )
+from dlcv_fast.ops.conv2d import conv2d
 from dlcv_fast.ops.max_pool2d import max_pool2d
 from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast import nn  # noqa: E402
@@ -23,13 +24,14 @@ __version__ = "0.1.0"
 
 # Ops with kernels in every backend, in the order the command line lists them (the sampler
 # steps live in dlcv_fast.diffusion).
-OPS = ("max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step")
+OPS = ("conv2d", "max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step")
 
 __all__ = [
     "BACKENDS",
     "BackendError",
     "OPS",
     "add_noise",
+    "conv2d",
     "cuda_built",
     "get_backend",
     "get_velocity",

@@ -2,7 +2,8 @@
 
 - ``check``: every op of every backend that runs here against PyTorch; a pass/fail table.
 - ``bench [--op NAME] [--dtype fp32 bf16 ...] [--batch N] [--json FILE] [--save DIR]``:
-  per shape, backend, median time, GB/s, fraction of the measured copy bandwidth and
+  per shape, backend, median time, GB/s and fraction of the measured copy bandwidth
+  (compute-bound ops: TFLOP/s and fraction of the measured matrix-product throughput), and
   speedup against PyTorch in the same run.
 - ``demo``: ``check``, then ``bench`` of every op on whatever device is here.
 
@@ -46,16 +47,28 @@ def _bench(args) -> int:
     print(f"{env['device']}; torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}; "
           f"commit {env['commit']}; {env['date']}")
     print(f"measured copy bandwidth: {peak:.1f} GB/s (the 'peak' column is a fraction of it)")
-    out = {"environment": env, "copy_gbps": peak, "batch": batch, "results": []}
-    for op in args.op or dlcv_fast.OPS:
-        print(f"\n{op}, batch {batch}:")
-        results = list(bench.BENCHMARKS[op](device, dtypes, batch, backends))
-        print(bench.format_table(results, peak))
+    ops = args.op or dlcv_fast.OPS
+    peak_tflops = {}
+    if bench.COMPUTE_BOUND & set(ops):
+        peak_tflops = {str(t).removeprefix("torch."): bench.matmul_tflops(device, t)
+                       for t in dtypes}
+        print("measured matrix-product throughput (TFLOP/s; the 'peak' column of compute-bound "
+              "ops is a fraction of it): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in peak_tflops.items()))
+    out = {"environment": env, "copy_gbps": peak, "matmul_tflops": peak_tflops, "batch": batch,
+           "results": []}
+    for op in ops:
+        op_batch = batch if args.batch or device.type == "cuda" else bench.CPU_BATCH.get(op, batch)
+        print(f"\n{op}, batch {op_batch}:")
+        results = list(bench.BENCHMARKS[op](device, dtypes, op_batch, backends))
+        print(bench.format_table(results, peak, peak_tflops))
         print("\ngeometric-mean speedup over PyTorch:")
         for key, value in bench.geomean_speedups(results).items():
             print(f"  {key:<28} {value:.2f}x")
         out["results"] += [dict(dataclasses.asdict(r), speedup=r.speedup, gbps=r.gbps,
-                                peak_fraction=r.gbps / peak) for r in results]
+                                tflops=r.tflops,
+                                peak_fraction=bench.peak_fraction(r, peak, peak_tflops))
+                           for r in results]
     paths = [args.json] if args.json else []
     if args.save:
         slug = env["device"].replace(" ", "-").replace("/", "-")

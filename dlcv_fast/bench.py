@@ -37,6 +37,7 @@ class Result:
     ms: float
     torch_ms: float
     bytes: int
+    flops: int = 0  # compute-bound ops: floating-point operations of one call
 
     @property
     def speedup(self) -> float:
@@ -45,6 +46,10 @@ class Result:
     @property
     def gbps(self) -> float:
         return self.bytes / self.ms / 1e6
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.ms / 1e9
 
 
 _CPU_FLUSH_BYTES = 256 << 20  # larger than any CPU's last-level cache
@@ -77,6 +82,18 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / ms / 1e6
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matrix-product throughput in TFLOP/s (torch.mm on square matrices), measured
+    now: the ceiling a compute-bound kernel in that dtype can approach."""
+    n = 8192 if device.type == "cuda" else 1024
+    if device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.mm(a, b), device)
+    return 2 * n**3 / ms / 1e9
 
 
 # --- max_pool2d ------------------------------------------------------------------------------
@@ -242,13 +259,104 @@ def _step_bench(op: str):
     return bench
 
 
+# --- conv2d ------------------------------------------------------------------------------------
+
+# (name, C, H, W, O, kernel, stride, padding): the distinct convolutions of torchvision's
+# ResNet-50 (224 x 224 input; the stride of a bottleneck sits on its 3x3 convolution).
+CONV_LAYERS = [
+    ("stem.7x7s2", 3, 224, 224, 64, 7, 2, 3),
+    ("l1.1x1.64-64", 64, 56, 56, 64, 1, 1, 0),
+    ("l1.3x3.64", 64, 56, 56, 64, 3, 1, 1),
+    ("l1.1x1.64-256", 64, 56, 56, 256, 1, 1, 0),
+    ("l1.1x1.256-64", 256, 56, 56, 64, 1, 1, 0),
+    ("l2.1x1.256-128", 256, 56, 56, 128, 1, 1, 0),
+    ("l2.3x3s2.128", 128, 56, 56, 128, 3, 2, 1),
+    ("l2.ds.256-512s2", 256, 56, 56, 512, 1, 2, 0),
+    ("l2.1x1.128-512", 128, 28, 28, 512, 1, 1, 0),
+    ("l2.1x1.512-128", 512, 28, 28, 128, 1, 1, 0),
+    ("l2.3x3.128", 128, 28, 28, 128, 3, 1, 1),
+    ("l3.1x1.512-256", 512, 28, 28, 256, 1, 1, 0),
+    ("l3.3x3s2.256", 256, 28, 28, 256, 3, 2, 1),
+    ("l3.ds.512-1024s2", 512, 28, 28, 1024, 1, 2, 0),
+    ("l3.1x1.256-1024", 256, 14, 14, 1024, 1, 1, 0),
+    ("l3.1x1.1024-256", 1024, 14, 14, 256, 1, 1, 0),
+    ("l3.3x3.256", 256, 14, 14, 256, 3, 1, 1),
+    ("l4.1x1.1024-512", 1024, 14, 14, 512, 1, 1, 0),
+    ("l4.3x3s2.512", 512, 14, 14, 512, 3, 2, 1),
+    ("l4.ds.1024-2048s2", 1024, 14, 14, 2048, 1, 2, 0),
+    ("l4.1x1.512-2048", 512, 7, 7, 2048, 1, 1, 0),
+    ("l4.1x1.2048-512", 2048, 7, 7, 512, 1, 1, 0),
+    ("l4.3x3.512", 512, 7, 7, 512, 3, 1, 1),
+]
+
+
+def _close_enough(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """A sanity check for benchmarks: the largest difference against the largest value,
+    loose enough for TF32 and 16-bit rounding."""
+    tol = 5e-2 if actual.dtype in (torch.float16, torch.bfloat16) else 1e-2
+    scale = expected.abs().max().item() or 1.0
+    return (actual.double() - expected.double()).abs().max().item() <= tol * scale
+
+
+def bench_conv2d(device: torch.device, dtypes, batch: int, backends, layers=None,
+                 layouts=None) -> Iterator[Result]:
+    """Forward, backward (dgrad + wgrad) and conv + bias + ReLU, against F.conv2d,
+    aten.convolution_backward and F.conv2d followed by relu."""
+    layouts = layouts or (("channels_last",) if device.type == "cuda"
+                          else ("nchw", "channels_last"))
+    for name, c, h, w, o, k, s, p in layers or CONV_LAYERS:
+        for dtype in dtypes:
+            for layout in layouts:
+                x = _layout(torch.randn(batch, c, h, w, device=device, dtype=dtype), layout)
+                weight = _layout(torch.randn(o, c, k, k, device=device, dtype=dtype)
+                                 / (c * k * k) ** 0.5, layout)
+                bias = torch.randn(o, device=device, dtype=dtype)
+                ref = F.conv2d(x, weight, None, s, p)
+                gy = torch.randn_like(ref)
+                params = ([s, s], [p, p, p, p], [1, 1], 1)
+                flops = 2 * ref.numel() * c * k * k
+                e = x.element_size()
+                moved = (x.numel() + weight.numel() + ref.numel()) * e
+                torch_ms = {
+                    "forward": median_ms(lambda: F.conv2d(x, weight, None, s, p), device),
+                    "backward": median_ms(lambda: torch.ops.aten.convolution_backward(
+                        gy, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                        [True, True, False]), device),
+                    "fused": median_ms(lambda: F.conv2d(x, weight, bias, s, p).relu(), device),
+                }
+                common = dict(op="conv2d", case=name, shape=tuple(x.shape),
+                              dtype=str(dtype).removeprefix("torch."), layout=layout)
+                for backend in backends:
+                    suffix = "_triton" if backend == "triton" else ""
+                    fwd = getattr(torch.ops.dlcv_fast, "conv2d" + suffix)
+                    dgrad = getattr(torch.ops.dlcv_fast, "conv2d_backward_input" + suffix)
+                    wgrad = getattr(torch.ops.dlcv_fast, "conv2d_backward_weight" + suffix)
+                    if not _close_enough(fwd(x, weight, None, *params, False), ref):
+                        raise AssertionError(f"conv2d {backend} disagrees with PyTorch on "
+                                             f"{name} {dtype} {layout}")
+                    runs = {
+                        "forward": (lambda: fwd(x, weight, None, *params, False), flops),
+                        "backward": (lambda: (dgrad(gy, x, weight, *params),
+                                              wgrad(gy, x, weight, *params)), 2 * flops),
+                        "fused": (lambda: fwd(x, weight, bias, *params, True), flops),
+                    }
+                    for direction, (fn, n_flops) in runs.items():
+                        yield Result(**common, direction=direction, backend=backend,
+                                     ms=median_ms(fn, device), torch_ms=torch_ms[direction],
+                                     bytes=moved, flops=n_flops)
+
+
 BENCHMARKS = {
+    "conv2d": bench_conv2d,
     "max_pool2d": bench_max_pool2d,
     "add_noise": _noise_bench("add_noise"),
     "get_velocity": _noise_bench("get_velocity"),
     "ddpm_step": _step_bench("ddpm_step"),
     "ddim_step": _step_bench("ddim_step"),
 }
+
+# Default CPU batch where the common one (8) would take too long on a small machine.
+CPU_BATCH = {"conv2d": 2}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -285,15 +393,28 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def format_table(results: list[Result], peak_gbps: float) -> str:
-    head = (f"{'case':<15} {'shape':<20} {'dtype':<9} {'layout':<13} {'pass':<8} "
-            f"{'backend':<7} {'ms':>8} {'torch ms':>9} {'speedup':>7} {'GB/s':>8} {'peak':>6}")
+# Ops whose table gives TFLOP/s and a fraction of the measured matrix-product throughput;
+# the others give GB/s and a fraction of the copy bandwidth.
+COMPUTE_BOUND = {"conv2d"}
+
+
+def peak_fraction(r: Result, peak_gbps: float, peak_tflops: dict[str, float]) -> float:
+    return r.tflops / peak_tflops[r.dtype] if r.flops else r.gbps / peak_gbps
+
+
+def format_table(results: list[Result], peak_gbps: float,
+                 peak_tflops: dict[str, float] | None = None) -> str:
+    compute = any(r.flops for r in results)
+    rate = "TFLOP/s" if compute else "GB/s"
+    head = (f"{'case':<18} {'shape':<20} {'dtype':<9} {'layout':<13} {'pass':<8} "
+            f"{'backend':<7} {'ms':>8} {'torch ms':>9} {'speedup':>7} {rate:>8} {'peak':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.case:<15} {'x'.join(map(str, r.shape)):<20} {r.dtype:<9} {r.layout:<13} "
+            f"{r.case:<18} {'x'.join(map(str, r.shape)):<20} {r.dtype:<9} {r.layout:<13} "
             f"{r.direction:<8} {r.backend:<7} {r.ms:8.3f} {r.torch_ms:9.3f} {r.speedup:6.2f}x "
-            f"{r.gbps:8.1f} {r.gbps / peak_gbps:6.1%}"
+            f"{r.tflops if compute else r.gbps:8.2f} "
+            f"{peak_fraction(r, peak_gbps, peak_tflops or {}):6.1%}"
         )
     return "\n".join(lines)
 

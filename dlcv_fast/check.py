@@ -103,7 +103,45 @@ def _check_step(op: str):
     return check
 
 
+# (input shape, out_channels, kernel, stride, padding, dilation, groups)
+_CONV_CASES = [
+    ((2, 3, 17, 15), 8, 7, 2, 3, 1, 1),
+    ((2, 16, 9, 9), 32, 1, 1, 0, 1, 1),
+    ((1, 8, 11, 10), 8, 3, 1, "same", 2, 8),
+    ((2, 6, 9, 9), 4, (3, 2), (2, 1), 1, 1, 2),
+]
+
+
+def _check_conv2d(backend: str, device: str, dtype: torch.dtype) -> Row:
+    """Output and the three gradients (conv + bias + ReLU) against float64 PyTorch, as the
+    largest error relative to the largest value."""
+    tol = {torch.float64: 1e-10, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    worst, cases = 0.0, 0
+    for shape, o, k, s, p, d, g in _CONV_CASES:
+        kh, kw = (k, k) if isinstance(k, int) else k
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+            w = torch.randn(o, shape[1] // g, kh, kw, dtype=torch.float64)
+            w /= (shape[1] // g * kh * kw) ** 0.5
+            b = torch.randn(o, dtype=torch.float64)
+            args = [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+            with dlcv_fast.use_backend(backend):
+                y = dlcv_fast.conv2d(*args, s, p, d, g, activation="relu")
+            gy = torch.randn(y.shape, dtype=torch.float64)
+            got = [y, *torch.autograd.grad(y, args, gy.to(device, dtype))]
+            ref_args = [t.requires_grad_() for t in (x, w, b)]
+            ref = F.conv2d(*ref_args, s, p, d, g).relu()
+            want = [ref, *torch.autograd.grad(ref, ref_args, gy)]
+            for a, e in zip(got, want):
+                err = (a.double().cpu() - e).abs().max().item() / (1 + e.abs().max().item())
+                worst = max(worst, err)
+            cases += 1
+    return Row("conv2d", backend, device, str(dtype).removeprefix("torch."), cases, worst,
+               worst <= tol[dtype])
+
+
 CHECKS = {
+    "conv2d": _check_conv2d,
     "max_pool2d": _check_max_pool2d,
     "add_noise": _check_noise("add_noise"),
     "get_velocity": _check_noise("get_velocity"),

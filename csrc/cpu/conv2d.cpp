@@ -1,0 +1,481 @@
+// conv2d on the CPU as im2col + GEMM (conv2d_shape.h for the notation).
+//
+// NCHW, one image and one group at a time: cols[(c, r, s), (i, j)] holds the input tap that
+// weight element (c, r, s) meets at output (i, j), so y_g (O/G x OH*OW) = W_g (O/G x K) cols.
+// NHWC, a chunk of images at a time: cols[(n, i, j), (r, s, c)] (channels innermost, as in
+// memory), y_g (rows x O/G) = cols W_g'^T with the weight reordered to (O, KH, KW, C/G).
+// The backward passes are the transposed products: dgrad forms the column gradient and
+// scatters it back (col2im), wgrad multiplies the output gradient by the columns.
+// A 1x1 convolution with stride 1 and no padding needs no columns: the input is one.
+
+#include "conv2d.h"
+
+#include "common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace dlcv_fast::cpu {
+namespace {
+
+// Bytes of columns built at once (NHWC chunks of images): large enough for long GEMMs,
+// small enough to stay cheap in memory at any batch.
+constexpr int64_t kColumnBytes = int64_t{64} << 20;
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// Outputs o in [lo, hi) whose tap o * stride + offset lies in [0, size).
+void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo,
+                 int64_t& hi) {
+  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  hi = size - 1 - offset < 0 ? 0 : std::min(out, (size - 1 - offset) / stride + 1);
+  lo = std::min(lo, hi);
+}
+
+bool is_pointwise(const Conv2dShape& s) {
+  return s.kh == 1 && s.kw == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
+         s.pad_w == 0 && s.oh == s.h && s.ow == s.w;
+}
+
+// --- NCHW -------------------------------------------------------------------------------
+
+// cols (K x OH*OW) of one image's group starting at channel c0; x is the image (C, H, W).
+template <typename T>
+void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
+  const int64_t k_rows = s.c_per_group() * s.kh * s.kw, p = s.oh * s.ow;
+  at::parallel_for(0, k_rows, grain(p), [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t c = k / (s.kh * s.kw), r = k / s.kw % s.kh, q = k % s.kw;
+      const T* plane = x + (c0 + c) * s.h * s.w;
+      T* dst = cols + k * p;
+      const int64_t off_w = q * s.dil_w - s.pad_w;
+      int64_t j0, j1;
+      valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
+      for (int64_t i = 0; i < s.oh; ++i, dst += s.ow) {
+        const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
+        if (ih < 0 || ih >= s.h) {
+          std::fill(dst, dst + s.ow, T(0));
+          continue;
+        }
+        const T* src = plane + ih * s.w + off_w;
+        std::fill(dst, dst + j0, T(0));
+        for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * s.stride_w];
+        std::fill(dst + j1, dst + s.ow, T(0));
+      }
+    }
+  });
+}
+
+// Adds cols (K x OH*OW) back into one image's group planes gx (C, H, W) from channel c0;
+// each channel's rows land in its own plane only, so channels run in parallel.
+template <typename T>
+void col2im_nchw(const T* cols, T* gx, const Conv2dShape& s, int64_t c0) {
+  const int64_t p = s.oh * s.ow;
+  at::parallel_for(0, s.c_per_group(), grain(s.kh * s.kw * p), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      T* plane = gx + (c0 + c) * s.h * s.w;
+      std::fill(plane, plane + s.h * s.w, T(0));
+      for (int64_t r = 0; r < s.kh; ++r) {
+        for (int64_t q = 0; q < s.kw; ++q) {
+          const T* src = cols + ((c * s.kh + r) * s.kw + q) * p;
+          const int64_t off_w = q * s.dil_w - s.pad_w;
+          int64_t j0, j1;
+          valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
+          for (int64_t i = 0; i < s.oh; ++i) {
+            const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
+            if (ih < 0 || ih >= s.h) continue;
+            T* dst = plane + ih * s.w + off_w;
+            const T* row = src + i * s.ow;
+            for (int64_t j = j0; j < j1; ++j) dst[j * s.stride_w] += row[j];
+          }
+        }
+      }
+    }
+  });
+}
+
+// --- NHWC -------------------------------------------------------------------------------
+
+// cols (b*OH*OW x KH*KW*Cg) of images [n0, n0 + b) for the group starting at channel c0;
+// x is (N, H, W, C) contiguous.
+template <typename T>
+void im2col_nhwc(const T* x, T* cols, const Conv2dShape& s, int64_t n0, int64_t b, int64_t c0) {
+  const int64_t cg = s.c_per_group(), k_cols = s.kh * s.kw * cg;
+  at::parallel_for(0, b * s.oh, grain(s.ow * k_cols), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = n0 + row / s.oh, i = row % s.oh;
+      T* dst = cols + row * s.ow * k_cols;
+      for (int64_t j = 0; j < s.ow; ++j) {
+        for (int64_t r = 0; r < s.kh; ++r) {
+          const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
+          for (int64_t q = 0; q < s.kw; ++q, dst += cg) {
+            const int64_t iw = j * s.stride_w - s.pad_w + q * s.dil_w;
+            if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) {
+              std::fill(dst, dst + cg, T(0));
+            } else {
+              std::memcpy(dst, x + ((n * s.h + ih) * s.w + iw) * s.c + c0, cg * sizeof(T));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Adds cols back into gx (N, H, W, C) for images [n0, n0 + b) and the group at c0, which it
+// zeroes first. Tasks own (image, block of channels): two rows of cols that meet the same
+// input position then never run at once.
+template <typename T>
+void col2im_nhwc(const T* cols, T* gx, const Conv2dShape& s, int64_t n0, int64_t b, int64_t c0) {
+  const int64_t cg = s.c_per_group(), k_cols = s.kh * s.kw * cg;
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (cg + kBlock - 1) / kBlock;
+  at::parallel_for(0, b * blocks, grain(s.oh * s.ow * s.kh * s.kw * kBlock),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = n0 + task / blocks, cb = task % blocks * kBlock;
+      const int64_t width = std::min(kBlock, cg - cb);
+      T* image = gx + n * s.h * s.w * s.c + c0 + cb;
+      for (int64_t hw = 0; hw < s.h * s.w; ++hw) {
+        std::fill(image + hw * s.c, image + hw * s.c + width, T(0));
+      }
+      const T* src = cols + (n - n0) * s.oh * s.ow * k_cols + cb;
+      for (int64_t i = 0; i < s.oh; ++i) {
+        for (int64_t j = 0; j < s.ow; ++j) {
+          for (int64_t r = 0; r < s.kh; ++r) {
+            const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
+            for (int64_t q = 0; q < s.kw; ++q) {
+              const int64_t iw = j * s.stride_w - s.pad_w + q * s.dil_w;
+              const T* v = src + ((i * s.ow + j) * s.kh * s.kw + r * s.kw + q) * cg;
+              if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) continue;
+              T* dst = image + (ih * s.w + iw) * s.c;
+              for (int64_t c = 0; c < width; ++c) dst[c] += v[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Images per NHWC chunk: columns of at most kColumnBytes (at least one image).
+int64_t images_per_chunk(const Conv2dShape& s, int64_t element_size) {
+  const int64_t per_image = s.oh * s.ow * s.kh * s.kw * s.c_per_group() * element_size;
+  return std::clamp<int64_t>(kColumnBytes / std::max<int64_t>(per_image, 1), 1, s.n);
+}
+
+// The tensors of one call in a type the GEMMs take: float32 or float64.
+at::Tensor computable(const at::Tensor& t, at::MemoryFormat fmt) {
+  const auto type = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return t.to(type).contiguous(fmt);
+}
+
+// Runs f(out') on an output in the compute type and layout `fmt`, then copies it into out
+// unless out' is out itself.
+template <typename F>
+void into(at::Tensor& out, at::MemoryFormat fmt, F&& f) {
+  const auto type = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (out.scalar_type() == type && out.is_contiguous(fmt)) {
+    f(out);
+    return;
+  }
+  at::Tensor tmp = at::empty(out.sizes(), out.options().dtype(type).memory_format(fmt));
+  f(tmp);
+  out.copy_(tmp);
+}
+
+// (O, K) rows of the weight for the GEMMs: K in (c, r, s) order for NCHW, (r, s, c) for NHWC.
+at::Tensor weight_matrix(const at::Tensor& w, bool nhwc) {
+  const int64_t o = w.size(0);
+  return nhwc ? w.permute({0, 2, 3, 1}).contiguous().view({o, -1}) : w.contiguous().view({o, -1});
+}
+
+void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
+                  at::Tensor& y, const Conv2dShape& s, bool relu) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const bool pointwise = is_pointwise(s);
+  at::Tensor cols = pointwise ? at::Tensor() : at::empty({wm.size(1), p}, x.options());
+  for (int64_t n = 0; n < s.n; ++n) {
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor yg = y[n].view({s.o, p}).narrow(0, g * og, og);
+      at::Tensor wg = wm.narrow(0, g * og, og);
+      at::Tensor in;
+      if (pointwise) {
+        in = x[n].view({s.c, p}).narrow(0, g * cg, cg);
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+          im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
+                      g * cg);
+        });
+        in = cols;
+      }
+      if (bias.has_value()) {
+        at::addmm_out(yg, bias->narrow(0, g * og, og).view({og, 1}).expand({og, p}), wg, in);
+      } else {
+        at::mm_out(yg, wg, in);
+      }
+      if (relu) yg.clamp_min_(0);
+    }
+  }
+}
+
+void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
+                  at::Tensor& y, const Conv2dShape& s, bool relu) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group();
+  const bool pointwise = is_pointwise(s);
+  const int64_t chunk = images_per_chunk(s, x.element_size());
+  const at::Tensor xr = x.permute({0, 2, 3, 1});  // (N, H, W, C), contiguous
+  at::Tensor yr = y.permute({0, 2, 3, 1});
+  at::Tensor cols = pointwise ? at::Tensor()
+                              : at::empty({chunk * s.oh * s.ow, wm.size(1)}, x.options());
+  for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+    const int64_t b = std::min(chunk, s.n - n0), rows = b * s.oh * s.ow;
+    at::Tensor y_rows = yr.narrow(0, n0, b).view({rows, s.o});
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor out = y_rows.narrow(1, g * og, og);
+      at::Tensor in;
+      if (pointwise) {
+        in = xr.narrow(0, n0, b).view({rows, s.c}).narrow(1, g * cg, cg);
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+          im2col_nhwc(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, n0, b,
+                      g * cg);
+        });
+        in = cols.narrow(0, 0, rows);
+      }
+      const at::Tensor wt = wm.narrow(0, g * og, og).t();
+      if (bias.has_value()) {
+        at::addmm_out(out, bias->narrow(0, g * og, og).view({1, og}).expand({rows, og}), in, wt);
+      } else {
+        at::mm_out(out, in, wt);
+      }
+    }
+    if (relu) y_rows.clamp_min_(0);  // while the chunk is still in cache
+  }
+}
+
+void backward_input_nchw(const at::Tensor& gy, const at::Tensor& wm, at::Tensor& gx,
+                         const Conv2dShape& s) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const bool pointwise = is_pointwise(s);
+  at::Tensor cols = pointwise ? at::Tensor() : at::empty({wm.size(1), p}, gy.options());
+  for (int64_t n = 0; n < s.n; ++n) {
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const at::Tensor gyg = gy[n].view({s.o, p}).narrow(0, g * og, og);
+      const at::Tensor wgt = wm.narrow(0, g * og, og).t();
+      if (pointwise) {
+        at::Tensor gxg = gx[n].view({s.c, s.h * s.w}).narrow(0, g * cg, cg);
+        at::mm_out(gxg, wgt, gyg);
+        continue;
+      }
+      at::mm_out(cols, wgt, gyg);
+      AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv2d_col2im", [&] {
+        col2im_nchw(cols.const_data_ptr<scalar_t>(), gx[n].mutable_data_ptr<scalar_t>(), s,
+                    g * cg);
+      });
+    }
+  }
+}
+
+void backward_input_nhwc(const at::Tensor& gy, const at::Tensor& wm, at::Tensor& gx,
+                         const Conv2dShape& s) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group();
+  const bool pointwise = is_pointwise(s);
+  const int64_t chunk = images_per_chunk(s, gy.element_size());
+  const at::Tensor gyr = gy.permute({0, 2, 3, 1});
+  at::Tensor gxr = gx.permute({0, 2, 3, 1});
+  at::Tensor cols = pointwise ? at::Tensor()
+                              : at::empty({chunk * s.oh * s.ow, wm.size(1)}, gy.options());
+  for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+    const int64_t b = std::min(chunk, s.n - n0), rows = b * s.oh * s.ow;
+    const at::Tensor gy_rows = gyr.narrow(0, n0, b).view({rows, s.o});
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const at::Tensor gyg = gy_rows.narrow(1, g * og, og);
+      const at::Tensor wg = wm.narrow(0, g * og, og);
+      if (pointwise) {
+        at::Tensor out = gxr.narrow(0, n0, b).view({rows, s.c}).narrow(1, g * cg, cg);
+        at::mm_out(out, gyg, wg);
+        continue;
+      }
+      at::Tensor c = cols.narrow(0, 0, rows);
+      at::mm_out(c, gyg, wg);
+      AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv2d_col2im", [&] {
+        col2im_nhwc(cols.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), s, n0, b,
+                    g * cg);
+      });
+    }
+  }
+}
+
+// acc (O, K) += the weight gradient, K in weight_matrix's order.
+void backward_weight_nchw(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
+                          const Conv2dShape& s) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const bool pointwise = is_pointwise(s);
+  at::Tensor cols = pointwise ? at::Tensor() : at::empty({acc.size(1), p}, x.options());
+  for (int64_t n = 0; n < s.n; ++n) {
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const at::Tensor gyg = gy[n].view({s.o, p}).narrow(0, g * og, og);
+      at::Tensor in;
+      if (pointwise) {
+        in = x[n].view({s.c, p}).narrow(0, g * cg, cg);
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+          im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
+                      g * cg);
+        });
+        in = cols;
+      }
+      acc.narrow(0, g * og, og).addmm_(gyg, in.t());
+    }
+  }
+}
+
+void backward_weight_nhwc(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
+                          const Conv2dShape& s) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group();
+  const bool pointwise = is_pointwise(s);
+  const int64_t chunk = images_per_chunk(s, x.element_size());
+  const at::Tensor gyr = gy.permute({0, 2, 3, 1});
+  const at::Tensor xr = x.permute({0, 2, 3, 1});
+  at::Tensor cols = pointwise ? at::Tensor()
+                              : at::empty({chunk * s.oh * s.ow, acc.size(1)}, x.options());
+  for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+    const int64_t b = std::min(chunk, s.n - n0), rows = b * s.oh * s.ow;
+    const at::Tensor gy_rows = gyr.narrow(0, n0, b).view({rows, s.o});
+    for (int64_t g = 0; g < s.groups; ++g) {
+      at::Tensor in;
+      if (pointwise) {
+        in = xr.narrow(0, n0, b).view({rows, s.c}).narrow(1, g * cg, cg);
+      } else {
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+          im2col_nhwc(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, n0, b,
+                      g * cg);
+        });
+        in = cols.narrow(0, 0, rows);
+      }
+      acc.narrow(0, g * og, og).addmm_(gy_rows.narrow(1, g * og, og).t(), in);
+    }
+  }
+}
+
+// g = gy where not y <= 0, else 0 (as torch.relu's backward: NaN passes the gradient), if
+// y; and grad_bias = sum of g per channel; over contiguous tensors.
+// NCHW: a task per channel; NHWC: a task per block of channels, rows in order. Each sum
+// runs in a fixed order (the result does not depend on the thread count) in float64.
+template <typename T>
+void bias_relu_backward_impl(const T* gy, const T* y, T* g, T* grad_bias, bool nhwc,
+                             const Conv2dShape& s) {
+  const int64_t plane = s.oh * s.ow;
+  if (!nhwc) {
+    at::parallel_for(0, s.o, grain(s.n * plane), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        double sum = 0;
+        for (int64_t n = 0; n < s.n; ++n) {
+          const int64_t base = (n * s.o + o) * plane;
+          for (int64_t e = base; e < base + plane; ++e) {
+            const T v = y == nullptr || !(y[e] <= T(0)) ? gy[e] : T(0);
+            if (g != nullptr) g[e] = v;
+            sum += v;
+          }
+        }
+        if (grad_bias != nullptr) grad_bias[o] = static_cast<T>(sum);
+      }
+    });
+    return;
+  }
+  constexpr int64_t kBlock = 64;
+  const int64_t rows = s.n * plane;
+  at::parallel_for(0, (s.o + kBlock - 1) / kBlock, grain(rows * kBlock),
+                   [&](int64_t begin, int64_t end) {
+    double sums[kBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o0 = blk * kBlock, width = std::min(kBlock, s.o - o0);
+      std::fill(sums, sums + kBlock, 0.0);
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t base = row * s.o + o0;
+        for (int64_t c = 0; c < width; ++c) {
+          const T v = y == nullptr || !(y[base + c] <= T(0)) ? gy[base + c] : T(0);
+          if (g != nullptr) g[base + c] = v;
+          sums[c] += v;
+        }
+      }
+      if (grad_bias != nullptr) {
+        for (int64_t c = 0; c < width; ++c) grad_bias[o0 + c] = static_cast<T>(sums[c]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void conv2d_forward(const at::Tensor& x, const at::Tensor& w,
+                    const std::optional<at::Tensor>& bias, at::Tensor& y, const Conv2dShape& s,
+                    bool relu) {
+  const bool nhwc = is_channels_last(x);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor xc = computable(x, fmt);
+  const at::Tensor wm = weight_matrix(w.to(xc.scalar_type()), nhwc);
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->to(xc.scalar_type())) : std::nullopt;
+  into(y, fmt, [&](at::Tensor& out) {
+    nhwc ? forward_nhwc(xc, wm, b, out, s, relu) : forward_nchw(xc, wm, b, out, s, relu);
+  });
+}
+
+void conv2d_backward_input(const at::Tensor& gy, const at::Tensor& w, at::Tensor& gx,
+                           const Conv2dShape& s) {
+  const bool nhwc = is_channels_last(gx);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor gyc = computable(gy, fmt);
+  const at::Tensor wm = weight_matrix(w.to(gyc.scalar_type()), nhwc);
+  into(gx, fmt, [&](at::Tensor& out) {
+    nhwc ? backward_input_nhwc(gyc, wm, out, s) : backward_input_nchw(gyc, wm, out, s);
+  });
+}
+
+void conv2d_backward_weight(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gw,
+                            const Conv2dShape& s) {
+  const bool nhwc = is_channels_last(x);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor xc = computable(x, fmt);
+  const at::Tensor gyc = computable(gy, fmt);
+  at::Tensor acc = at::zeros({s.o, s.c_per_group() * s.kh * s.kw}, xc.options());
+  if (nhwc) {
+    backward_weight_nhwc(gyc, xc, acc, s);
+    gw.copy_(acc.view({s.o, s.kh, s.kw, s.c_per_group()}).permute({0, 3, 1, 2}));
+  } else {
+    backward_weight_nchw(gyc, xc, acc, s);
+    gw.copy_(acc.view({s.o, s.c_per_group(), s.kh, s.kw}));
+  }
+}
+
+void conv2d_bias_relu_backward(const at::Tensor& gy, const at::Tensor& y, const at::Tensor& g,
+                               const at::Tensor& grad_bias, const Conv2dShape& s) {
+  const bool nhwc = is_channels_last(gy);
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor gyc = computable(gy, fmt);
+  const at::Tensor yc = y.defined() ? computable(y, fmt) : at::Tensor();
+  at::Tensor gc = g.defined() ? at::empty_like(gyc) : at::Tensor();
+  at::Tensor bc = grad_bias.defined() ? at::empty({s.o}, gyc.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gyc.scalar_type(), "conv2d_bias_relu_backward", [&] {
+    bias_relu_backward_impl<scalar_t>(
+        gyc.const_data_ptr<scalar_t>(), yc.defined() ? yc.const_data_ptr<scalar_t>() : nullptr,
+        gc.defined() ? gc.mutable_data_ptr<scalar_t>() : nullptr,
+        bc.defined() ? bc.mutable_data_ptr<scalar_t>() : nullptr, nhwc, s);
+  });
+  if (g.defined()) g.copy_(gc);
+  if (grad_bias.defined()) grad_bias.copy_(bc);
+}
+
+}  // namespace dlcv_fast::cpu

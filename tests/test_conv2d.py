@@ -1,0 +1,340 @@
+"""conv2d against torch.nn.functional.conv2d: output and the gradients of input, weight
+and bias, every parameter (odd channels and sizes, AlexNet's and ResNet's layers, 1x1,
+depthwise, groups, dilation, asymmetric kernels, strides and 'same' padding), memory
+formats, the fused ReLU, nn.Conv2d, errors, gradcheck, opcheck and torch.compile, on every
+backend that runs here.
+
+Convolutions are sums: in float64 they match PyTorch within the float64 tolerance; in the
+other dtypes, our error against a float64 computation must be at most twice PyTorch's own
+error in that dtype plus a small absolute term (DESIGN.md's rule for reductions).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._prims_common import is_non_overlapping_and_dense_or_false
+from conftest import BACKEND_DEVICES, TOLERANCES, assert_close, backend_dtype_cases
+
+import dlcv_fast
+
+# (name, input shape, out_channels, kernel, stride, padding, dilation, groups)
+CASES = [
+    ("c1", (2, 1, 7, 7), 3, 3, 1, 1, 1, 1),
+    ("c3-13x17-s2", (1, 3, 13, 17), 7, 3, 2, 1, 1, 1),
+    ("c7-k5x3-s1x2", (2, 7, 17, 13), 65, (5, 3), (1, 2), (2, 1), 1, 1),
+    ("c65-valid", (1, 65, 7, 7), 7, 3, 1, "valid", 1, 1),
+    ("size1", (2, 4, 1, 1), 5, 1, 1, 0, 1, 1),
+    ("alexnet-11x11-s4", (1, 3, 35, 35), 8, 11, 4, 2, 1, 1),
+    ("resnet-stem-7x7-s2", (1, 3, 23, 23), 8, 7, 2, 3, 1, 1),
+    ("pointwise", (2, 16, 7, 7), 32, 1, 1, 0, 1, 1),
+    ("pointwise-s2", (2, 16, 7, 7), 8, 1, 2, 0, 1, 1),
+    ("dilation2", (2, 6, 13, 13), 4, 3, 1, 2, 2, 1),
+    ("groups2", (2, 8, 9, 9), 6, 3, 1, 1, 1, 2),
+    ("depthwise-7x7", (2, 8, 13, 13), 8, 7, 1, 3, 1, 8),
+    ("depthwise-mult2-s2", (1, 4, 7, 9), 8, 3, 2, 1, 1, 4),
+    ("same-even-kernel", (2, 4, 7, 8), 4, (4, 2), 1, "same", 1, 1),
+    ("same-dilated", (1, 3, 9, 7), 5, 3, 1, "same", (2, 3), 1),
+    ("kernel-fills-input", (1, 2, 5, 5), 3, 5, 1, 0, 1, 1),
+]
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+def make(shape, dtype, device, layout="nchw", seed=0):
+    """randn in the requested layout: dense NCHW, channels_last, or a strided view (every
+    other column of a wider tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)
+        return wide.to(device=device, dtype=dtype)[..., ::2]
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def weight_for(shape, out_channels, kernel, groups, dtype, device, seed=1):
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    g = torch.Generator().manual_seed(seed)
+    # Scaled as PyTorch initialises, so outputs stay O(1) at every fan-in.
+    fan_in = shape[1] // groups * kh * kw
+    w = torch.randn(out_channels, shape[1] // groups, kh, kw, generator=g, dtype=torch.float64)
+    return (w / fan_in**0.5).to(device=device, dtype=dtype)
+
+
+def _input_like(t):
+    """A copy of t with the same strides that autograd can differentiate against: a dense
+    clone, or for a strided view the same view of a copy of its storage."""
+    if is_non_overlapping_and_dense_or_false(t):
+        return t.detach().clone().requires_grad_()
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t.detach()
+    return wide.requires_grad_()[..., ::2]
+
+
+def run(fn, inputs, grad_seed=2):
+    """fn's output and its gradients with respect to every input that is not None, on
+    copies of the inputs, for a fixed random output gradient."""
+    args = [None if t is None else _input_like(t) for t in inputs]
+    y = fn(*args)
+    g = torch.Generator().manual_seed(grad_seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+    return (y, *torch.autograd.grad(y, [t for t in args if t is not None], gy))
+
+
+def assert_within_torch_error(ours, theirs, exact, dtype, what):
+    """float64: assert_close to PyTorch. Else: |ours - exact| <= 2 |torch - exact| + atol,
+    elementwise maxima, with exact a float64 computation."""
+    if dtype == torch.float64:
+        assert_close(ours, theirs, msg=what)
+        return
+    exact = exact.double().cpu()
+    ours_err = (ours.double().cpu() - exact).abs().max().item()
+    torch_err = (theirs.double().cpu() - exact).abs().max().item()
+    atol = TOLERANCES[dtype][1] * max(1.0, exact.abs().max().item())
+    assert ours_err <= 2 * torch_err + atol, (
+        f"{what}: error {ours_err:.3g} against float64, PyTorch's {torch_err:.3g} (atol {atol:.3g})"
+    )
+
+
+def check_case(backend, device, dtype, case, layout, activation, with_bias):
+    name, shape, out_channels, kernel, stride, padding, dilation, groups = case
+    x = make(shape, dtype, device, layout)
+    w = weight_for(shape, out_channels, kernel, groups, dtype, device)
+    b = make((out_channels,), dtype, device, seed=3) if with_bias else None
+    relu = activation == "relu"
+
+    def ours(x, w, b):
+        with dlcv_fast.use_backend(backend):
+            return dlcv_fast.conv2d(x, w, b, stride, padding, dilation, groups,
+                                    activation=activation)
+
+    def torch_conv(x, w, b):
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return y.relu() if relu else y
+
+    # PyTorch on the CPU is the reference (its CPU kernels take every dtype here), in the
+    # dtype under test and in float64.
+    mine = run(ours, [x, w, b])
+    cpu = [t.cpu() if t is not None else None for t in (x, w, b)]
+    theirs = run(torch_conv, cpu)
+    exact = run(torch_conv, [t.double() if t is not None else None for t in cpu])
+    assert mine[0].shape == theirs[0].shape and mine[0].dtype == dtype
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert mine[0].is_contiguous(memory_format=torch.channels_last)
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    for what, a, t, e in zip(names, mine, theirs, exact):
+        assert_within_torch_error(a, t, e, dtype, f"{name} {layout} {activation}: {what}")
+
+
+# Triton's interpreter is slow: there, float16 and float64 run on a few cases, and most
+# cases run in one layout each (the kernels index every layout by strides alike).
+INTERPRETER_DTYPE_CASES = {"c3-13x17-s2", "groups2", "depthwise-mult2-s2", "same-even-kernel"}
+INTERPRETER_LAYOUT_CASES = {"c3-13x17-s2", "pointwise"}
+
+
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _cases():
+    return [
+        pytest.param(*p.values, case, id=f"{p.id}-{case[0]}")
+        for p in backend_dtype_cases()
+        for case in CASES
+        if not (_interpreted(*p.values[:2]) and p.values[2] != torch.float32
+                and case[0] not in INTERPRETER_DTYPE_CASES)
+    ]
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype", "case"), _cases())
+def test_matches_torch(backend, device, dtype, case):
+    variants = list(enumerate(LAYOUTS))  # activation and bias vary with the layout
+    if _interpreted(backend, device) and case[0] not in INTERPRETER_LAYOUT_CASES:
+        variants = [variants[CASES.index(case) % len(variants)]]
+    for i, layout in variants:
+        check_case(backend, device, dtype, case, layout, activation=("relu", None)[i % 2],
+                   with_bias=i != 2)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
+def test_unbatched_input_and_batch_zero(backend, device):
+    w = weight_for((1, 3, 1, 1), 4, 3, 1, torch.float64, device)
+    x = make((3, 9, 8), torch.float64, device)
+    with dlcv_fast.use_backend(backend):
+        y = dlcv_fast.conv2d(x, w, None, 2, 1)
+        empty = dlcv_fast.conv2d(make((0, 3, 9, 8), torch.float64, device), w, padding=1)
+    assert_close(y, F.conv2d(x, w, None, 2, 1))
+    assert empty.shape == (0, 4, 9, 8)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
+def test_relu_gradient_is_masked_by_the_output(backend, device):
+    # Outputs exactly zero before the ReLU do not pass gradient (PyTorch's relu backward).
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.ones(3, 2, 1, 1, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64, device=device, requires_grad=True)
+    with dlcv_fast.use_backend(backend):
+        y = dlcv_fast.conv2d(x, w, b, activation="relu")
+    y.sum().backward()
+    assert b.grad.tolist() == [16.0, 0.0, 0.0]
+
+
+# --- gradcheck, opcheck, torch.compile -----------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradcheck(backend_device, layout):
+    _, device = backend_device
+    x = make((2, 4, 6, 5), torch.float64, device, layout).requires_grad_()
+    w = weight_for((2, 4, 6, 5), 6, (3, 2), 2, torch.float64, device).requires_grad_()
+    b = make((6,), torch.float64, device, seed=3).requires_grad_()
+    for activation in (None, "relu"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: dlcv_fast.conv2d(x, w, b, (2, 1), 1, (1, 2), 2,
+                                             activation=activation),
+            (x, w, b), fast_mode=True,
+        )
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend_device, requires_grad):
+    backend, device = backend_device
+    suffix = "_triton" if backend == "triton" else ""
+    ops = torch.ops.dlcv_fast
+    fwd = getattr(ops, "conv2d" + suffix).default
+    dgrad = getattr(ops, "conv2d_backward_input" + suffix).default
+    wgrad = getattr(ops, "conv2d_backward_weight" + suffix).default
+    bias_relu = getattr(ops, "conv2d_bias_relu_backward" + suffix).default
+    x = make((2, 4, 7, 6), torch.float32, device).requires_grad_(requires_grad)
+    w = weight_for((2, 4, 7, 6), 6, 3, 2, torch.float32, device).requires_grad_(requires_grad)
+    b = make((6,), torch.float32, device, seed=3).requires_grad_(requires_grad)
+    params = ([2, 1], [1, 0, 2, 1], [1, 2], 2)
+    for inp in (x, x.detach().contiguous(memory_format=torch.channels_last)):
+        for relu in (False, True):
+            torch.library.opcheck(fwd, (inp, w, b, *params, relu))
+        y = fwd(inp.detach(), w.detach(), b.detach(), *params, True)
+        gy = torch.randn_like(y)
+        torch.library.opcheck(dgrad, (gy, inp.detach(), w.detach(), *params))
+        torch.library.opcheck(wgrad, (gy, inp.detach(), w.detach(), *params))
+        for output, bias in ((y, True), (None, True), (y, False)):
+            torch.library.opcheck(bias_relu, (gy, output, bias))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        dlcv_fast.nn.Conv2d(3, 8, 3, padding=1, activation="relu"),
+        dlcv_fast.nn.Conv2d(8, 8, 3, stride=2, padding="valid", groups=4, bias=False),
+        torch.nn.Flatten(),
+    )
+    x = torch.randn(2, 3, 9, 10, requires_grad=True)
+    with dlcv_fast.use_backend("cpu"):
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        actual = compiled(x)
+        assert_close(actual, expected)
+        actual.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    with dlcv_fast.use_backend("cpu"):
+        expected.sum().backward()
+    assert_close(grad, x.grad)
+
+
+# --- nn.Conv2d ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_module_matches_torch(padding_mode):
+    kwargs = dict(stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2, bias=True,
+                  padding_mode=padding_mode, dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.nn.Conv2d(4, 6, (3, 2), **kwargs)
+    torch.manual_seed(0)
+    ours = dlcv_fast.nn.Conv2d(4, 6, (3, 2), **kwargs)
+    assert isinstance(ours, torch.nn.Conv2d)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in theirs.state_dict().items():  # same initialisation from the same seed
+        assert torch.equal(ours.state_dict()[key], value), key
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    assert_close(ours(x), theirs(x))
+    same = dlcv_fast.nn.Conv2d(4, 6, 4, padding="same", dtype=torch.float64)
+    reference = torch.nn.Conv2d(4, 6, 4, padding="same", dtype=torch.float64)
+    reference.load_state_dict(same.state_dict())
+    assert_close(same(x), reference(x))
+
+
+def test_module_activation():
+    conv = dlcv_fast.nn.Conv2d(3, 5, 3, padding=1, activation="relu", dtype=torch.float64)
+    assert "activation='relu'" in repr(conv)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1).relu())
+    with pytest.raises(ValueError, match="activation"):
+        dlcv_fast.nn.Conv2d(3, 5, 3, activation="gelu")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+ERRORS = [
+    # (input shape, weight shape, kwargs, exception, message)
+    ((1, 4, 8, 8), (6, 3, 3, 3), {}, ValueError, "input has 4 channels"),
+    ((1, 4, 8, 8), (8, 2, 3, 3), {"groups": 4}, ValueError, "input has 4 channels"),
+    ((1, 6, 8, 8), (4, 2, 3, 3), {"groups": 3}, ValueError, "divisible by groups"),
+    ((1, 3, 4, 4), (2, 3, 7, 7), {}, ValueError, "larger than the padded input"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"stride": 0}, ValueError, "stride must be positive"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"padding": -1}, ValueError, "padding must be non-negative"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"dilation": 0}, ValueError, "dilation must be positive"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"groups": 0}, ValueError, "groups must be positive"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"padding": "same", "stride": 2}, ValueError, "strided"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"padding": "full"}, ValueError, "'same' or 'valid'"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"stride": (1, 2, 3)}, TypeError, "stride"),
+    ((1, 3, 4, 4), (2, 3, 3, 3), {"activation": "tanh"}, ValueError, "activation"),
+    ((1, 3, 4, 4), (2, 3, 3), {}, ValueError, "weight must be 4-D"),
+    ((3, 4, 4, 4, 4), (2, 3, 3, 3), {}, ValueError, "input must be 3-D"),
+]
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape", "kwargs", "error", "message"), ERRORS)
+def test_errors(backend_device, x_shape, w_shape, kwargs, error, message):
+    _, device = backend_device
+    x = torch.randn(x_shape, device=device)
+    w = torch.randn(w_shape, device=device)
+    with pytest.raises(error, match=message):
+        dlcv_fast.conv2d(x, w, **kwargs)
+
+
+def test_dtype_and_bias_errors(backend_device):
+    _, device = backend_device
+    x = torch.randn(1, 3, 5, 5, device=device)
+    w = torch.randn(2, 3, 3, 3, device=device)
+    with pytest.raises(TypeError, match="weight has dtype"):
+        dlcv_fast.conv2d(x, w.double())
+    with pytest.raises(TypeError, match="bias has dtype"):
+        dlcv_fast.conv2d(x, w, torch.zeros(2, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="bias must be 1-D with out_channels"):
+        dlcv_fast.conv2d(x, w, torch.zeros(3, device=device))
+    with pytest.raises(TypeError, match="input must be float32"):
+        dlcv_fast.conv2d(x.int(), w.int())
+    with pytest.raises(RuntimeError, match="weight is on meta"):
+        dlcv_fast.conv2d(x, w.to("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tf32_follows_cudnn_flag(backend):
+    if backend == "cuda" and not dlcv_fast.cuda_built():
+        pytest.skip("built without CUDA kernels")
+    x = torch.randn(4, 64, 16, 16, device="cuda")
+    w = torch.randn(64, 64, 3, 3, device="cuda") / 24
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    errors = {}
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        for allow in (False, True):
+            torch.backends.cudnn.allow_tf32 = allow
+            with dlcv_fast.use_backend(backend):
+                errors[allow] = (dlcv_fast.conv2d(x, w, padding=1).double() - exact).abs().max()
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert errors[False] < 1e-4 < errors[True]
