@@ -86,6 +86,12 @@ Strides4 strides_of(const at::Tensor& t) {
 }
 
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
+
+// The weight in the input's memory format: the kernels' vector loads need both operands
+// channels-innermost (a copy only when a channels_last input meets an NCHW weight).
+at::Tensor kernel_weight(const at::Tensor& weight, const at::Tensor& input) {
+  return weight.contiguous(format_of(input));
+}
 #endif
 
 at::Tensor new_output(at::IntArrayRef sizes, const at::Tensor& like, at::MemoryFormat fmt) {
@@ -133,9 +139,10 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     return y;
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  const at::Tensor wk = kernel_weight(weight, input);
   launch_cuda(op, input, [&](cudaStream_t stream) {
     return cuda::conv2d_forward(kernel_dtype(input.scalar_type()), input.data_ptr(),
-                                strides_of(input), weight.data_ptr(), strides_of(weight),
+                                strides_of(input), wk.data_ptr(), strides_of(wk),
                                 b.has_value() ? b->data_ptr() : nullptr, y.data_ptr(),
                                 strides_of(y), s, relu, allow_tf32(), stream);
   });
@@ -160,9 +167,10 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     return gx;
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  const at::Tensor wk = kernel_weight(weight, input);
   launch_cuda(op, input, [&](cudaStream_t stream) {
     return cuda::conv2d_backward_input(kernel_dtype(input.scalar_type()), gy.data_ptr(),
-                                       strides_of(gy), weight.data_ptr(), strides_of(weight),
+                                       strides_of(gy), wk.data_ptr(), strides_of(wk),
                                        gx.data_ptr(), strides_of(gx), s, allow_tf32(), stream);
   });
   return gx;

@@ -54,7 +54,7 @@ def _bench(args) -> int:
                        for t in dtypes}
         print("measured matrix-product throughput (TFLOP/s; the 'peak' column of compute-bound "
               "ops is a fraction of it): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in peak_tflops.items()))
+              + ", ".join(f"{k} {v:.3g}" for k, v in peak_tflops.items()))
     out = {"environment": env, "copy_gbps": peak, "matmul_tflops": peak_tflops, "batch": batch,
            "results": []}
     for op in ops:

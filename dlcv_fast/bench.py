@@ -413,7 +413,7 @@ def format_table(results: list[Result], peak_gbps: float,
         lines.append(
             f"{r.case:<18} {'x'.join(map(str, r.shape)):<20} {r.dtype:<9} {r.layout:<13} "
             f"{r.direction:<8} {r.backend:<7} {r.ms:8.3f} {r.torch_ms:9.3f} {r.speedup:6.2f}x "
-            f"{r.tflops if compute else r.gbps:8.2f} "
+            f"{r.tflops if compute else r.gbps:8.3g} "
             f"{peak_fraction(r, peak_gbps, peak_tflops or {}):6.1%}"
         )
     return "\n".join(lines)

@@ -127,9 +127,11 @@ def _check_conv2d(backend: str, device: str, dtype: torch.dtype) -> Row:
             args = [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
             with dlcv_fast.use_backend(backend):
                 y = dlcv_fast.conv2d(*args, s, p, d, g, activation="relu")
-            gy = torch.randn(y.shape, dtype=torch.float64)
-            got = [y, *torch.autograd.grad(y, args, gy.to(device, dtype))]
-            ref_args = [t.requires_grad_() for t in (x, w, b)]
+            gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+            got = [y, *torch.autograd.grad(y, args, gy.to(device))]
+            # The reference sees the same rounded values (a ReLU mask must not flip).
+            gy = gy.double()
+            ref_args = [t.detach().double().cpu().requires_grad_() for t in args]
             ref = F.conv2d(*ref_args, s, p, d, g).relu()
             want = [ref, *torch.autograd.grad(ref, ref_args, gy)]
             for a, e in zip(got, want):

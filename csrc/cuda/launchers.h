@@ -74,4 +74,17 @@ cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys,
                                       Strides4 ys, void* g_out, void* grad_bias,
                                       const Conv2dShape& shape, cudaStream_t stream);
 
+// Depthwise convolution (groups == C, one input channel per group, O = multiplier * C) by
+// direct kernels (conv2d_depthwise.cu): the GEMM above would use one column of its tiles.
+// Same contracts as the launchers above; every element of y / gx / gw is written.
+cudaError_t conv2d_depthwise_forward(DType dtype, const void* x, Strides4 xs, const void* w,
+                                     Strides4 ws, const void* bias, void* y, Strides4 ys,
+                                     const Conv2dShape& shape, bool relu, cudaStream_t stream);
+cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides4 gys,
+                                            const void* w, Strides4 ws, void* gx, Strides4 gxs,
+                                            const Conv2dShape& shape, cudaStream_t stream);
+cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
+                                             const void* x, Strides4 xs, void* gw, Strides4 gws,
+                                             const Conv2dShape& shape, cudaStream_t stream);
+
 }  // namespace dlcv_fast::cuda

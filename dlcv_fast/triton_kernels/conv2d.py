@@ -418,6 +418,232 @@ def _bias_reduce_kernel(part_ptr, gb_ptr, O, SPLITS, ACC: tl.constexpr, BLOCK: t
     tl.store(gb_ptr + offs, acc.to(gb_ptr.dtype.element_ty), mask=live)
 
 
+# ---- depthwise (groups == C, one input channel per group) ---------------------------------
+# Output channel o reads input channel o // MULT only, so each output is a KH x KW dot
+# product: direct kernels on [positions x channels] tiles with FMAs, looping over the taps
+# (dgrad: over each channel's MULT outputs and the taps, gathering the outputs that read
+# the pixel, so no atomics). wgrad reduces over (n, i, j) per (tap, channel block) in a
+# fixed order, split into float32 partials as the GEMM's wgrad does.
+
+
+@triton.jit
+def _dw_forward_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    P, O, C_BLOCKS, MULT, H, W, OW, OHW, KH, KW,
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if WIDE_INDEX:
+        pid = pid.to(tl.int64)
+    pid_p = pid // C_BLOCKS
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = (pid - pid_p * C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P
+    o_ok = o < O
+    n = offs_p // OHW
+    t = offs_p % OHW
+    i = t // OW
+    j = t % OW
+    h0 = i * SH - PH
+    w0 = j * SW - PW
+    x_base = x_ptr + (n * sxn)[:, None] + ((o // MULT) * sxc)[None, :]
+    w_base = w_ptr + o * swo
+    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    for r in range(KH):
+        h = h0 + r * DH
+        h_ok = p_ok & (h >= 0) & (h < H)
+        x_row = x_base + (h * sxh)[:, None]
+        for s in range(KW):
+            w = w0 + s * DW
+            ok = h_ok & (w >= 0) & (w < W)
+            xv = tl.load(x_row + (w * sxw)[:, None], mask=ok[:, None] & o_ok[None, :], other=0.0)
+            wv = tl.load(w_base + r * swh + s * sww, mask=o_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # keeps NaN, as torch.relu does
+    y_ptrs = (y_ptr + (n * syn)[:, None] + (i * syh)[:, None] + (j * syw)[:, None]
+              + (o * syc)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _dw_dgrad_kernel(
+    gy_ptr, w_ptr, gx_ptr,
+    P, C, C_BLOCKS, MULT, OH, OW, W, HW, KH, KW,
+    sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw,
+    SH, SW, PH, PW, DH, DW,
+    WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if WIDE_INDEX:
+        pid = pid.to(tl.int64)
+    pid_p = pid // C_BLOCKS
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = (pid - pid_p * C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P
+    c_ok = c < C
+    n = offs_p // HW
+    t = offs_p % HW
+    h = t // W
+    w = t % W
+    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    for m in range(MULT):
+        o = c * MULT + m
+        gy_base = gy_ptr + (n * sgn)[:, None] + (o * sgc)[None, :]
+        w_base = w_ptr + o * swo
+        for r in range(KH):
+            # Output row i read row h through tap r when i * SH == h + PH - r * DH.
+            th = h + PH - r * DH
+            i = th // SH
+            h_ok = p_ok & (th >= 0) & (i * SH == th) & (i < OH)
+            gy_row = gy_base + (i * sgh)[:, None]
+            for s in range(KW):
+                tw = w + PW - s * DW
+                j = tw // SW
+                ok = h_ok & (tw >= 0) & (j * SW == tw) & (j < OW)
+                g = tl.load(gy_row + (j * sgw)[:, None], mask=ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                wv = tl.load(w_base + r * swh + s * sww, mask=c_ok, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    gx_ptrs = (gx_ptr + (n * sxn)[:, None] + (h * sxh)[:, None] + (w * sxw)[:, None]
+               + (c * sxc)[None, :])
+    tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dw_wgrad_kernel(
+    gy_ptr, x_ptr, out_ptr,
+    P, P_SPLIT, O, C_BLOCKS, MULT, H, W, OW, OHW, KW,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, so_split, soo, sor, sos,
+    SH, SW, PH, PW, DH, DW,
+    WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    if WIDE_INDEX:
+        pid = pid.to(tl.int64)
+        split = split.to(tl.int64)
+    tap = pid // C_BLOCKS
+    r = tap // KW
+    s = tap % KW
+    o = (pid - tap * C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_ok = o < O
+    gy_cols = gy_ptr + o * sgc
+    x_cols = x_ptr + (o // MULT) * sxc
+    p_lo = split * P_SPLIT
+    p_hi = tl.minimum(P, p_lo + P_SPLIT)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        n = offs_p // OHW
+        t = offs_p % OHW
+        i = t // OW
+        j = t % OW
+        h = i * SH - PH + r * DH
+        w = j * SW - PW + s * DW
+        p_ok = offs_p < p_hi
+        x_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        g = tl.load(gy_cols[None, :] + (n * sgn + i * sgh + j * sgw)[:, None],
+                    mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+        xv = tl.load(x_cols[None, :] + (n * sxn + h * sxh + w * sxw)[:, None],
+                     mask=x_ok[:, None] & o_ok[None, :], other=0.0)
+        acc += g.to(ACC) * xv.to(ACC)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr + split * so_split + o * soo + r * sor + s * sos,
+             total.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+def _depthwise(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
+    """groups == C with one input channel per group: the direct kernels below."""
+    return groups == x.shape[1] and w.shape[1] == 1
+
+
+def _dw_blocks(t: torch.Tensor) -> tuple[int, int]:
+    """(positions, channels) per tile: channels across the tile for channels_last, where
+    they are contiguous; positions (along a row) for NCHW. Not tuned on a GPU yet."""
+    if _INTERPRETED:
+        return 64, 16  # few programs: the interpreter's cost is per operation
+    return (32, 32) if _channels_fast(t) else (128, 4)
+
+
+def _dw_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = y.shape[2], y.shape[3]
+    p = n * oh * ow
+    bp, bc = _dw_blocks(x)
+    c_blocks = triton.cdiv(o, bc)
+    with on_device_of(x):
+        _dw_forward_kernel[(triton.cdiv(p, bp) * c_blocks,)](
+            x, w, bias if bias is not None else y, y,
+            p, o, c_blocks, o // c, h, wd, ow, oh * ow, kh, kw,
+            *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
+            *stride, *padding, *dilation,
+            HAS_BIAS=bias is not None, RELU=bool(relu), WIDE_INDEX=_wide(x, w, y),
+            ACC=_acc_type(x.dtype), BLOCK_P=bp, BLOCK_C=bc,
+        )
+
+
+def _dw_backward_input(gy, w, gx, stride, padding, dilation) -> None:
+    n, c, h, wd = gx.shape
+    o, _, kh, kw = w.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    p = n * h * wd
+    bp, bc = _dw_blocks(gx)
+    c_blocks = triton.cdiv(c, bc)
+    with on_device_of(gy):
+        _dw_dgrad_kernel[(triton.cdiv(p, bp) * c_blocks,)](
+            gy, w, gx,
+            p, c, c_blocks, o // c, oh, ow, wd, h * wd, kh, kw,
+            *gy.stride(), w.stride(0), w.stride(2), w.stride(3), *gx.stride(),
+            *stride, *padding, *dilation,
+            WIDE_INDEX=_wide(gy, w, gx), ACC=_acc_type(gy.dtype), BLOCK_P=bp, BLOCK_C=bc,
+        )
+
+
+def _dw_backward_weight(gy, x, gw, stride, padding, dilation) -> None:
+    n, c, h, wd = x.shape
+    o, _, kh, kw = gw.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    p = n * oh * ow
+    bp, bc = _dw_blocks(x)
+    c_blocks = triton.cdiv(o, bc)
+    programs = kh * kw * c_blocks
+    acc = _acc_type(x.dtype)
+    if p == 0:
+        gw.zero_()
+        return
+    splits, p_split = _split(p, programs, _target_programs(x), 65535)
+    if splits == 1:
+        out, out_strides = gw, (0, gw.stride(0), gw.stride(2), gw.stride(3))
+    else:
+        out = torch.empty((splits, o, 1, kh, kw), device=gw.device,
+                          dtype=torch.float64 if acc == tl.float64 else torch.float32)
+        out_strides = (out.stride(0), out.stride(1), out.stride(3), out.stride(4))
+    wide = _wide(gy, x, gw, out)
+    with on_device_of(x):
+        _dw_wgrad_kernel[(programs, splits)](
+            gy, x, out,
+            p, p_split, o, c_blocks, o // c, h, wd, ow, oh * ow, kw,
+            *gy.stride(), *x.stride(), *out_strides,
+            *stride, *padding, *dilation,
+            WIDE_INDEX=wide, ACC=acc, BLOCK_P=bp, BLOCK_C=bc,
+        )
+        if splits > 1:
+            total = gw.numel()
+            _wgrad_reduce_kernel[(triton.cdiv(total, _REDUCE_BLOCK),)](
+                out, gw, total, splits, kh * kw, kh * kw, kw, *gw.stride(),
+                WIDE_INDEX=wide, ACC=acc, BLOCK=_REDUCE_BLOCK,
+            )
+
+
 def _acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -473,6 +699,9 @@ def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
     """y = conv2d(x, w) (+ bias) (then relu), written into y."""
     if y.numel() == 0:
         return
+    if _depthwise(x, w, groups):
+        _dw_forward(x, w, bias, y, stride, padding, dilation, relu)
+        return
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -498,6 +727,9 @@ def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
 def backward_input(gy, w, gx, stride, padding, dilation, groups, allow_tf32: bool) -> None:
     """gx = the gradient of conv2d with respect to its input, written into gx."""
     if gx.numel() == 0:
+        return
+    if _depthwise(gx, w, groups):
+        _dw_backward_input(gy, w, gx, stride, padding, dilation)
         return
     n, c, h, wd = gx.shape
     o, cg, kh, kw = w.shape
@@ -526,6 +758,9 @@ def backward_input(gy, w, gx, stride, padding, dilation, groups, allow_tf32: boo
 def backward_weight(gy, x, gw, stride, padding, dilation, groups, allow_tf32: bool) -> None:
     """gw = the gradient of conv2d with respect to its weight, written into gw."""
     if gw.numel() == 0:
+        return
+    if _depthwise(x, gw, groups):
+        _dw_backward_weight(gy, x, gw, stride, padding, dilation)
         return
     n, c, h, wd = x.shape
     o, cg, kh, kw = gw.shape
