@@ -194,7 +194,9 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     return gw;
   }
 #ifdef DLCV_FAST_WITH_CUDA
-  const int64_t scratch = cuda::conv2d_backward_weight_workspace(s);
+  // float64 never splits its reduction: no scratch memory.
+  const int64_t scratch =
+      input.scalar_type() == at::kDouble ? 0 : cuda::conv2d_backward_weight_workspace(s);
   at::Tensor workspace = at::empty({scratch}, input.options().dtype(at::kFloat));
   launch_cuda(op, input, [&](cudaStream_t stream) {
     return cuda::conv2d_backward_weight(kernel_dtype(input.scalar_type()), gy.data_ptr(),

@@ -37,8 +37,22 @@ CASES = [
     ("same-even-kernel", (2, 4, 7, 8), 4, (4, 2), 1, "same", 1, 1),
     ("same-dilated", (1, 3, 9, 7), 5, 3, 1, "same", (2, 3), 1),
     ("kernel-fills-input", (1, 2, 5, 5), 3, 5, 1, 0, 1, 1),
+    # Long enough reductions (N*OH*OW, K) for the GPU kernels' split-K wgrad, and channel
+    # counts per group that are multiples of 8 and 16 for their vector and tap-major paths.
+    ("c16-3x3-s2-long", (4, 16, 33, 31), 24, 3, 2, 1, 1, 1),
+    ("groups2-c32", (2, 32, 12, 12), 32, 3, 1, 1, 1, 2),
 ]
 LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """float32 exactly: TF32 (PyTorch's default for convolutions on a GPU) rounds the
+    operands to 10 bits; test_tf32_follows_cudnn_flag covers it."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 def make(shape, dtype, device, layout="nchw", seed=0):
@@ -128,7 +142,8 @@ def check_case(backend, device, dtype, case, layout, activation, with_bias):
 
 # Triton's interpreter is slow: there, float16 and float64 run on a few cases, and most
 # cases run in one layout each (the kernels index every layout by strides alike).
-INTERPRETER_DTYPE_CASES = {"c3-13x17-s2", "groups2", "depthwise-mult2-s2", "same-even-kernel"}
+INTERPRETER_DTYPE_CASES = {"c3-13x17-s2", "groups2", "depthwise-mult2-s2", "same-even-kernel",
+                           "groups2-c32"}
 INTERPRETER_LAYOUT_CASES = {"c3-13x17-s2", "pointwise"}
 
 
@@ -165,6 +180,18 @@ def test_unbatched_input_and_batch_zero(backend, device):
         empty = dlcv_fast.conv2d(make((0, 3, 9, 8), torch.float64, device), w, padding=1)
     assert_close(y, F.conv2d(x, w, None, 2, 1))
     assert empty.shape == (0, 4, 9, 8)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
+def test_batch_zero_backward(backend, device):
+    x = torch.randn(0, 4, 6, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    with dlcv_fast.use_backend(backend):
+        y = dlcv_fast.conv2d(x, w, b, padding=1, groups=2, activation="relu")
+    grads = torch.autograd.grad(y.sum(), (x, w, b))
+    assert grads[0].shape == x.shape
+    assert torch.equal(grads[1], torch.zeros_like(w)) and torch.equal(grads[2], torch.zeros_like(b))
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
@@ -325,16 +352,19 @@ def test_dtype_and_bias_errors(backend_device):
 def test_tf32_follows_cudnn_flag(backend):
     if backend == "cuda" and not dlcv_fast.cuda_built():
         pytest.skip("built without CUDA kernels")
-    x = torch.randn(4, 64, 16, 16, device="cuda")
-    w = torch.randn(64, 64, 3, 3, device="cuda") / 24
-    exact = F.conv2d(x.double(), w.double(), padding=1)
+    x = torch.randn(4, 64, 16, 16, device="cuda", requires_grad=True)
+    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).requires_grad_()
+    gy = torch.randn(4, 64, 16, 16, device="cuda")
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y64 = F.conv2d(x64, w64, padding=1)
+    exact = (y64, *torch.autograd.grad(y64, (x64, w64), gy.double()))
     errors = {}
-    previous = torch.backends.cudnn.allow_tf32
-    try:
-        for allow in (False, True):
-            torch.backends.cudnn.allow_tf32 = allow
-            with dlcv_fast.use_backend(backend):
-                errors[allow] = (dlcv_fast.conv2d(x, w, padding=1).double() - exact).abs().max()
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
-    assert errors[False] < 1e-4 < errors[True]
+    for allow in (False, True):  # the fixture restores the flag
+        torch.backends.cudnn.allow_tf32 = allow
+        with dlcv_fast.use_backend(backend):
+            y = dlcv_fast.conv2d(x, w, padding=1)
+            got = (y, *torch.autograd.grad(y, (x, w), gy))
+        errors[allow] = [(a.double() - e).abs().max().item() / e.abs().max().item()
+                         for a, e in zip(got, exact)]
+    # Output, dgrad and wgrad: float32 exact to ~1e-6 relative; TF32 to ~1e-3.
+    assert max(errors[False]) < 1e-5 < min(errors[True]), errors

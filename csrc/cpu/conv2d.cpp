@@ -123,7 +123,10 @@ void im2col_nhwc(const T* x, T* cols, const Conv2dShape& s, int64_t n0, int64_t 
             if (ih < 0 || ih >= s.h || iw < 0 || iw >= s.w) {
               std::fill(dst, dst + cg, T(0));
             } else {
-              std::memcpy(dst, x + ((n * s.h + ih) * s.w + iw) * s.c + c0, cg * sizeof(T));
+              // A loop, not memcpy: with few channels (a 3-channel stem) a call per tap
+              // would cost more than the copy.
+              const T* src = x + ((n * s.h + ih) * s.w + iw) * s.c + c0;
+              for (int64_t c = 0; c < cg; ++c) dst[c] = src[c];
             }
           }
         }

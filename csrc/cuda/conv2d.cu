@@ -784,6 +784,16 @@ bool geometry_fits(const Conv2dShape& s) {
   return s.groups > 0 && s.groups <= 65535;
 }
 
+}  // namespace
+
+const char* conv2d_unsupported(const Conv2dShape& s) {
+  if (s.groups > 65535) return "more than 65535 groups (one grid dimension per group)";
+  if (!geometry_fits(s)) return "an image, kernel, padding or GEMM dimension of 2^28 or more";
+  return nullptr;
+}
+
+namespace {
+
 bool stride_ok(int64_t size, int64_t stride, int v) { return size <= 1 || stride % v == 0; }
 
 // V-element vectors along the channels of a tensor (dims n, c, h, w) whose channels are

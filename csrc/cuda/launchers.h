@@ -57,6 +57,9 @@ cudaError_t conv2d_backward_input(DType dtype, const void* gy, Strides4 gys, con
                                   Strides4 ws, void* gx, Strides4 gxs, const Conv2dShape& shape,
                                   bool tf32, cudaStream_t stream);
 
+// Why the GEMM kernels above cannot run this geometry (a grid or index limit), or null.
+const char* conv2d_unsupported(const Conv2dShape& shape);
+
 // float32 elements of scratch memory conv2d_backward_weight needs (split-K partial sums).
 int64_t conv2d_backward_weight_workspace(const Conv2dShape& shape);
 
