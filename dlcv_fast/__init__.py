@@ -16,6 +16,7 @@ from dlcv_fast.backend import (
     use_backend,
 )
 from dlcv_fast.ops.max_pool2d import max_pool2d
+from dlcv_fast.ops.batch_norm import batch_norm
 from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast import nn  # noqa: E402
 
@@ -23,13 +24,14 @@ __version__ = "0.1.0"
 
 # Ops with kernels in every backend, in the order the command line lists them (the sampler
 # steps live in dlcv_fast.diffusion).
-OPS = ("max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step")
+OPS = ("max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step", "batch_norm")
 
 __all__ = [
     "BACKENDS",
     "BackendError",
     "OPS",
     "add_noise",
+    "batch_norm",
     "cuda_built",
     "get_backend",
     "get_velocity",

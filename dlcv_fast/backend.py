@@ -31,6 +31,7 @@ BACKENDS = ("auto", "cuda", "triton", "cpu")
 # shows triton faster for an op, the CUDA kernels are the default.
 AUTO_GPU: dict[str, str] = {
     "max_pool2d": "cuda", "add_noise": "cuda", "get_velocity": "cuda", "scheduler_step": "cuda",
+    "batch_norm": "cuda",
 }
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
