@@ -117,15 +117,54 @@ Moments channel_moments(const T* x, int64_t c, const BatchNormShape& s) {
   return m;
 }
 
-// Rows per channels_last block: about kBlock values, at least 8 rows.
+// Rows per channels_last block: about 4 kBlock values (the second pass reads L2), at least
+// 16 rows.
 inline int64_t block_rows(int64_t channels) {
-  return std::max<int64_t>(8, kBlock / std::max<int64_t>(1, channels));
+  return std::max<int64_t>(16, 4 * kBlock / std::max<int64_t>(1, channels));
 }
 
 // Tasks for a channels_last reduction: one per thread, fewer for few rows.
 inline int64_t row_tasks(int64_t rows, int64_t channels) {
   const int64_t by_work = std::max<int64_t>(1, rows * channels / 32768);
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(rows, by_work)));
+}
+
+// Block of nb rows of C channels: per channel the first-pass mean m, and the sum d and the
+// sum of squares q of the deviations from it. A vector of L channels at a time, its
+// accumulators in registers across the rows.
+template <typename T>
+void block_moments(const T* __restrict__ xb, int64_t nb, int64_t C, T* __restrict__ m,
+                   T* __restrict__ d, T* __restrict__ q) {
+  using S = Lanes<T>;
+  constexpr int L = S::L;
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {
+    typename S::V s = S::splat(0);
+    for (int64_t i = 0; i < nb; ++i) s += S::load(xb + i * C + c0);
+    const auto vm = s / S::splat(T(nb));
+    typename S::V vd = S::splat(0), vq = S::splat(0);
+    for (int64_t i = 0; i < nb; ++i) {
+      const auto v = S::load(xb + i * C + c0) - vm;
+      vd += v;
+      vq += v * v;
+    }
+    S::store(m + c0, vm);
+    S::store(d + c0, vd);
+    S::store(q + c0, vq);
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    T s = 0;
+    for (int64_t i = 0; i < nb; ++i) s += xb[i * C + c];
+    m[c] = s / T(nb);
+    T vd = 0, vq = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+      const T v = xb[i * C + c] - m[c];
+      vd += v;
+      vq += v * v;
+    }
+    d[c] = vd;
+    q[c] = vq;
+  }
 }
 
 // Per-channel moments of a channels_last input: mean[c], m2[c] and the count (rows).
@@ -148,19 +187,7 @@ void rows_moments(const T* x, const BatchNormShape& s, std::vector<double>& mean
       int64_t n = 0;
       for (int64_t r = r0; r < r1; r += block_rows(C)) {
         const int64_t nb = std::min(block_rows(C), r1 - r);
-        const T* __restrict__ xb = x + r * C;
-        std::fill(pm, pm + C, T(0));
-        for (int64_t i = 0; i < nb; ++i)
-          for (int64_t c = 0; c < C; ++c) pm[c] += xb[i * C + c];
-        for (int64_t c = 0; c < C; ++c) pm[c] /= T(nb);
-        std::fill(pd, pd + C, T(0));
-        std::fill(pq, pq + C, T(0));
-        for (int64_t i = 0; i < nb; ++i)
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = xb[i * C + c] - pm[c];
-            pd[c] += v;
-            pq[c] += v * v;
-          }
+        block_moments(x + r * C, nb, C, pm, pd, pq);
         const int64_t total = n + nb;
         const double fb = double(nb) / double(total), fab = double(n) * fb;
         for (int64_t c = 0; c < C; ++c) {
@@ -356,6 +383,42 @@ void channel_sums(const T* dy, const T* x, int64_t c, T mean, T scale, T bias,
   }
 }
 
+// Block of nb rows: per channel the sums of g and g * (x - mean), a vector of L channels at a
+// time with its accumulators in registers across the rows.
+template <typename T, bool Relu>
+void block_sums(const T* __restrict__ gb, const T* __restrict__ xb, int64_t nb, int64_t C,
+                const T* __restrict__ mean, const T* __restrict__ scale, const T* __restrict__ bias,
+                T* __restrict__ sa, T* __restrict__ sb) {
+  using S = Lanes<T>;
+  constexpr int L = S::L;
+  const auto zero = S::splat(0);
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {
+    const auto vm = S::load(mean + c0), vk = S::load(scale + c0), vb = S::load(bias + c0);
+    typename S::V a = zero, b = zero;
+    for (int64_t i = 0; i < nb; ++i) {
+      const auto xm = S::load(xb + i * C + c0) - vm;
+      auto g = S::load(gb + i * C + c0);
+      if constexpr (Relu) g = (xm * vk + vb > zero) ? g : zero;
+      a += g;
+      b += g * xm;
+    }
+    S::store(sa + c0, a);
+    S::store(sb + c0, b);
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    T a = 0, b = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+      const T xm = xb[i * C + c] - mean[c];
+      const T g = (!Relu || xm * scale[c] + bias[c] > T(0)) ? gb[i * C + c] : T(0);
+      a += g;
+      b += g * xm;
+    }
+    sa[c] = a;
+    sb[c] = b;
+  }
+}
+
 template <typename T, bool Relu>
 void rows_sums(const T* dy, const T* x, const T* mean, const T* scale, const T* bias,
                const BatchNormShape& s, T* sum_dy, T* sum_dy_xmu) {
@@ -373,18 +436,7 @@ void rows_sums(const T* dy, const T* x, const T* mean, const T* scale, const T* 
       const T* __restrict__ bi = bias;
       for (int64_t r = r0; r < r1; r += block_rows(C)) {
         const int64_t nb = std::min(block_rows(C), r1 - r);
-        std::fill(pa, pa + C, T(0));
-        std::fill(pb, pb + C, T(0));
-        for (int64_t i = 0; i < nb; ++i) {
-          const T* __restrict__ xr = x + (r + i) * C;
-          const T* __restrict__ gr = dy + (r + i) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const T xm = xr[c] - m[c];
-            const T g = (!Relu || xm * k[c] + bi[c] > T(0)) ? gr[c] : T(0);
-            pa[c] += g;
-            pb[c] += g * xm;
-          }
-        }
+        block_sums<T, Relu>(dy + r * C, x + r * C, nb, C, m, k, bi, pa, pb);
         for (int64_t c = 0; c < C; ++c) {
           t_a[t * C + c] += pa[c];
           t_b[t * C + c] += pb[c];
