@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dlcv_fast import backend
 from dlcv_fast.ops import batch_norm as bn_ops
-from dlcv_fast.ops.batch_norm import acc_dtype, batch_norm
+from dlcv_fast.ops.batch_norm import batch_norm
 
 
 def _factor_and_buffers(m: torch.nn.modules.batchnorm._BatchNorm):
