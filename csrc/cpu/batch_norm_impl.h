@@ -2,10 +2,10 @@
 // the including file defines DLCV_CPU_ISA (the namespace), DLCV_CPU_VECTOR_BYTES and, for an
 // extension of x86-64, DLCV_CPU_TARGET_PRAGMA. No include guard, on purpose.
 //
-// Statistics: each block of at most kBlock values (a run of an NCHW plane, or a few
-// channels_last rows) gets its mean and squared deviations in two passes over L1-resident
-// data, shifted by the block's first-pass mean and corrected by the deviations' sum; blocks
-// are merged with Chan's formula in float64. A large common offset (values near 1e4 with unit
+// Statistics: each block of values (NCHW: a run of at most kBlock values of one plane, or
+// several small planes; channels_last: a few rows) gets its mean and squared deviations in
+// two passes over cache-resident data, shifted by the block's first-pass mean and corrected
+// by the deviations' sum; blocks are merged with Chan's formula in float64. A large common offset (values near 1e4 with unit
 // variance) therefore costs no accuracy beyond the inputs' own rounding.
 //
 // NCHW: one channel per task, its statistics, then its normalisation (or, backward, its sums
@@ -78,12 +78,11 @@ T sum_run(const T* __restrict__ x, int64_t n) {
   return s;
 }
 
-// Mean and m2 of x[0, n), n <= kBlock.
+// Sums of t = x - shift and t^2 over x[0, n), added to ds and qs.
 template <typename T>
-void run_moments(const T* __restrict__ x, int64_t n, double& mean, double& m2) {
+void deviations_run(const T* __restrict__ x, int64_t n, T shift, T& ds, T& qs) {
   using S = Lanes<T>;
   constexpr int L = S::L;
-  const T shift = sum_run(x, n) / T(n);
   const auto vs = S::splat(shift);
   typename S::V d = S::splat(0), q = S::splat(0);
   int64_t i = 0;
@@ -92,27 +91,48 @@ void run_moments(const T* __restrict__ x, int64_t n, double& mean, double& m2) {
     d += t;
     q += t * t;
   }
-  T ds = S::sum(d), qs = S::sum(q);
+  T a = S::sum(d), b = S::sum(q);
   for (; i < n; ++i) {
     const T t = x[i] - shift;
-    ds += t;
-    qs += t * t;
+    a += t;
+    b += t * t;
   }
-  mean = double(shift) + double(ds) / double(n);
-  m2 = std::max(0.0, double(qs) - double(ds) * double(ds) / double(n));
+  ds += a;
+  qs += b;
 }
 
+// Merges a block of n values given the shift of its second pass and the deviations' sums.
+inline void merge_block(Moments& m, int64_t n, double shift, double ds, double qs) {
+  m.merge(n, shift + ds / double(n), std::max(0.0, qs - ds * ds / double(n)));
+}
+
+// Moments of channel c of an NCHW input, in blocks of about kBlock values: runs of one plane,
+// or several whole planes when planes are small.
 template <typename T>
 Moments channel_moments(const T* x, int64_t c, const BatchNormShape& s) {
   Moments m;
-  for (int64_t n = 0; n < s.batch; ++n) {
-    const T* p = x + (n * s.channels + c) * s.inner;
-    for (int64_t i = 0; i < s.inner; i += kBlock) {
-      const int64_t len = std::min(kBlock, s.inner - i);
-      double mean, m2;
-      run_moments(p + i, len, mean, m2);
-      m.merge(len, mean, m2);
+  const auto plane = [&](int64_t n) { return x + (n * s.channels + c) * s.inner; };
+  if (s.inner >= kBlock / 2) {
+    for (int64_t n = 0; n < s.batch; ++n) {
+      for (int64_t i = 0; i < s.inner; i += kBlock) {
+        const int64_t len = std::min(kBlock, s.inner - i);
+        const T shift = sum_run(plane(n) + i, len) / T(len);
+        T ds = 0, qs = 0;
+        deviations_run(plane(n) + i, len, shift, ds, qs);
+        merge_block(m, len, shift, ds, qs);
+      }
     }
+    return m;
+  }
+  const int64_t per = std::max<int64_t>(1, kBlock / s.inner);  // planes per block
+  for (int64_t n0 = 0; n0 < s.batch; n0 += per) {
+    const int64_t n1 = std::min(s.batch, n0 + per), len = (n1 - n0) * s.inner;
+    T sum = 0;
+    for (int64_t n = n0; n < n1; ++n) sum += sum_run(plane(n), s.inner);
+    const T shift = sum / T(len);
+    T ds = 0, qs = 0;
+    for (int64_t n = n0; n < n1; ++n) deviations_run(plane(n), s.inner, shift, ds, qs);
+    merge_block(m, len, shift, ds, qs);
   }
   return m;
 }
