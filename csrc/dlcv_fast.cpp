@@ -181,6 +181,126 @@ std::tuple<at::Tensor, at::Tensor> noise_backward_autograd(const at::Tensor& gra
   return {out[0], out[1]};
 }
 
+// --- batch norm --------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_op(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    bool relu) {
+  static const auto op = op_handle<decltype(dlcv_fast::batch_norm)>("dlcv_fast::batch_norm");
+  return op.call(input, weight, bias, running_mean, running_var, training, momentum, eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> mask) {
+  static const auto op =
+      op_handle<decltype(dlcv_fast::batch_norm_backward)>("dlcv_fast::batch_norm_backward");
+  return op.call(grad_output, input, weight, bias, save_mean, save_invstd, training, relu, mask);
+}
+
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// Differentiable in input, weight and bias; the running statistics are updated in place and
+// their version counters bumped, as an in-place op's would be. autograd::Function takes no
+// undefined tensor, so the affine parameters given come as a list of 0, 1 or 2 tensors.
+class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               at::TensorList affine, bool has_weight, bool has_bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, bool training,
+                               double momentum, double eps, bool relu) {
+    const at::Tensor weight = has_weight ? affine[0] : at::Tensor();
+    const at::Tensor bias = has_bias ? affine[has_weight ? 1 : 0] : at::Tensor();
+    at::Tensor out, mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, mean, invstd) =
+          batch_norm_op(input, optional(weight), optional(bias), running_mean, running_var,
+                        training, momentum, eps, relu);
+    }
+    if (training) {
+      for (const auto& t : {running_mean, running_var}) {
+        if (t.has_value() && t->defined()) torch::autograd::impl::bump_version(*t);
+      }
+    }
+    ctx->save_for_backward({input, weight, bias, mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+    ctx->mark_non_differentiable({mean, invstd});
+    return {out, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[1].defined(), has_bias = saved[2].defined();
+    const size_t n_affine = static_cast<size_t>(has_weight) + static_cast<size_t>(has_bias);
+    // Gradient slots: input, the affine tensors, then the 8 other arguments.
+    variable_list result(1 + n_affine + 8);
+    const size_t w_at = 1, b_at = has_weight ? 2 : 1;
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0),
+                                   has_weight && ctx->needs_input_grad(w_at),
+                                   has_bias && ctx->needs_input_grad(b_at)};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return result;
+    auto [gx, gw, gb] = batch_norm_backward_op(
+        grads[0], saved[0], optional(saved[1]), optional(saved[2]), saved[3], saved[4],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(), mask);
+    if (mask[0]) result[0] = gx;
+    if (mask[1]) result[w_at] = gw;
+    if (mask[2]) result[b_at] = gb;
+    return result;
+  }
+};
+
+// batch_norm_backward is not differentiable again: a double backward raises.
+class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_output,
+                               const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+                               const at::Tensor& save_invstd, bool training, bool relu,
+                               std::array<bool, 3> mask) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [gx, gw, gb] = batch_norm_backward_op(grad_output, input, weight, bias, save_mean,
+                                               save_invstd, training, relu, mask);
+    return {gx, gw, gb};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "dlcv_fast.batch_norm: double backward (the gradient of the gradient) is "
+                "not supported");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    bool relu) {
+  const bool has_weight = weight.has_value() && weight->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  std::vector<at::Tensor> affine;
+  if (has_weight) affine.push_back(*weight);
+  if (has_bias) affine.push_back(*bias);
+  auto out = BatchNormFunction::apply(input, at::TensorList(affine), has_weight, has_bias,
+                                      running_mean, running_var, training, momentum, eps, relu);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> mask) {
+  auto out = BatchNormBackwardFunction::apply(grad_output, input, weight, bias, save_mean,
+                                              save_invstd, training, relu, mask);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dlcv_fast, m) {
@@ -213,6 +333,25 @@ TORCH_LIBRARY(dlcv_fast, m) {
   m.def(
       "conv2d_bias_relu_backward(Tensor grad_output, Tensor? output, bool bias) "
       "-> (Tensor, Tensor)");
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float momentum, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, bool training, bool relu, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+      "bool relu) -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor invstd, bool relu) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count, "
+      "bool relu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
@@ -226,6 +365,12 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("conv2d_backward_input", &dlcv_fast::conv2d_backward_input);
   m.impl("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight);
   m.impl("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward);
+  m.impl("batch_norm", &dlcv_fast::batch_norm);
+  m.impl("batch_norm_backward", &dlcv_fast::batch_norm_backward);
+  m.impl("batch_norm_stats", &dlcv_fast::batch_norm_stats);
+  m.impl("batch_norm_elemt", &dlcv_fast::batch_norm_elemt);
+  m.impl("batch_norm_backward_reduce", &dlcv_fast::batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &dlcv_fast::batch_norm_backward_elemt);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
@@ -234,6 +379,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
   m.impl("add_noise", &add_noise_autograd);
   m.impl("get_velocity", &get_velocity_autograd);
   m.impl("noise_backward", &noise_backward_autograd);
+  m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 #ifdef DLCV_FAST_WITH_CUDA
@@ -248,6 +395,12 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("conv2d_backward_input", &dlcv_fast::conv2d_backward_input);
   m.impl("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight);
   m.impl("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward);
+  m.impl("batch_norm", &dlcv_fast::batch_norm);
+  m.impl("batch_norm_backward", &dlcv_fast::batch_norm_backward);
+  m.impl("batch_norm_stats", &dlcv_fast::batch_norm_stats);
+  m.impl("batch_norm_elemt", &dlcv_fast::batch_norm_elemt);
+  m.impl("batch_norm_backward_reduce", &dlcv_fast::batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &dlcv_fast::batch_norm_backward_elemt);
 }
 #endif
 
@@ -285,4 +438,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward,
         "(grad masked by output > 0, grad_bias)", py::arg("grad_output"), py::arg("output"),
         py::arg("bias"));
+  m.def("batch_norm", &dlcv_fast::batch_norm,
+        "batch norm forward (optionally + ReLU): (output, save_mean, save_invstd)",
+        py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("training"), py::arg("momentum"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("batch_norm_backward", &dlcv_fast::batch_norm_backward,
+        "batch norm backward: (grad_input, grad_weight, grad_bias)", py::arg("grad_output"),
+        py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("save_mean"),
+        py::arg("save_invstd"), py::arg("training"), py::arg("relu"), py::arg("output_mask"));
 }

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -59,6 +60,43 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
 // an empty tensor; grad_bias = g (or grad_output) summed per channel when bias, else empty.
 std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& output, bool bias);
+// Batch normalisation (batch_norm_shape.h), torch.nn.functional.batch_norm's semantics with an
+// optional fused ReLU. Returns (output, save_mean, save_invstd), the statistics in float32
+// (float64 for float64 input): the batch's in training, where the running statistics (if
+// given) are updated in place, else the running ones.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
+    bool relu);
+
+// (grad_input, grad_weight, grad_bias); an output not asked for in output_mask is an empty
+// (0,) tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> output_mask);
+
+// The parts of a batch norm whose statistics are reduced across processes (SyncBatchNorm):
+// per-channel (mean, biased variance); the output from given statistics; the sums
+// (sum_dy, sum_dy_xmu); and grad_input from sums over `count` values per channel.
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input);
+
+at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                            const at::Tensor& invstd, bool relu);
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd,
+    bool relu);
+
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                     int64_t count, bool relu);
 
 // Whether this build holds the CUDA kernels.
 bool cuda_built();

@@ -17,6 +17,7 @@ from dlcv_fast.backend import (
 )
 from dlcv_fast.ops.conv2d import conv2d
 from dlcv_fast.ops.max_pool2d import max_pool2d
+from dlcv_fast.ops.batch_norm import batch_norm
 from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast import nn  # noqa: E402
 
@@ -24,13 +25,15 @@ __version__ = "0.1.0"
 
 # Ops with kernels in every backend, in the order the command line lists them (the sampler
 # steps live in dlcv_fast.diffusion).
-OPS = ("conv2d", "max_pool2d", "add_noise", "get_velocity", "ddpm_step", "ddim_step")
+OPS = ("conv2d", "batch_norm", "max_pool2d", "add_noise", "get_velocity", "ddpm_step",
+       "ddim_step")
 
 __all__ = [
     "BACKENDS",
     "BackendError",
     "OPS",
     "add_noise",
+    "batch_norm",
     "conv2d",
     "cuda_built",
     "get_backend",

@@ -30,7 +30,8 @@ BACKENDS = ("auto", "cuda", "triton", "cpu")
 # The GPU backend that `auto` picks for each op. Without a committed GPU benchmark that
 # shows triton faster for an op, the CUDA kernels are the default.
 AUTO_GPU: dict[str, str] = {
-    "conv2d": "cuda", "max_pool2d": "cuda", "add_noise": "cuda", "get_velocity": "cuda", "scheduler_step": "cuda",
+    "conv2d": "cuda", "batch_norm": "cuda", "max_pool2d": "cuda", "add_noise": "cuda",
+    "get_velocity": "cuda", "scheduler_step": "cuda",
 }
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -344,6 +344,84 @@ def bench_conv2d(device: torch.device, dtypes, batch: int, backends, layers=None
                         yield Result(**common, direction=direction, backend=backend,
                                      ms=median_ms(fn, device), torch_ms=torch_ms[direction],
                                      bytes=moved, flops=n_flops)
+# --- batch_norm ------------------------------------------------------------------------------
+
+# (layer, C, H, W): the distinct batch-norm shapes of torchvision's ResNet-50 at 224 x 224.
+BN_LAYERS = [
+    ("resnet50.bn1", 64, 112, 112),
+    ("layer1.64", 64, 56, 56),
+    ("layer1.256", 256, 56, 56),
+    ("layer2.128a", 128, 56, 56),
+    ("layer2.128", 128, 28, 28),
+    ("layer2.512", 512, 28, 28),
+    ("layer3.256a", 256, 28, 28),
+    ("layer3.256", 256, 14, 14),
+    ("layer3.1024", 1024, 14, 14),
+    ("layer4.512a", 512, 14, 14),
+    ("layer4.512", 512, 7, 7),
+    ("layer4.2048", 2048, 7, 7),
+]
+
+
+def _bn_train_step(fn, x, w, b, rm, rv, g):
+    """One training step of a batch norm: forward with batch statistics, then the gradients
+    of input, weight and bias."""
+    def step():
+        out = fn(x, rm, rv, w, b)
+        return torch.autograd.grad(out, (x, w, b), g)
+
+    return step
+
+
+def bench_batch_norm(device: torch.device, dtypes, batch: int, backends, layers=None,
+                     layouts=("nchw", "channels_last")) -> Iterator[Result]:
+    """Training forward + backward against F.batch_norm, and batch norm + ReLU fused
+    against F.batch_norm followed by F.relu. Bytes: the two passes of each direction
+    (forward reads x twice and writes y; backward reads x and dy twice and writes dx)."""
+    for name, c, h, w_ in layers or BN_LAYERS:
+        for dtype in dtypes:
+            for layout in layouts:
+                x = _layout(torch.randn(batch, c, h, w_, device=device, dtype=dtype), layout)
+                x.requires_grad_()
+                pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+                weight = torch.rand(c, device=device, dtype=pdt, requires_grad=True)
+                bias = torch.randn(c, device=device, dtype=pdt, requires_grad=True)
+                rm = torch.zeros(c, device=device, dtype=pdt)
+                rv = torch.ones(c, device=device, dtype=pdt)
+                g = torch.randn_like(x)
+                moved = 8 * x.numel() * x.element_size()
+
+                def torch_bn(x, rm, rv, w, b):
+                    return F.batch_norm(x, rm, rv, w, b, True)
+
+                def torch_bn_relu(x, rm, rv, w, b):
+                    return F.relu(F.batch_norm(x, rm, rv, w, b, True))
+
+                def ours(x, rm, rv, w, b):
+                    return dlcv_fast.batch_norm(x, rm, rv, w, b, True)
+
+                def ours_relu(x, rm, rv, w, b):
+                    return dlcv_fast.batch_norm(x, rm, rv, w, b, True, activation="relu")
+
+                common = dict(op="batch_norm", case=name, shape=tuple(x.shape),
+                              dtype=str(dtype).removeprefix("torch."), layout=layout,
+                              bytes=moved)
+                for direction, ref_fn, fn in (("fwd+bwd", torch_bn, ours),
+                                              ("fwd+bwd+relu", torch_bn_relu, ours_relu)):
+                    torch_ms = median_ms(_bn_train_step(ref_fn, x, weight, bias, rm, rv, g),
+                                         device)
+                    for backend in backends:
+                        with dlcv_fast.use_backend(backend):
+                            want = ref_fn(x, rm.clone(), rv.clone(), weight, bias)
+                            got = fn(x, rm.clone(), rv.clone(), weight, bias)
+                            tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+                            if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+                                raise AssertionError(f"batch_norm {backend} disagrees with "
+                                                     f"PyTorch on {name} {dtype} {layout}")
+                            ms = median_ms(_bn_train_step(fn, x, weight, bias, rm, rv, g),
+                                           device)
+                        yield Result(**common, direction=direction, backend=backend, ms=ms,
+                                     torch_ms=torch_ms)
 
 
 BENCHMARKS = {
@@ -353,6 +431,7 @@ BENCHMARKS = {
     "get_velocity": _noise_bench("get_velocity"),
     "ddpm_step": _step_bench("ddpm_step"),
     "ddim_step": _step_bench("ddim_step"),
+    "batch_norm": bench_batch_norm,
 }
 
 # Default CPU batch where the common one (8) would take too long on a small machine.

@@ -151,6 +151,46 @@ def _check_conv2d_cases(backend: str, device: str, dtype: torch.dtype) -> Row:
                worst <= tol[dtype])
 
 
+def _check_batch_norm(backend: str, device: str, dtype: torch.dtype) -> Row:
+    """Training forward and backward (plain and fused with ReLU) and evaluation forward
+    against F.batch_norm in float64; errors relative to the largest reference value."""
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+    worst, cases = 0.0, 0
+    for shape, layout in [((4, 8, 9, 9), torch.contiguous_format),
+                          ((4, 8, 9, 9), torch.channels_last), ((16, 5), torch.contiguous_format),
+                          ((2, 3, 4, 5, 6), torch.contiguous_format)]:
+        for relu in (False, True):
+            x64 = torch.randn(shape, dtype=torch.float64) * 2 + 1
+            g64 = torch.randn(shape, dtype=torch.float64)
+            C = shape[1]
+            w64, b64 = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+            x = x64.to(device, dtype).contiguous(memory_format=layout).requires_grad_()
+            w = w64.to(device, dtype).requires_grad_()
+            b = b64.to(device, dtype).requires_grad_()
+            rm = torch.zeros(C, device=device, dtype=dtype)
+            rv = torch.ones(C, device=device, dtype=dtype)
+            with dlcv_fast.use_backend(backend):
+                out = dlcv_fast.batch_norm(x, rm, rv, w, b, True,
+                                           activation="relu" if relu else None)
+                grads = torch.autograd.grad(out, (x, w, b), g64.to(device, dtype))
+                evals = dlcv_fast.batch_norm(x.detach(), rm, rv, w.detach(), b.detach(), False)
+            xq = x.detach().double().cpu().requires_grad_()
+            wq = w.detach().double().cpu().requires_grad_()
+            bq = b.detach().double().cpu().requires_grad_()
+            rm64, rv64 = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+            want = F.batch_norm(xq, rm64, rv64, wq, bq, True)
+            want = want.relu() if relu else want
+            want_grads = torch.autograd.grad(want, (xq, wq, bq), g64)
+            want_eval = F.batch_norm(xq.detach(), rm64, rv64, wq.detach(), bq.detach(), False)
+            for a, e in [(out, want), (evals, want_eval), (rm, rm64), (rv, rv64),
+                         *zip(grads, want_grads)]:
+                err = (a.detach().double().cpu() - e.detach()).abs().max().item()
+                worst = max(worst, err / (1 + e.detach().abs().max().item()))
+            cases += 1
+    return Row("batch_norm", backend, device, str(dtype).removeprefix("torch."), cases, worst,
+               worst <= tol[dtype])
+
+
 CHECKS = {
     "conv2d": _check_conv2d,
     "max_pool2d": _check_max_pool2d,
@@ -158,6 +198,7 @@ CHECKS = {
     "get_velocity": _check_noise("get_velocity"),
     "ddpm_step": _check_step("ddpm_step"),
     "ddim_step": _check_step("ddim_step"),
+    "batch_norm": _check_batch_norm,
 }
 
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../batch_norm_shape.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -41,5 +42,42 @@ void noise_combine_backward(DType dtype, bool table_double, NoiseKind kind, cons
 void scheduler_step(DType dtype, const void* model_output, const void* sample, const void* noise,
                     const void* variance, const double* thresholds, void* prev, void* x0,
                     const StepParams& params);
+
+// Batch normalisation (batch_norm_shape.h), as its CUDA counterparts; per-channel arrays in
+// the input's type. Training forward: batch statistics (save_mean, save_invstd =
+// 1 / sqrt(var + eps)), running statistics (nullable) updated with momentum and the unbiased
+// variance, then y.
+#define DLCV_BATCH_NORM_CPU_KERNELS                                                           \
+  void batch_norm_forward_train(DType dtype, const void* x, const BatchNormParams& p,         \
+                                void* running_mean, void* running_var, void* save_mean,       \
+                                void* save_invstd, void* y, const BatchNormShape& s,          \
+                                double momentum, double eps);                                 \
+  /* Per-channel mean and biased variance. */                                                 \
+  void batch_norm_stats(DType dtype, const void* x, void* mean, void* var,                    \
+                        const BatchNormShape& s);                                             \
+  /* y from given statistics. */                                                              \
+  void batch_norm_elemt(DType dtype, const void* x, const BatchNormParams& p, const void* mean, \
+                        const void* invstd, void* y, const BatchNormShape& s);                \
+  /* sum_dy, sum_dy_xmu. */                                                                   \
+  void batch_norm_backward_reduce(DType dtype, const void* dy, const void* x,                 \
+                                  const BatchNormParams& p, const void* mean,                 \
+                                  const void* invstd, void* sum_dy, void* sum_dy_xmu,         \
+                                  const BatchNormShape& s);                                   \
+  /* dx from the sums over `count` values per channel; sum_dy null: evaluation mode. */       \
+  void batch_norm_backward_elemt(DType dtype, const void* dy, const void* x,                  \
+                                 const BatchNormParams& p, const void* mean,                  \
+                                 const void* invstd, const void* sum_dy,                      \
+                                 const void* sum_dy_xmu, int64_t count, void* dx,             \
+                                 const BatchNormShape& s);                                    \
+  /* Training backward: the sums, then dx unless it is null. */                               \
+  void batch_norm_backward_train(DType dtype, const void* dy, const void* x,                  \
+                                 const BatchNormParams& p, const void* mean,                  \
+                                 const void* invstd, void* sum_dy, void* sum_dy_xmu, void* dx, \
+                                 const BatchNormShape& s);
+
+DLCV_BATCH_NORM_CPU_KERNELS
+namespace base { DLCV_BATCH_NORM_CPU_KERNELS }
+namespace avx2 { DLCV_BATCH_NORM_CPU_KERNELS }
+namespace avx512 { DLCV_BATCH_NORM_CPU_KERNELS }
 
 }  // namespace dlcv_fast::cpu

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../conv2d_shape.h"
+#include "../batch_norm_shape.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -89,5 +90,47 @@ cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides
 cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
                                              const void* x, Strides4 xs, void* gw, Strides4 gws,
                                              const Conv2dShape& shape, cudaStream_t stream);
+// Batch normalisation (batch_norm_shape.h). Per-channel arrays in the accumulation type
+// (float; double for float64 inputs). The reductions write per-split partial results to
+// `workspace`, which holds batch_norm_workspace_bytes(dtype, shape) bytes.
+size_t batch_norm_workspace_bytes(DType dtype, const BatchNormShape& shape);
+
+// Training forward: batch statistics (save_mean, save_invstd = 1 / sqrt(var + eps)), the
+// running statistics (nullable) updated with momentum and the unbiased variance, then y.
+cudaError_t batch_norm_forward_train(DType dtype, const void* x, const BatchNormParams& p,
+                                     void* running_mean, void* running_var, void* save_mean,
+                                     void* save_invstd, void* y, const BatchNormShape& shape,
+                                     double momentum, double eps, void* workspace,
+                                     cudaStream_t stream);
+
+// Per-channel mean and biased variance.
+cudaError_t batch_norm_stats(DType dtype, const void* x, void* mean, void* var,
+                             const BatchNormShape& shape, void* workspace, cudaStream_t stream);
+
+// y from given statistics.
+cudaError_t batch_norm_elemt(DType dtype, const void* x, const BatchNormParams& p,
+                             const void* mean, const void* invstd, void* y,
+                             const BatchNormShape& shape, cudaStream_t stream);
+
+// sum_dy and sum_dy_xmu.
+cudaError_t batch_norm_backward_reduce(DType dtype, const void* dy, const void* x,
+                                       const BatchNormParams& p, const void* mean,
+                                       const void* invstd, void* sum_dy, void* sum_dy_xmu,
+                                       const BatchNormShape& shape, void* workspace,
+                                       cudaStream_t stream);
+
+// dx from the sums over `count` values per channel; sum_dy null: evaluation mode.
+cudaError_t batch_norm_backward_elemt(DType dtype, const void* dy, const void* x,
+                                      const BatchNormParams& p, const void* mean,
+                                      const void* invstd, const void* sum_dy,
+                                      const void* sum_dy_xmu, int64_t count, void* dx,
+                                      const BatchNormShape& shape, cudaStream_t stream);
+
+// Training backward: the sums, then dx unless it is null.
+cudaError_t batch_norm_backward_train(DType dtype, const void* dy, const void* x,
+                                      const BatchNormParams& p, const void* mean,
+                                      const void* invstd, void* sum_dy, void* sum_dy_xmu,
+                                      void* dx, const BatchNormShape& shape, void* workspace,
+                                      cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda
