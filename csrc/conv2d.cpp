@@ -87,6 +87,27 @@ Strides4 strides_of(const at::Tensor& t) {
 
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
+bool is_depthwise(const Conv2dShape& s) { return s.groups == s.c && s.c_per_group() == 1; }
+
+// Why the depthwise kernels cannot run a geometry (they index in 28 bits), or null.
+const char* depthwise_unsupported(const Conv2dShape& s) {
+  constexpr int64_t kLimit = int64_t{1} << 28;
+  const int64_t values[] = {s.n, s.c, s.o, s.kh * s.kw, s.h + s.pad_h, s.w + s.pad_w,
+                            s.oh * s.stride_h, s.ow * s.stride_w, (s.kh - 1) * s.dil_h + 1,
+                            (s.kw - 1) * s.dil_w + 1, s.stride_h, s.stride_w};
+  for (int64_t v : values) {
+    if (v >= kLimit) return "an image, kernel, padding or stride dimension of 2^28 or more";
+  }
+  return nullptr;
+}
+
+// Raises a ValueError naming the limit a convolution exceeds, before any launch.
+void check_cuda_limits(const char* op, const Conv2dShape& s) {
+  const char* why = is_depthwise(s) ? depthwise_unsupported(s) : cuda::conv2d_unsupported(s);
+  TORCH_CHECK_VALUE(why == nullptr, op, " (cuda): this convolution is beyond the kernels' "
+                    "limits: ", why);
+}
+
 // The weight in the input's memory format: the kernels' vector loads need both operands
 // channels-innermost (a copy only when a channels_last input meets an NCHW weight).
 at::Tensor kernel_weight(const at::Tensor& weight, const at::Tensor& input) {
@@ -139,12 +160,19 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     return y;
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  check_cuda_limits(op, s);
   const at::Tensor wk = kernel_weight(weight, input);
+  const void* bp = b.has_value() ? b->data_ptr() : nullptr;
   launch_cuda(op, input, [&](cudaStream_t stream) {
-    return cuda::conv2d_forward(kernel_dtype(input.scalar_type()), input.data_ptr(),
-                                strides_of(input), wk.data_ptr(), strides_of(wk),
-                                b.has_value() ? b->data_ptr() : nullptr, y.data_ptr(),
-                                strides_of(y), s, relu, allow_tf32(), stream);
+    const DType t = kernel_dtype(input.scalar_type());
+    if (is_depthwise(s)) {
+      return cuda::conv2d_depthwise_forward(t, input.data_ptr(), strides_of(input),
+                                            wk.data_ptr(), strides_of(wk), bp, y.data_ptr(),
+                                            strides_of(y), s, relu, stream);
+    }
+    return cuda::conv2d_forward(t, input.data_ptr(), strides_of(input), wk.data_ptr(),
+                                strides_of(wk), bp, y.data_ptr(), strides_of(y), s, relu,
+                                allow_tf32(), stream);
   });
   return y;
 #else
@@ -167,11 +195,18 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     return gx;
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  check_cuda_limits(op, s);
   const at::Tensor wk = kernel_weight(weight, input);
   launch_cuda(op, input, [&](cudaStream_t stream) {
-    return cuda::conv2d_backward_input(kernel_dtype(input.scalar_type()), gy.data_ptr(),
-                                       strides_of(gy), wk.data_ptr(), strides_of(wk),
-                                       gx.data_ptr(), strides_of(gx), s, allow_tf32(), stream);
+    const DType t = kernel_dtype(input.scalar_type());
+    if (is_depthwise(s)) {
+      return cuda::conv2d_depthwise_backward_input(t, gy.data_ptr(), strides_of(gy),
+                                                   wk.data_ptr(), strides_of(wk), gx.data_ptr(),
+                                                   strides_of(gx), s, stream);
+    }
+    return cuda::conv2d_backward_input(t, gy.data_ptr(), strides_of(gy), wk.data_ptr(),
+                                       strides_of(wk), gx.data_ptr(), strides_of(gx), s,
+                                       allow_tf32(), stream);
   });
   return gx;
 #else
@@ -194,14 +229,23 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
     return gw;
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  check_cuda_limits(op, s);
+  const DType t = kernel_dtype(input.scalar_type());
+  if (is_depthwise(s)) {
+    launch_cuda(op, input, [&](cudaStream_t stream) {
+      return cuda::conv2d_depthwise_backward_weight(t, gy.data_ptr(), strides_of(gy),
+                                                    input.data_ptr(), strides_of(input),
+                                                    gw.data_ptr(), strides_of(gw), s, stream);
+    });
+    return gw;
+  }
   // float64 never splits its reduction: no scratch memory.
   const int64_t scratch =
       input.scalar_type() == at::kDouble ? 0 : cuda::conv2d_backward_weight_workspace(s);
   at::Tensor workspace = at::empty({scratch}, input.options().dtype(at::kFloat));
   launch_cuda(op, input, [&](cudaStream_t stream) {
-    return cuda::conv2d_backward_weight(kernel_dtype(input.scalar_type()), gy.data_ptr(),
-                                        strides_of(gy), input.data_ptr(), strides_of(input),
-                                        gw.data_ptr(), strides_of(gw),
+    return cuda::conv2d_backward_weight(t, gy.data_ptr(), strides_of(gy), input.data_ptr(),
+                                        strides_of(input), gw.data_ptr(), strides_of(gw),
                                         workspace.data_ptr<float>(), s, allow_tf32(), stream);
   });
   return gw;

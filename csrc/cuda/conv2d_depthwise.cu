@@ -13,9 +13,10 @@
 //
 // Flat element indices run with the channel fastest when the tensor written is channels_last
 // (threads of a warp then read and write adjacent channels) and with the width fastest
-// otherwise (adjacent output columns). wgrad's blocks are 32 channels x 8 position lanes for
+// otherwise (adjacent output columns). wgrad's blocks are 32 channels x 16 position lanes for
 // channels_last and 1 x 256 position lanes for NCHW, for the same reason. The taps of a
 // channel are re-read by every thread that needs them; they are few and stay in L1.
+// Block shapes were chosen by reasoning, not yet measured on a GPU.
 //
 // Index arithmetic is 32-bit when every flat index and every offset of every tensor stays
 // below 2^30 (common.cuh's fits_int32), else 64-bit. The element bodies are host-callable
@@ -115,7 +116,8 @@ __host__ __device__ __forceinline__ void dw_forward_at(const DwForwardArgs<T, I>
     for (int s = 0; s < g.kw; ++s) {
       const int w = w0 + s * g.dw;
       if (static_cast<unsigned>(w) >= static_cast<unsigned>(g.w)) continue;
-      acc += dw_load(xrow + static_cast<I>(w) * a.xs.w) * dw_load(wrow + static_cast<I>(s) * a.ws.w);
+      acc += dw_load(xrow + static_cast<I>(w) * a.xs.w) *
+             dw_load(wrow + static_cast<I>(s) * a.ws.w);
     }
   }
   if (a.bias != nullptr) acc += dw_load(a.bias + o);
@@ -158,14 +160,14 @@ __host__ __device__ __forceinline__ void dw_dgrad_at(const DwDgradArgs<T, I>& a,
     for (int r = 0; r < g.kh; ++r) {
       const int th = hp - r * g.dh;
       if (th < 0) break;  // only decreases with r
-      const int i = th / g.sh;
+      const int i = static_cast<int>(static_cast<unsigned>(th) / static_cast<unsigned>(g.sh));
       if (i * g.sh != th || i >= g.oh) continue;
       const T* gyrow = gyp + static_cast<I>(i) * a.gys.h;
       const T* wrow = wo + static_cast<I>(r) * a.ws.h;
       for (int s = 0; s < g.kw; ++s) {
         const int tw = wp - s * g.dw;
         if (tw < 0) break;
-        const int j = tw / g.sw;
+        const int j = static_cast<int>(static_cast<unsigned>(tw) / static_cast<unsigned>(g.sw));
         if (j * g.sw != tw || j >= g.ow) continue;
         acc += dw_load(gyrow + static_cast<I>(j) * a.gys.w) *
                dw_load(wrow + static_cast<I>(s) * a.ws.w);
@@ -367,7 +369,7 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
       err = cudaGetLastError();
     };
     if (fast) {
-      launch(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
+      launch(std::integral_constant<int, 32>{}, std::integral_constant<int, 16>{});
     } else {
       launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 256>{});
     }

@@ -22,6 +22,10 @@ dgrad with a stride splits the input into stride phases (h mod SH, w mod SW): ev
 of a phase is reached by the same taps, so each phase's GEMM runs over those taps only
 instead of masking the others out (a stride-2 layer would waste 3/4 of its K work).
 
+Depthwise layers (groups == C, one input channel per group) skip the GEMMs, whose tiles
+would be one column wide: direct kernels (the _dw_* functions below) take them inside
+forward, backward_input and backward_weight.
+
 Accumulation is float32 (float64 for float64 tensors; the compiler lowers a float64
 ``tl.dot`` to FMAs); float32 operands use TF32 tensor cores only when allowed. Every
 reduction runs in a fixed order: wgrad and the bias gradient split their long reduction
@@ -162,6 +166,8 @@ def _forward_kernel(
     else:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
+            if WIDE_INDEX:  # c * sxc can pass 2^31 within one large image
+                offs_k = offs_k.to(tl.int64)
             k_ok = offs_k < K
             c, r, s = _decode_k(offs_k, CG, KH, KW, CHANNELS_FAST)
             h = h0[:, None] + (r * DH)[None, :]
@@ -259,6 +265,8 @@ def _dgrad_kernel(
     else:
         for k0 in range(0, k_phase, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
+            if WIDE_INDEX:  # o * sgc can pass 2^31 within one large image
+                offs_k = offs_k.to(tl.int64)
             k_ok = offs_k < k_phase
             o, tr, ts = _decode_k(offs_k, OG, nr, ns, CHANNELS_FAST)
             r = r0 + tr * STEP_H
@@ -420,10 +428,11 @@ def _bias_reduce_kernel(part_ptr, gb_ptr, O, SPLITS, ACC: tl.constexpr, BLOCK: t
 
 # ---- depthwise (groups == C, one input channel per group) ---------------------------------
 # Output channel o reads input channel o // MULT only, so each output is a KH x KW dot
-# product: direct kernels on [positions x channels] tiles with FMAs, looping over the taps
-# (dgrad: over each channel's MULT outputs and the taps, gathering the outputs that read
-# the pixel, so no atomics). wgrad reduces over (n, i, j) per (tap, channel block) in a
-# fixed order, split into float32 partials as the GEMM's wgrad does.
+# product: direct kernels with FMAs on [positions x channels x taps] tiles, BLOCK_T taps at
+# a time (one on a GPU: a loop over the taps; many under the interpreter, whose cost is per
+# operation). dgrad gathers, for each pixel, the outputs of its channel's MULT outputs that
+# read it through each tap (no atomics). wgrad reduces over (n, i, j) for a block of
+# (tap, channel) columns in a fixed order, split into partials as the GEMM's wgrad does.
 
 
 @triton.jit
@@ -433,7 +442,7 @@ def _dw_forward_kernel(
     sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE_INDEX:
@@ -447,28 +456,31 @@ def _dw_forward_kernel(
     t = offs_p % OHW
     i = t // OW
     j = t % OW
-    h0 = i * SH - PH
-    w0 = j * SW - PW
-    x_base = x_ptr + (n * sxn)[:, None] + ((o // MULT) * sxc)[None, :]
-    w_base = w_ptr + o * swo
-    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-    for r in range(KH):
-        h = h0 + r * DH
-        h_ok = p_ok & (h >= 0) & (h < H)
-        x_row = x_base + (h * sxh)[:, None]
-        for s in range(KW):
-            w = w0 + s * DW
-            ok = h_ok & (w >= 0) & (w < W)
-            xv = tl.load(x_row + (w * sxw)[:, None], mask=ok[:, None] & o_ok[None, :], other=0.0)
-            wv = tl.load(w_base + r * swh + s * sww, mask=o_ok, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    h0 = (i * SH - PH)[:, None, None]
+    w0 = (j * SW - PW)[:, None, None]
+    x_base = x_ptr + (n * sxn)[:, None, None] + ((o // MULT) * sxc)[None, :, None]
+    w_base = w_ptr + (o * swo)[:, None]
+    live = p_ok[:, None, None] & o_ok[None, :, None]
+    acc = tl.zeros([BLOCK_P, BLOCK_C, BLOCK_T], ACC)
+    for t0 in range(0, KH * KW, BLOCK_T):
+        tap = t0 + tl.arange(0, BLOCK_T)
+        r = tap // KW
+        s = tap % KW
+        h = h0 + (r * DH)[None, None, :]
+        w = w0 + (s * DW)[None, None, :]
+        ok = live & (tap < KH * KW)[None, None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        xv = tl.load(x_base + h * sxh + w * sxw, mask=ok, other=0.0)
+        wv = tl.load(w_base + (r * swh + s * sww)[None, :],
+                     mask=o_ok[:, None] & (tap < KH * KW)[None, :], other=0.0)
+        acc += xv.to(ACC) * wv.to(ACC)[None, :, :]
+    out = tl.sum(acc, axis=2)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
+        out += tl.load(b_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
     if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # keeps NaN, as torch.relu does
+        out = tl.where(out < 0, 0.0, out)  # keeps NaN, as torch.relu does
     y_ptrs = (y_ptr + (n * syn)[:, None] + (i * syh)[:, None] + (j * syw)[:, None]
               + (o * syc)[None, :])
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
 @triton.jit
@@ -478,7 +490,7 @@ def _dw_dgrad_kernel(
     sgn, sgc, sgh, sgw, swo, swh, sww, sxn, sxc, sxh, sxw,
     SH, SW, PH, PW, DH, DW,
     WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE_INDEX:
@@ -492,72 +504,81 @@ def _dw_dgrad_kernel(
     t = offs_p % HW
     h = t // W
     w = t % W
-    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-    for m in range(MULT):
-        o = c * MULT + m
-        gy_base = gy_ptr + (n * sgn)[:, None] + (o * sgc)[None, :]
-        w_base = w_ptr + o * swo
-        for r in range(KH):
-            # Output row i read row h through tap r when i * SH == h + PH - r * DH.
-            th = h + PH - r * DH
-            i = th // SH
-            h_ok = p_ok & (th >= 0) & (i * SH == th) & (i < OH)
-            gy_row = gy_base + (i * sgh)[:, None]
-            for s in range(KW):
-                tw = w + PW - s * DW
-                j = tw // SW
-                ok = h_ok & (tw >= 0) & (j * SW == tw) & (j < OW)
-                g = tl.load(gy_row + (j * sgw)[:, None], mask=ok[:, None] & c_ok[None, :],
-                            other=0.0)
-                wv = tl.load(w_base + r * swh + s * sww, mask=c_ok, other=0.0)
-                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    hp = (h + PH)[:, None, None]
+    wp = (w + PW)[:, None, None]
+    gy_base = gy_ptr + (n * sgn)[:, None, None] + (c * MULT * sgc)[None, :, None]
+    w_base = w_ptr + (c * MULT * swo)[:, None]
+    live = p_ok[:, None, None] & c_ok[None, :, None]
+    acc = tl.zeros([BLOCK_P, BLOCK_C, BLOCK_T], ACC)
+    # u = (m, r, s): output channel c * MULT + m read this pixel through tap (r, s) at
+    # output (i, j) when i * SH == h + PH - r * DH and j * SW == w + PW - s * DW.
+    for u0 in range(0, MULT * KH * KW, BLOCK_T):
+        u = u0 + tl.arange(0, BLOCK_T)
+        u_ok = u < MULT * KH * KW
+        m = u // (KH * KW)
+        rs = u % (KH * KW)
+        r = rs // KW
+        s = rs % KW
+        th = hp - (r * DH)[None, None, :]
+        tw = wp - (s * DW)[None, None, :]
+        i = th // SH
+        j = tw // SW
+        ok = (live & u_ok[None, None, :] & (th >= 0) & (i * SH == th) & (i < OH)
+              & (tw >= 0) & (j * SW == tw) & (j < OW))
+        g = tl.load(gy_base + (m * sgc)[None, None, :] + i * sgh + j * sgw, mask=ok, other=0.0)
+        wv = tl.load(w_base + (m * swo + r * swh + s * sww)[None, :],
+                     mask=c_ok[:, None] & u_ok[None, :], other=0.0)
+        acc += g.to(ACC) * wv.to(ACC)[None, :, :]
+    out = tl.sum(acc, axis=2)
     gx_ptrs = (gx_ptr + (n * sxn)[:, None] + (h * sxh)[:, None] + (w * sxw)[:, None]
                + (c * sxc)[None, :])
-    tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    tl.store(gx_ptrs, out.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
 def _dw_wgrad_kernel(
     gy_ptr, x_ptr, out_ptr,
-    P, P_SPLIT, O, C_BLOCKS, MULT, H, W, OW, OHW, KW,
+    P, P_SPLIT, O, Q, MULT, H, W, OW, OHW, KW,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, so_split, soo, sor, sos,
     SH, SW, PH, PW, DH, DW,
     WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     if WIDE_INDEX:
         pid = pid.to(tl.int64)
         split = split.to(tl.int64)
-    tap = pid // C_BLOCKS
+    # Columns q = tap * O + o: adjacent columns are adjacent channels of one tap.
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
+    o = q % O
+    tap = q // O
     r = tap // KW
     s = tap % KW
-    o = (pid - tap * C_BLOCKS) * BLOCK_C + tl.arange(0, BLOCK_C)
-    o_ok = o < O
-    gy_cols = gy_ptr + o * sgc
-    x_cols = x_ptr + (o // MULT) * sxc
+    dh = (r * DH - PH)[None, :]
+    dw = (s * DW - PW)[None, :]
+    gy_cols = gy_ptr + (o * sgc)[None, :]
+    x_cols = x_ptr + ((o // MULT) * sxc)[None, :]
     p_lo = split * P_SPLIT
     p_hi = tl.minimum(P, p_lo + P_SPLIT)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], ACC)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         n = offs_p // OHW
         t = offs_p % OHW
         i = t // OW
         j = t % OW
-        h = i * SH - PH + r * DH
-        w = j * SW - PW + s * DW
-        p_ok = offs_p < p_hi
-        x_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        g = tl.load(gy_cols[None, :] + (n * sgn + i * sgh + j * sgw)[:, None],
-                    mask=p_ok[:, None] & o_ok[None, :], other=0.0)
-        xv = tl.load(x_cols[None, :] + (n * sxn + h * sxh + w * sxw)[:, None],
-                     mask=x_ok[:, None] & o_ok[None, :], other=0.0)
+        h = (i * SH)[:, None] + dh
+        w = (j * SW)[:, None] + dw
+        ok = (offs_p < p_hi)[:, None] & q_ok[None, :]
+        x_ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        g = tl.load(gy_cols + (n * sgn + i * sgh + j * sgw)[:, None], mask=ok, other=0.0)
+        xv = tl.load(x_cols + (n * sxn)[:, None] + h * sxh + w * sxw, mask=x_ok, other=0.0)
         acc += g.to(ACC) * xv.to(ACC)
     total = tl.sum(acc, axis=0)
     tl.store(out_ptr + split * so_split + o * soo + r * sor + s * sos,
-             total.to(out_ptr.dtype.element_ty), mask=o_ok)
+             total.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 def _depthwise(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
@@ -565,12 +586,12 @@ def _depthwise(x: torch.Tensor, w: torch.Tensor, groups: int) -> bool:
     return groups == x.shape[1] and w.shape[1] == 1
 
 
-def _dw_blocks(t: torch.Tensor) -> tuple[int, int]:
-    """(positions, channels) per tile: channels across the tile for channels_last, where
-    they are contiguous; positions (along a row) for NCHW. Not tuned on a GPU yet."""
+def _dw_blocks(t: torch.Tensor, taps: int) -> tuple[int, int, int]:
+    """(positions, channels, taps) per tile: channels across the tile for channels_last,
+    where they are contiguous, positions along a row for NCHW. Not tuned on a GPU yet."""
     if _INTERPRETED:
-        return 64, 16  # few programs: the interpreter's cost is per operation
-    return (32, 32) if _channels_fast(t) else (128, 4)
+        return 128, 16, min(64, triton.next_power_of_2(taps))
+    return (32, 32, 1) if _channels_fast(t) else (128, 4, 1)
 
 
 def _dw_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:
@@ -578,7 +599,7 @@ def _dw_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:
     o, _, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
     p = n * oh * ow
-    bp, bc = _dw_blocks(x)
+    bp, bc, bt = _dw_blocks(x, kh * kw)
     c_blocks = triton.cdiv(o, bc)
     with on_device_of(x):
         _dw_forward_kernel[(triton.cdiv(p, bp) * c_blocks,)](
@@ -587,7 +608,7 @@ def _dw_forward(x, w, bias, y, stride, padding, dilation, relu: bool) -> None:
             *x.stride(), w.stride(0), w.stride(2), w.stride(3), *y.stride(),
             *stride, *padding, *dilation,
             HAS_BIAS=bias is not None, RELU=bool(relu), WIDE_INDEX=_wide(x, w, y),
-            ACC=_acc_type(x.dtype), BLOCK_P=bp, BLOCK_C=bc,
+            ACC=_acc_type(x.dtype), BLOCK_P=bp, BLOCK_C=bc, BLOCK_T=bt,
         )
 
 
@@ -596,7 +617,7 @@ def _dw_backward_input(gy, w, gx, stride, padding, dilation) -> None:
     o, _, kh, kw = w.shape
     oh, ow = gy.shape[2], gy.shape[3]
     p = n * h * wd
-    bp, bc = _dw_blocks(gx)
+    bp, bc, bt = _dw_blocks(gx, (o // c) * kh * kw)
     c_blocks = triton.cdiv(c, bc)
     with on_device_of(gy):
         _dw_dgrad_kernel[(triton.cdiv(p, bp) * c_blocks,)](
@@ -604,7 +625,8 @@ def _dw_backward_input(gy, w, gx, stride, padding, dilation) -> None:
             p, c, c_blocks, o // c, oh, ow, wd, h * wd, kh, kw,
             *gy.stride(), w.stride(0), w.stride(2), w.stride(3), *gx.stride(),
             *stride, *padding, *dilation,
-            WIDE_INDEX=_wide(gy, w, gx), ACC=_acc_type(gy.dtype), BLOCK_P=bp, BLOCK_C=bc,
+            WIDE_INDEX=_wide(gy, w, gx), ACC=_acc_type(gy.dtype),
+            BLOCK_P=bp, BLOCK_C=bc, BLOCK_T=bt,
         )
 
 
@@ -613,13 +635,16 @@ def _dw_backward_weight(gy, x, gw, stride, padding, dilation) -> None:
     o, _, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     p = n * oh * ow
-    bp, bc = _dw_blocks(x)
-    c_blocks = triton.cdiv(o, bc)
-    programs = kh * kw * c_blocks
-    acc = _acc_type(x.dtype)
     if p == 0:
         gw.zero_()
         return
+    q = kh * kw * o
+    if _INTERPRETED:
+        bp, bq = 64, min(1024, triton.next_power_of_2(q))
+    else:
+        bp, bq = (32, 32) if _channels_fast(x) else (128, 4)
+    programs = triton.cdiv(q, bq)
+    acc = _acc_type(x.dtype)
     splits, p_split = _split(p, programs, _target_programs(x), 65535)
     if splits == 1:
         out, out_strides = gw, (0, gw.stride(0), gw.stride(2), gw.stride(3))
@@ -631,10 +656,10 @@ def _dw_backward_weight(gy, x, gw, stride, padding, dilation) -> None:
     with on_device_of(x):
         _dw_wgrad_kernel[(programs, splits)](
             gy, x, out,
-            p, p_split, o, c_blocks, o // c, h, wd, ow, oh * ow, kw,
+            p, p_split, o, q, o // c, h, wd, ow, oh * ow, kw,
             *gy.stride(), *x.stride(), *out_strides,
             *stride, *padding, *dilation,
-            WIDE_INDEX=wide, ACC=acc, BLOCK_P=bp, BLOCK_C=bc,
+            WIDE_INDEX=wide, ACC=acc, BLOCK_P=bp, BLOCK_Q=bq,
         )
         if splits > 1:
             total = gw.numel()
