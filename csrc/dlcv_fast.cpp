@@ -201,6 +201,13 @@ TORCH_LIBRARY(dlcv_fast, m) {
       "scheduler_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor? variance, "
       "Tensor? thresholds, float[] coefficients, int clip, int variance_mode, "
       "bool recompute_eps) -> (Tensor, Tensor)");
+  m.def(
+      "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "sdpa_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, int seed) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
@@ -210,6 +217,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
   m.impl("scheduler_step", &dlcv_fast::scheduler_step);
+  m.impl("sdpa", &dlcv_fast::sdpa);
+  m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
@@ -228,6 +237,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("get_velocity", &dlcv_fast::get_velocity);
   m.impl("noise_backward", &dlcv_fast::noise_backward);
   m.impl("scheduler_step", &dlcv_fast::scheduler_step);
+  m.impl("sdpa", &dlcv_fast::sdpa);
+  m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
 }
 #endif
 
@@ -252,4 +263,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("noise_backward", &dlcv_fast::noise_backward,
         "gradients (sample, noise) of add_noise or (velocity=True) get_velocity", py::arg("grad"),
         py::arg("timesteps"), py::arg("alphas_cumprod"), py::arg("velocity"));
+  m.def("sdpa", &dlcv_fast::sdpa, "fused attention forward: (out, lse)", py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("dropout_p"),
+        py::arg("is_causal"), py::arg("scale"), py::arg("seed"));
+  m.def("sdpa_backward", &dlcv_fast::sdpa_backward,
+        "fused attention backward: (grad_query, grad_key, grad_value)", py::arg("grad_out"),
+        py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("lse"),
+        py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("seed"));
 }

@@ -37,6 +37,22 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(
     const std::optional<at::Tensor>& variance, const std::optional<at::Tensor>& thresholds,
     at::ArrayRef<double> coefficients, int64_t clip, int64_t variance_mode, bool recompute_eps);
 
+// Fused scaled-dot-product attention (attention_params.h) on 4-D (batch, heads, L, E)
+// query and (batch, kv_heads, S, E) key / value: (out, lse). attn_mask (bool or query's
+// dtype) broadcasts to (batch, heads, L, S); seed keys the dropout hash.
+std::tuple<at::Tensor, at::Tensor> sdpa(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        double dropout_p, bool is_causal, double scale,
+                                        int64_t seed);
+
+// (grad_query, grad_key, grad_value), recomputing the probabilities from lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    int64_t seed);
+
 // Whether this build holds the CUDA kernels.
 bool cuda_built();
 

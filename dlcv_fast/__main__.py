@@ -55,7 +55,9 @@ def _bench(args) -> int:
         for key, value in bench.geomean_speedups(results).items():
             print(f"  {key:<28} {value:.2f}x")
         out["results"] += [dict(dataclasses.asdict(r), speedup=r.speedup, gbps=r.gbps,
-                                peak_fraction=r.gbps / peak) for r in results]
+                                peak_fraction=r.gbps / peak,
+                                **({"tflops": r.tflops} if r.flops else {}))
+                           for r in results]
     paths = [args.json] if args.json else []
     if args.save:
         slug = env["device"].replace(" ", "-").replace("/", "-")

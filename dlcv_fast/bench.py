@@ -37,10 +37,15 @@ class Result:
     ms: float
     torch_ms: float
     bytes: int
+    flops: int = 0  # compute-bound ops (attention): floating-point operations of one call
 
     @property
     def speedup(self) -> float:
         return self.torch_ms / self.ms
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.ms / 1e9
 
     @property
     def gbps(self) -> float:
@@ -242,12 +247,79 @@ def _step_bench(op: str):
     return bench
 
 
+# --- scaled_dot_product_attention ------------------------------------------------------------
+
+def _attention_cases(device: torch.device):
+    """(B, H, L, D, causal). GPU: B * L = 16k tokens, H * D = 2048, L = 512 .. 16k, D = 64
+    and 128. CPU: one sequence of 8 heads, L = 256 .. 2048, D = 64."""
+    if device.type == "cuda":
+        return [(16384 // L, 2048 // D, L, D, causal) for D in (64, 128)
+                for L in (512, 1024, 2048, 4096, 8192, 16384) for causal in (False, True)]
+    return [(1, 8, L, 64, causal) for L in (256, 512, 1024, 2048) for causal in (False, True)]
+
+
+def _torch_sdpa_variants(device: torch.device):
+    """(label, context) of PyTorch's SDPA to compare with: its own choice of backend, and on
+    a GPU also its FlashAttention-2 backend alone."""
+    import contextlib
+
+    out = [("vs sdpa", contextlib.nullcontext)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        out.append(("vs flash", lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)))
+    return out
+
+
+def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Iterator[Result]:
+    """Forward and backward against F.scaled_dot_product_attention on the same inputs.
+    FLOPs: 4 B H L S D forward (half when causal), 2.5 times that backward. (``batch`` is
+    unused: the cases fix the number of tokens.)"""
+    from dlcv_fast.ops.attention import _FORWARD
+
+    for B, H, L, D, causal in _attention_cases(device):
+        for dtype in dtypes:
+            q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
+            flops = 4 * B * H * L * L * D // (2 if causal else 1)
+            moved = 4 * B * H * L * D * q.element_size()
+            case = f"L{L}-D{D}{'-causal' if causal else ''}"
+            for label, ctx in _torch_sdpa_variants(device):
+                with ctx():
+                    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    torch_fwd = median_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                        device)
+                    torch_bwd = median_ms(lambda: torch.autograd.grad(
+                        ref, (q, k, v), grad, retain_graph=True), device)
+                common = dict(op="scaled_dot_product_attention", case=case, shape=(B, H, L, D),
+                              dtype=str(dtype).removeprefix("torch."), layout=label)
+                for backend in backends:
+                    op = _FORWARD[backend]
+                    scale = D ** -0.5
+                    out = op(q, k, v, None, 0.0, causal, scale, 0)[0]
+                    err = (out - ref).abs().max().item()
+                    if err > (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4):
+                        raise AssertionError(f"attention {backend} disagrees with PyTorch on "
+                                             f"{case} {dtype}: {err}")
+                    yield Result(**common, direction="forward", backend=backend,
+                                 ms=median_ms(lambda: op(q, k, v, None, 0.0, causal, scale, 0),
+                                              device),
+                                 torch_ms=torch_fwd, bytes=moved, flops=flops)
+                    yield Result(**common, direction="backward", backend=backend,
+                                 ms=median_ms(lambda: torch.autograd.grad(
+                                     out, (q, k, v), grad, retain_graph=True), device),
+                                 torch_ms=torch_bwd, bytes=2 * moved, flops=flops * 5 // 2)
+
+
 BENCHMARKS = {
     "max_pool2d": bench_max_pool2d,
     "add_noise": _noise_bench("add_noise"),
     "get_velocity": _noise_bench("get_velocity"),
     "ddpm_step": _step_bench("ddpm_step"),
     "ddim_step": _step_bench("ddim_step"),
+    "scaled_dot_product_attention": bench_attention,
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -288,12 +360,16 @@ def environment(device: torch.device) -> dict:
 def format_table(results: list[Result], peak_gbps: float) -> str:
     head = (f"{'case':<15} {'shape':<20} {'dtype':<9} {'layout':<13} {'pass':<8} "
             f"{'backend':<7} {'ms':>8} {'torch ms':>9} {'speedup':>7} {'GB/s':>8} {'peak':>6}")
+    with_flops = any(r.flops for r in results)
+    if with_flops:  # compute-bound: TFLOP/s, ours and PyTorch's
+        head += f" {'TFLOP/s':>8} {'torch':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r.case:<15} {'x'.join(map(str, r.shape)):<20} {r.dtype:<9} {r.layout:<13} "
             f"{r.direction:<8} {r.backend:<7} {r.ms:8.3f} {r.torch_ms:9.3f} {r.speedup:6.2f}x "
             f"{r.gbps:8.1f} {r.gbps / peak_gbps:6.1%}"
+            + (f" {r.tflops:8.2f} {r.flops / r.torch_ms / 1e9:7.2f}" if with_flops else "")
         )
     return "\n".join(lines)
 

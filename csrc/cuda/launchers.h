@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../attention_params.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -41,5 +42,17 @@ cudaError_t noise_combine_backward(DType dtype, bool table_double, NoiseKind kin
 cudaError_t scheduler_step(DType dtype, const void* model_output, const void* sample,
                            const void* noise, const void* variance, const double* thresholds,
                            void* prev, void* x0, const StepParams& params, cudaStream_t stream);
+
+// Fused attention (attention_params.h): out (dense, p.o_stride) and lse (B, heads, L; float
+// for 16-bit and float32 inputs, double for float64).
+cudaError_t attention_forward(DType dtype, const AttentionParams& p, const void* q,
+                              const void* k, const void* v, const void* mask, void* out,
+                              void* lse, cudaStream_t stream);
+
+// dq, dk, dv dense in the shapes of q, k, v; delta a (B, heads, L) workspace of lse's type.
+cudaError_t attention_backward(DType dtype, const AttentionParams& p, const void* dout,
+                               const void* q, const void* k, const void* v, const void* out,
+                               const void* lse, const void* mask, void* delta, void* dq,
+                               void* dk, void* dv, cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda

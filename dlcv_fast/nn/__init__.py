@@ -1,6 +1,7 @@
 """Drop-in replacements for torch.nn layers: same constructor, parameters, buffers,
 state_dict keys and repr; the forward pass runs dlcv_fast's kernels."""
 
+from dlcv_fast.nn.attention import MultiheadAttention
 from dlcv_fast.nn.pooling import MaxPool2d
 
-__all__ = ["MaxPool2d"]
+__all__ = ["MaxPool2d", "MultiheadAttention"]

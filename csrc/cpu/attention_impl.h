@@ -1,0 +1,364 @@
+// Fused attention on the CPU (attention_params.h), compiled once per instruction set: the
+// including file defines DLCV_CPU_ISA (the namespace) and, for an extension of x86-64,
+// DLCV_CPU_TARGET_PRAGMA. No include guard, on purpose.
+//
+// The same blocked online softmax as the GPU kernels, as plain loops:
+//
+//   forward, per (batch, head, block of kQ query rows):
+//     m = -inf, l = 0, acc = 0
+//     for each tile of kK keys:
+//       s = scale * Q K^T + mask                       (kQ x kK, never the whole row)
+//       m' = max(m, rowmax s);  p = exp(s - m')
+//       l = l exp(m - m') + rowsum p;  acc = acc exp(m - m') + (p * z) V;  m = m'
+//     out = acc / l,  lse = m + log l
+//
+//   backward: delta = rowsum(dO * out); then, recomputing p = exp(s - lse) from the saved
+//   lse, one pass per (batch, kv head, key tile) for dK and dV (summing over the query
+//   heads of the group) and one per (batch, head, query block) for dQ. Each output element
+//   is owned by one task, so the result does not depend on the thread count.
+//
+// Inner loops run along a contiguous dimension (keys of a transposed K tile, or the head
+// dimension) so that the compiler vectorises them; arithmetic is in T (float or double).
+
+#include "common.h"
+#include "../attention_params.h"
+
+#if defined(DLCV_CPU_TARGET_PRAGMA) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+DLCV_CPU_TARGET_PRAGMA
+#define DLCV_CPU_POP_OPTIONS
+#endif
+
+namespace dlcv_fast::cpu::DLCV_CPU_ISA {
+namespace {
+
+constexpr int64_t kQ = 32;  // query rows per task: Q block and acc stay in L1/L2
+constexpr int64_t kK = 64;  // keys per tile: the score tile is kQ x kK
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Pointers to one (batch, head) of every tensor, and the row-level view of the mask.
+template <typename T>
+struct Head {
+  const T* q;
+  const T* k;
+  const T* v;
+  const uint8_t* mask_bool;
+  const T* mask_add;
+  int64_t mask_row, mask_col;  // strides of the mask along i and j
+  uint32_t bh;                 // b * heads + h: the dropout key
+};
+
+template <typename T>
+Head<T> head_of(const AttentionParams& p, const T* q, const T* k, const T* v, const void* mask,
+                int64_t b, int64_t h) {
+  const int64_t hk = h / p.group();
+  Head<T> r{};
+  r.q = q + b * p.q_stride[0] + h * p.q_stride[1];
+  r.k = k + b * p.k_stride[0] + hk * p.k_stride[1];
+  r.v = v + b * p.v_stride[0] + hk * p.v_stride[1];
+  const int64_t mask_off = b * p.mask_stride[0] + h * p.mask_stride[1];
+  if (p.mask_kind == MaskKind::Bool) r.mask_bool = static_cast<const uint8_t*>(mask) + mask_off;
+  if (p.mask_kind == MaskKind::Additive) r.mask_add = static_cast<const T*>(mask) + mask_off;
+  r.mask_row = p.mask_stride[2];
+  r.mask_col = p.mask_stride[3];
+  r.bh = static_cast<uint32_t>(b * p.heads + h);
+  return r;
+}
+
+// Scores s[r * kK + c] of query rows [i0, i0 + rows) against keys [j0, j0 + cols), masked:
+// -inf where the mask or causality excludes the pair, and in the padding c >= cols.
+// kt is the key tile transposed (kt[d * kK + c] = k[j0 + c][d]) so that the innermost loop
+// runs over keys.
+template <typename T>
+void scores(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t rows, int64_t j0,
+            int64_t cols, T* kt, T* s) {
+  const int64_t D = p.head_dim;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t c = 0; c < cols; ++c) kt[d * kK + c] = hd.k[(j0 + c) * p.k_stride[2] + d];
+    for (int64_t c = cols; c < kK; ++c) kt[d * kK + c] = T(0);
+  }
+  const T scale = static_cast<T>(p.scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* sr = s + r * kK;
+    const T* qr = hd.q + (i0 + r) * p.q_stride[2];
+    for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const T qd = qr[d];
+      const T* kd = kt + d * kK;
+      for (int64_t c = 0; c < kK; ++c) sr[c] += qd * kd[c];
+    }
+    for (int64_t c = 0; c < kK; ++c) sr[c] *= scale;
+    const int64_t i = i0 + r;
+    if (hd.mask_add != nullptr) {
+      const T* m = hd.mask_add + i * hd.mask_row + j0 * hd.mask_col;
+      for (int64_t c = 0; c < cols; ++c) sr[c] += m[c * hd.mask_col];
+    } else if (hd.mask_bool != nullptr) {
+      const uint8_t* m = hd.mask_bool + i * hd.mask_row + j0 * hd.mask_col;
+      for (int64_t c = 0; c < cols; ++c) sr[c] = m[c * hd.mask_col] ? sr[c] : neg_inf<T>();
+    }
+    // Causal (top-left aligned, as PyTorch): key j is visible to query i when j <= i.
+    const int64_t visible = p.causal ? std::min(cols, std::max<int64_t>(i - j0 + 1, 0)) : cols;
+    for (int64_t c = visible; c < kK; ++c) sr[c] = neg_inf<T>();
+  }
+}
+
+// Multiplies p[r * kK + c] (already exp'ed) by the dropout factor z of (i0 + r, j0 + c).
+template <typename T>
+void apply_dropout(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t rows,
+                   int64_t j0, int64_t cols, T* s) {
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - p.dropout_p));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t key = dropout_row_key(p.seed, hd.bh, static_cast<uint32_t>(i0 + r));
+    for (int64_t c = 0; c < cols; ++c) {
+      const bool keep = dropout_bits(key, static_cast<uint32_t>(j0 + c)) >= p.dropout_threshold;
+      s[r * kK + c] = keep ? s[r * kK + c] * keep_scale : T(0);
+    }
+  }
+}
+
+// Keys that query rows [i0, i0 + rows) can see: all of them, or up to the last row's
+// diagonal when causal.
+inline int64_t key_end(const AttentionParams& p, int64_t i0, int64_t rows) {
+  return p.causal ? std::min(p.kv_len, i0 + rows) : p.kv_len;
+}
+
+template <typename T>
+void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, const void* mask,
+                  T* out, T* lse) {
+  const int64_t blocks = (p.q_len + kQ - 1) / kQ;
+  const int64_t Dv = p.v_dim;
+  at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(p.head_dim * kK), s(kQ * kK), acc(kQ * Dv), m(kQ), l(kQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t rows = std::min(kQ, p.q_len - i0);
+      const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+      std::fill(m.begin(), m.end(), neg_inf<T>());
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j0 = 0; j0 < key_end(p, i0, rows); j0 += kK) {
+        const int64_t cols = std::min(kK, p.kv_len - j0);
+        scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          T* sr = s.data() + r * kK;
+          T m_new = m[r];
+          for (int64_t c = 0; c < kK; ++c) m_new = std::max(m_new, sr[c]);
+          if (m_new == neg_inf<T>()) {  // nothing visible yet: exp(-inf - -inf) would be NaN
+            for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
+            continue;
+          }
+          const T alpha = std::exp(m[r] - m_new);  // 0 while m was -inf
+          T sum = T(0);
+          for (int64_t c = 0; c < kK; ++c) {
+            sr[c] = std::exp(sr[c] - m_new);
+            sum += sr[c];
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          T* ar = acc.data() + r * Dv;
+          for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
+        }
+        if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, s.data());
+        for (int64_t r = 0; r < rows; ++r) {  // acc += p V
+          T* ar = acc.data() + r * Dv;
+          for (int64_t c = 0; c < cols; ++c) {
+            const T pc = s[r * kK + c];
+            const T* vr = hd.v + (j0 + c) * p.v_stride[2];
+            for (int64_t d = 0; d < Dv; ++d) ar[d] += pc * vr[d];
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        T* o = out + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);  // fully masked row: zeros
+        for (int64_t d = 0; d < Dv; ++d) o[d] = acc[r * Dv + d] * inv;
+        lse[bh * p.q_len + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf<T>();
+      }
+    }
+  });
+}
+
+// p = exp(s - lse) in place for rows [i0, i0 + rows); rows with lse = -inf (fully masked)
+// give 0.
+template <typename T>
+void probabilities(const T* lse_rows, int64_t rows, T* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T lr = lse_rows[r];
+    T* sr = s + r * kK;
+    if (lr == neg_inf<T>()) {
+      for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
+    } else {
+      for (int64_t c = 0; c < kK; ++c) sr[c] = std::exp(sr[c] - lr);
+    }
+  }
+}
+
+// dp[r * kK + c] = dO_(i0 + r) . v_(j0 + c), then ds = p (dp z - delta), in place of dp.
+// p holds the probabilities without dropout.
+template <typename T>
+void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, const T* delta,
+                 int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* ds) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = dout + (i0 + r) * p.do_stride[2];
+    for (int64_t c = 0; c < kK; ++c) {
+      T dot = T(0);
+      if (c < cols) {
+        const T* vr = hd.v + (j0 + c) * p.v_stride[2];
+        for (int64_t d = 0; d < p.v_dim; ++d) dot += g[d] * vr[d];
+      }
+      ds[r * kK + c] = dot;
+    }
+  }
+  if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, ds);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < kK; ++c) {
+      ds[r * kK + c] = prob[r * kK + c] * (ds[r * kK + c] - delta[i0 + r]);
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T* k, const T* v,
+                   const T* out, const T* lse, const void* mask, T* delta, T* dq, T* dk, T* dv) {
+  const int64_t D = p.head_dim, Dv = p.v_dim, L = p.q_len, S = p.kv_len;
+  // delta_i = dO_i . out_i
+  at::parallel_for(0, p.batch * p.heads * L, grain(Dv), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / L, i = row % L, b = bh / p.heads, h = bh % p.heads;
+      const T* g = dout + b * p.do_stride[0] + h * p.do_stride[1] + i * p.do_stride[2];
+      const T* o = out + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
+      T sum = T(0);
+      for (int64_t d = 0; d < Dv; ++d) sum += g[d] * o[d];
+      delta[row] = sum;
+    }
+  });
+
+  // dK, dV: one task per (batch, kv head, key tile), looping over the group's query heads.
+  const int64_t key_tiles = (S + kK - 1) / kK;
+  at::parallel_for(0, p.batch * p.kv_heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kK), s(kQ * kK), pd(kQ * kK), ds(kQ * kK), dk_acc(kK * D),
+        dv_acc(kK * Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bhk = task / key_tiles, j0 = (task % key_tiles) * kK;
+      const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+      const int64_t cols = std::min(kK, S - j0);
+      std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+      std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+        const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+        const T* lse_h = lse + (b * p.heads + h) * L;
+        const T* delta_h = delta + (b * p.heads + h) * L;
+        const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
+        // Causal: rows i < j0 see none of these keys.
+        const int64_t first = p.causal ? (std::min(j0, L) / kQ) * kQ : 0;
+        for (int64_t i0 = first; i0 < L; i0 += kQ) {
+          const int64_t rows = std::min(kQ, L - i0);
+          scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+          probabilities(lse_h + i0, rows, s.data());
+          std::copy(s.begin(), s.end(), pd.begin());
+          if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
+          score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), ds.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* g = dout_h + (i0 + r) * p.do_stride[2];
+            const T* qr = hd.q + (i0 + r) * p.q_stride[2];
+            for (int64_t c = 0; c < cols; ++c) {
+              const T pc = pd[r * kK + c], dc = ds[r * kK + c];
+              T* dvr = dv_acc.data() + c * Dv;
+              T* dkr = dk_acc.data() + c * D;
+              for (int64_t d = 0; d < Dv; ++d) dvr[d] += pc * g[d];
+              for (int64_t d = 0; d < D; ++d) dkr[d] += dc * qr[d];
+            }
+          }
+        }
+      }
+      const T scale = static_cast<T>(p.scale);
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t j = j0 + c;
+        T* dkj = dk + ((b * p.kv_heads + hk) * S + j) * D;
+        T* dvj = dv + ((b * p.kv_heads + hk) * S + j) * Dv;
+        for (int64_t d = 0; d < D; ++d) dkj[d] = dk_acc[c * D + d] * scale;
+        for (int64_t d = 0; d < Dv; ++d) dvj[d] = dv_acc[c * Dv + d];
+      }
+    }
+  });
+
+  // dQ: one task per (batch, head, query block), looping over the key tiles it sees.
+  const int64_t blocks = (L + kQ - 1) / kQ;
+  at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> kt(D * kK), s(kQ * kK), ds(kQ * kK), dq_acc(kQ * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t rows = std::min(kQ, L - i0);
+      const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+      const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
+      std::fill(dq_acc.begin(), dq_acc.end(), T(0));
+      for (int64_t j0 = 0; j0 < key_end(p, i0, rows); j0 += kK) {
+        const int64_t cols = std::min(kK, S - j0);
+        scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+        probabilities(lse + bh * L + i0, rows, s.data());
+        score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), ds.data());
+        for (int64_t r = 0; r < rows; ++r) {  // dq += ds K, K read through kt
+          T* dqr = dq_acc.data() + r * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const T* kd = kt.data() + d * kK;
+            T sum = T(0);
+            for (int64_t c = 0; c < kK; ++c) sum += ds[r * kK + c] * kd[c];
+            dqr[d] += sum;
+          }
+        }
+      }
+      const T scale = static_cast<T>(p.scale);
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dqi = dq + (bh * L + i0 + r) * D;
+        for (int64_t d = 0; d < D; ++d) dqi[d] = dq_acc[r * D + d] * scale;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void attention_forward(DType dtype, const AttentionParams& p, const void* q, const void* k,
+                       const void* v, const void* mask, void* out, void* lse) {
+  if (dtype == DType::Float64) {
+    forward_impl(p, static_cast<const double*>(q), static_cast<const double*>(k),
+                 static_cast<const double*>(v), mask, static_cast<double*>(out),
+                 static_cast<double*>(lse));
+  } else {
+    forward_impl(p, static_cast<const float*>(q), static_cast<const float*>(k),
+                 static_cast<const float*>(v), mask, static_cast<float*>(out),
+                 static_cast<float*>(lse));
+  }
+}
+
+void attention_backward(DType dtype, const AttentionParams& p, const void* dout, const void* q,
+                        const void* k, const void* v, const void* out, const void* lse,
+                        const void* mask, void* delta, void* dq, void* dk, void* dv) {
+  if (dtype == DType::Float64) {
+    using T = double;
+    backward_impl(p, static_cast<const T*>(dout), static_cast<const T*>(q),
+                  static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(out),
+                  static_cast<const T*>(lse), mask, static_cast<T*>(delta), static_cast<T*>(dq),
+                  static_cast<T*>(dk), static_cast<T*>(dv));
+  } else {
+    using T = float;
+    backward_impl(p, static_cast<const T*>(dout), static_cast<const T*>(q),
+                  static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(out),
+                  static_cast<const T*>(lse), mask, static_cast<T*>(delta), static_cast<T*>(dq),
+                  static_cast<T*>(dk), static_cast<T*>(dv));
+  }
+}
+
+}  // namespace dlcv_fast::cpu::DLCV_CPU_ISA
+
+#ifdef DLCV_CPU_POP_OPTIONS
+#pragma GCC pop_options
+#undef DLCV_CPU_POP_OPTIONS
+#endif
