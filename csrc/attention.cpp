@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "checks.h"
 #include "cpu/kernels.h"
@@ -29,6 +30,18 @@ struct Problem {
   at::ScalarType stats;       // lse and delta: float64 for float64, else float32
 };
 
+// dtypes as Python prints them, so that both paths raise the same message.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 void check_4d(const char* name, const at::Tensor& t, const char* dims) {
   TORCH_CHECK_VALUE(t.dim() == 4, kOp, ": ", name, " must be 4-D ", dims, ", but got shape ",
                     t.sizes());
@@ -45,9 +58,11 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   check_same_device(kOp, "key", key, "query", query);
   check_same_device(kOp, "value", value, "query", query);
   TORCH_CHECK_TYPE(key.scalar_type() == query.scalar_type(), kOp, ": key has dtype ",
-                   key.scalar_type(), " but query has ", query.scalar_type());
+                   dtype_name(key.scalar_type()), " but query has ",
+                   dtype_name(query.scalar_type()));
   TORCH_CHECK_TYPE(value.scalar_type() == query.scalar_type(), kOp, ": value has dtype ",
-                   value.scalar_type(), " but query has ", query.scalar_type());
+                   dtype_name(value.scalar_type()), " but query has ",
+                   dtype_name(query.scalar_type()));
   check_4d("query", query, "(batch, heads, L, E)");
   check_4d("key", key, "(batch, kv_heads, S, E)");
   check_4d("value", value, "(batch, kv_heads, S, Ev)");
@@ -100,8 +115,8 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
     const at::Tensor& m = *attn_mask;
     check_same_device(kOp, "attn_mask", m, "query", query);
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == query.scalar_type(), kOp,
-                     ": attn_mask must be bool or have query's dtype ", query.scalar_type(),
-                     ", but got ", m.scalar_type());
+                     ": attn_mask must be bool or have query's dtype ",
+                     dtype_name(query.scalar_type()), ", but got ", dtype_name(m.scalar_type()));
     const int64_t target[4] = {B, H, L, S};
     bool ok = m.dim() <= 4;
     for (int64_t a = 0; ok && a < m.dim(); ++a) {
@@ -176,15 +191,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
   const auto check_like_out = [&](const char* name, const at::Tensor& t) {
     check_same_device(op, name, t, "query", query);
     TORCH_CHECK_TYPE(t.scalar_type() == query.scalar_type(), op, ": ", name, " has dtype ",
-                     t.scalar_type(), " but query has ", query.scalar_type());
+                     dtype_name(t.scalar_type()), " but query has ",
+                     dtype_name(query.scalar_type()));
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(out_shape), op, ": ", name,
                       " must have shape ", at::IntArrayRef(out_shape), ", but got ", t.sizes());
   };
   check_like_out("grad_out", grad_out);
   check_like_out("out", out);
   check_same_device(op, "lse", lse, "query", query);
-  TORCH_CHECK_TYPE(lse.scalar_type() == pr.stats, op, ": lse must be ", pr.stats, ", but got ",
-                   lse.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == pr.stats, op, ": lse must be ", dtype_name(pr.stats),
+                   ", but got ", dtype_name(lse.scalar_type()));
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), op, ": lse must have shape ",
                     at::IntArrayRef(lse_shape), ", but got ", lse.sizes());
 

@@ -329,7 +329,7 @@ BAD = [
     ("mask shape", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), (2, 1, 5, 7), {}, ValueError,
      "cannot be broadcast"),
     ("mixed dims", (2, 2, 5, 8), (2, 6, 8), (2, 6, 8), None, {}, ValueError,
-     "all 3-D .* or all 4-D"),
+     "all be 3-D .* or all 4-D"),
     ("dropout", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, {"dropout_p": 1.0}, ValueError,
      r"dropout_p must lie in \[0, 1\)"),
 ]

@@ -40,6 +40,107 @@ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// exp(x) for x <= 0 (every exponent here is a score minus a row maximum or the row's lse).
+// double: the C library. float: exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln(2) / 2,
+// exp(r) by its degree-7 Taylor polynomial (truncation below 1e-8, under float rounding),
+// branch-free so that the compiler vectorises the loops that call it (the C library's expf
+// is scalar, and there is one exp per score: as many as the multiply-adds of a head dim 8).
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+inline float exp_nonpositive(float x) {
+  // 2^n stays a normal float. Ternaries, no std::floor and no float-to-int conversion: each
+  // of those keeps GCC from vectorising (references, and possible floating-point traps).
+  const float xc = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
+  // Adding 1.5 * 2^23 rounds to an integer n, held in the low mantissa bits of t.
+  const float t = xc * 1.44269504f + 12582912.0f;
+  const float n = t - 12582912.0f;
+  const float r = (xc - n * 0.693145752f) - n * 1.42860682e-6f;  // ln 2 in two parts
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t n_int = __builtin_bit_cast(int32_t, t) - 0x4B400000;
+  const float scale = __builtin_bit_cast(float, (n_int + 127) << 23);  // 2^n
+  return x < -87.0f ? 0.0f : p * scale;  // exp(-inf) = 0 exactly
+}
+
+// Sum and maximum of kK values in kLanes independent partial results: a plain loop-carried
+// float reduction may not be reordered (hence vectorised) without -ffast-math.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+T sum_row(const T* x) {
+  T part[kLanes] = {};
+  for (int64_t c = 0; c < kK; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += x[c + l];
+  }
+  T sum = T(0);
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
+template <typename T>
+T max_row(const T* x, T init) {
+  T part[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) part[l] = init;
+  for (int64_t c = 0; c < kK; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] = part[l] > x[c + l] ? part[l] : x[c + l];
+  }
+  T m = init;
+  for (int64_t l = 0; l < kLanes; ++l) m = m > part[l] ? m : part[l];
+  return m;
+}
+
+// Transposes rows [j0, j0 + cols) of a (rows, n) slice into t[d * kK + c], zero-padded to
+// kK columns, so that products with it run along keys.
+template <typename T>
+void transpose_tile(const T* x, int64_t stride, int64_t j0, int64_t cols, int64_t n, T* t) {
+  for (int64_t d = 0; d < n; ++d) {
+    for (int64_t c = 0; c < cols; ++c) t[d * kK + c] = x[(j0 + c) * stride + d];
+    for (int64_t c = cols; c < kK; ++c) t[d * kK + c] = T(0);
+  }
+}
+
+// out[c] = sum_d x[d] t[d * kK + c] for the kK keys of a transposed tile. The kK partial
+// sums live in registers across d (a running sum in memory would wait on its own store).
+template <typename T>
+void row_times_tile(const T* x, int64_t n, const T* t, T* out) {
+  T acc[kK] = {};
+  for (int64_t d = 0; d < n; ++d) {
+    const T xd = x[d];
+    for (int64_t c = 0; c < kK; ++c) acc[c] += xd * t[d * kK + c];
+  }
+  for (int64_t c = 0; c < kK; ++c) out[c] = acc[c];
+}
+
+// out[0, n) += sum_c w[c * w_stride] rows[c * stride + (0, n)] for c < count: a weighted
+// sum of rows, in chunks of W columns whose partial sums stay in registers across c.
+template <typename T, int64_t W>
+void accumulate_chunk(T* out, const T* w, int64_t w_stride, int64_t count, const T* rows,
+                      int64_t stride) {
+  T acc[W];
+  for (int64_t l = 0; l < W; ++l) acc[l] = out[l];
+  for (int64_t c = 0; c < count; ++c) {
+    const T wc = w[c * w_stride];
+    const T* row = rows + c * stride;
+    for (int64_t l = 0; l < W; ++l) acc[l] += wc * row[l];
+  }
+  for (int64_t l = 0; l < W; ++l) out[l] = acc[l];
+}
+
+template <typename T>
+void accumulate_rows(T* out, int64_t n, const T* w, int64_t w_stride, int64_t count,
+                     const T* rows, int64_t stride) {
+  int64_t d = 0;
+  for (; d + 32 <= n; d += 32) accumulate_chunk<T, 32>(out + d, w, w_stride, count, rows + d, stride);
+  for (; d + 8 <= n; d += 8) accumulate_chunk<T, 8>(out + d, w, w_stride, count, rows + d, stride);
+  for (; d < n; ++d) accumulate_chunk<T, 1>(out + d, w, w_stride, count, rows + d, stride);
+}
+
 // Pointers to one (batch, head) of every tensor, and the row-level view of the mask.
 template <typename T>
 struct Head {
@@ -76,21 +177,11 @@ Head<T> head_of(const AttentionParams& p, const T* q, const T* k, const T* v, co
 template <typename T>
 void scores(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t rows, int64_t j0,
             int64_t cols, T* kt, T* s) {
-  const int64_t D = p.head_dim;
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t c = 0; c < cols; ++c) kt[d * kK + c] = hd.k[(j0 + c) * p.k_stride[2] + d];
-    for (int64_t c = cols; c < kK; ++c) kt[d * kK + c] = T(0);
-  }
+  transpose_tile(hd.k, p.k_stride[2], j0, cols, p.head_dim, kt);
   const T scale = static_cast<T>(p.scale);
   for (int64_t r = 0; r < rows; ++r) {
     T* sr = s + r * kK;
-    const T* qr = hd.q + (i0 + r) * p.q_stride[2];
-    for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
-    for (int64_t d = 0; d < D; ++d) {
-      const T qd = qr[d];
-      const T* kd = kt + d * kK;
-      for (int64_t c = 0; c < kK; ++c) sr[c] += qd * kd[c];
-    }
+    row_times_tile(hd.q + (i0 + r) * p.q_stride[2], p.head_dim, kt, sr);
     for (int64_t c = 0; c < kK; ++c) sr[c] *= scale;
     const int64_t i = i0 + r;
     if (hd.mask_add != nullptr) {
@@ -146,31 +237,22 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
         scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
         for (int64_t r = 0; r < rows; ++r) {
           T* sr = s.data() + r * kK;
-          T m_new = m[r];
-          for (int64_t c = 0; c < kK; ++c) m_new = std::max(m_new, sr[c]);
+          const T m_new = max_row(sr, m[r]);
           if (m_new == neg_inf<T>()) {  // nothing visible yet: exp(-inf - -inf) would be NaN
             for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
             continue;
           }
-          const T alpha = std::exp(m[r] - m_new);  // 0 while m was -inf
-          T sum = T(0);
-          for (int64_t c = 0; c < kK; ++c) {
-            sr[c] = std::exp(sr[c] - m_new);
-            sum += sr[c];
-          }
-          l[r] = l[r] * alpha + sum;
+          const T alpha = exp_nonpositive(m[r] - m_new);  // 0 while m was -inf
+          for (int64_t c = 0; c < kK; ++c) sr[c] = exp_nonpositive(sr[c] - m_new);
+          l[r] = l[r] * alpha + sum_row(sr);
           m[r] = m_new;
           T* ar = acc.data() + r * Dv;
           for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
         }
         if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, s.data());
         for (int64_t r = 0; r < rows; ++r) {  // acc += p V
-          T* ar = acc.data() + r * Dv;
-          for (int64_t c = 0; c < cols; ++c) {
-            const T pc = s[r * kK + c];
-            const T* vr = hd.v + (j0 + c) * p.v_stride[2];
-            for (int64_t d = 0; d < Dv; ++d) ar[d] += pc * vr[d];
-          }
+          accumulate_rows(acc.data() + r * Dv, Dv, s.data() + r * kK, 1, cols,
+                          hd.v + j0 * p.v_stride[2], p.v_stride[2]);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -194,26 +276,20 @@ void probabilities(const T* lse_rows, int64_t rows, T* s) {
     if (lr == neg_inf<T>()) {
       for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
     } else {
-      for (int64_t c = 0; c < kK; ++c) sr[c] = std::exp(sr[c] - lr);
+      for (int64_t c = 0; c < kK; ++c) sr[c] = exp_nonpositive(sr[c] - lr);
     }
   }
 }
 
 // dp[r * kK + c] = dO_(i0 + r) . v_(j0 + c), then ds = p (dp z - delta), in place of dp.
-// p holds the probabilities without dropout.
+// p holds the probabilities without dropout; vt receives the value tile transposed.
 template <typename T>
 void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, const T* delta,
-                 int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* ds) {
+                 int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* vt,
+                 T* ds) {
+  transpose_tile(hd.v, p.v_stride[2], j0, cols, p.v_dim, vt);
   for (int64_t r = 0; r < rows; ++r) {
-    const T* g = dout + (i0 + r) * p.do_stride[2];
-    for (int64_t c = 0; c < kK; ++c) {
-      T dot = T(0);
-      if (c < cols) {
-        const T* vr = hd.v + (j0 + c) * p.v_stride[2];
-        for (int64_t d = 0; d < p.v_dim; ++d) dot += g[d] * vr[d];
-      }
-      ds[r * kK + c] = dot;
-    }
+    row_times_tile(dout + (i0 + r) * p.do_stride[2], p.v_dim, vt, ds + r * kK);
   }
   if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, ds);
   for (int64_t r = 0; r < rows; ++r) {
@@ -242,8 +318,8 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   // dK, dV: one task per (batch, kv head, key tile), looping over the group's query heads.
   const int64_t key_tiles = (S + kK - 1) / kK;
   at::parallel_for(0, p.batch * p.kv_heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kK), s(kQ * kK), pd(kQ * kK), ds(kQ * kK), dk_acc(kK * D),
-        dv_acc(kK * Dv);
+    std::vector<T> kt(D * kK), vt(Dv * kK), s(kQ * kK), pd(kQ * kK), ds(kQ * kK),
+        dk_acc(kK * D), dv_acc(kK * Dv);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bhk = task / key_tiles, j0 = (task % key_tiles) * kK;
       const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
@@ -263,17 +339,13 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
           probabilities(lse_h + i0, rows, s.data());
           std::copy(s.begin(), s.end(), pd.begin());
           if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
-          score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), ds.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* g = dout_h + (i0 + r) * p.do_stride[2];
-            const T* qr = hd.q + (i0 + r) * p.q_stride[2];
-            for (int64_t c = 0; c < cols; ++c) {
-              const T pc = pd[r * kK + c], dc = ds[r * kK + c];
-              T* dvr = dv_acc.data() + c * Dv;
-              T* dkr = dk_acc.data() + c * D;
-              for (int64_t d = 0; d < Dv; ++d) dvr[d] += pc * g[d];
-              for (int64_t d = 0; d < D; ++d) dkr[d] += dc * qr[d];
-            }
+          score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), vt.data(),
+                      ds.data());
+          for (int64_t c = 0; c < cols; ++c) {  // dv += (p z)^T dO, dk += ds^T Q
+            accumulate_rows(dv_acc.data() + c * Dv, Dv, pd.data() + c, kK, rows,
+                            dout_h + i0 * p.do_stride[2], p.do_stride[2]);
+            accumulate_rows(dk_acc.data() + c * D, D, ds.data() + c, kK, rows,
+                            hd.q + i0 * p.q_stride[2], p.q_stride[2]);
           }
         }
       }
@@ -291,7 +363,7 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   // dQ: one task per (batch, head, query block), looping over the key tiles it sees.
   const int64_t blocks = (L + kQ - 1) / kQ;
   at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kK), s(kQ * kK), ds(kQ * kK), dq_acc(kQ * D);
+    std::vector<T> kt(D * kK), vt(Dv * kK), s(kQ * kK), ds(kQ * kK), dq_acc(kQ * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -303,15 +375,11 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
         const int64_t cols = std::min(kK, S - j0);
         scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
         probabilities(lse + bh * L + i0, rows, s.data());
-        score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), ds.data());
-        for (int64_t r = 0; r < rows; ++r) {  // dq += ds K, K read through kt
-          T* dqr = dq_acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const T* kd = kt.data() + d * kK;
-            T sum = T(0);
-            for (int64_t c = 0; c < kK; ++c) sum += ds[r * kK + c] * kd[c];
-            dqr[d] += sum;
-          }
+        score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), vt.data(),
+                    ds.data());
+        for (int64_t r = 0; r < rows; ++r) {  // dq += ds K
+          accumulate_rows(dq_acc.data() + r * D, D, ds.data() + r * kK, 1, cols,
+                          hd.k + j0 * p.k_stride[2], p.k_stride[2]);
         }
       }
       const T scale = static_cast<T>(p.scale);

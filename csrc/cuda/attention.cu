@@ -42,12 +42,12 @@ __device__ __forceinline__ A neg_inf() {
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Score s_ij of one query row (in shared memory) and one key row (shared), scaled and
-// masked; -inf for keys past S.
+// masked; -inf for keys past S, and for rows past L (whose mask entries do not exist).
 template <typename T, typename A>
 __device__ __forceinline__ A masked_score(const AttentionParams& p, const A* qrow, const A* krow,
                                           const void* mask, int64_t mask_base, int64_t i,
                                           int64_t j) {
-  if (j >= p.kv_len || (p.causal && j > i)) return neg_inf<A>();
+  if (i >= p.q_len || j >= p.kv_len || (p.causal && j > i)) return neg_inf<A>();
   A s = A(0);
   for (int d = 0; d < p.head_dim; ++d) s += qrow[d] * krow[d];
   s *= static_cast<A>(p.scale);

@@ -86,7 +86,7 @@ def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2
 def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                     s_mb, s_mh, s_mi, s_mj,
-                    H, GROUP, L, S, D, DV, scale_log2, seed, threshold, keep_scale,
+                    H, GROUP, L, S, D, DV, C, seed, threshold,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                     IEEE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -96,6 +96,8 @@ def _forward_kernel(Q, K, V, M_ptr, O, LSE,
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    scale_log2 = tl.load(C + 1)
+    keep_scale = tl.load(C + 2)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -166,7 +168,7 @@ def _probabilities(s, lse_log2):
 def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                  s_mb, s_mh, s_mi, s_mj,
-                 H, HKV, GROUP, L, S, D, DV, scale, scale_log2, seed, threshold, keep_scale,
+                 H, HKV, GROUP, L, S, D, DV, C, seed, threshold,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  IEEE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -175,6 +177,9 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
     start_n = tl.program_id(1) * BLOCK_N
     b = bhk // HKV
     hk = bhk % HKV
+    scale = tl.load(C)
+    scale_log2 = tl.load(C + 1)
+    keep_scale = tl.load(C + 2)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -232,7 +237,7 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
 def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
                s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                s_mb, s_mh, s_mi, s_mj,
-               H, GROUP, L, S, D, DV, scale, scale_log2, seed, threshold, keep_scale,
+               H, GROUP, L, S, D, DV, C, seed, threshold,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                IEEE: tl.constexpr, ACC: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -242,6 +247,9 @@ def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
     b = bh // H
     h = bh % H
     hk = h // GROUP
+    scale = tl.load(C)
+    scale_log2 = tl.load(C + 1)
+    keep_scale = tl.load(C + 2)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -296,11 +304,14 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         m_strides = tuple(mask.stride())
     threshold = int(round(dropout_p * 2**24))
-    keep_scale = 1.0 / (1.0 - dropout_p)
+    # Float arguments reach a kernel as float32: the constants go in a tensor instead, so
+    # that float64 keeps them exact.
+    consts = torch.tensor([scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)],
+                          dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
     return dict(acc=acc, mask_kind=mask_kind, m=m, m_strides=m_strides,
-                dropout=dropout_p > 0, threshold=threshold, keep_scale=keep_scale,
-                seed=int(seed) & 0xFFFFFFFF, ieee=q.dtype in (torch.float32, torch.float64),
-                scale_log2=scale * LOG2E)
+                dropout=dropout_p > 0, threshold=threshold, consts=consts,
+                seed=int(seed) & 0xFFFFFFFF, ieee=q.dtype in (torch.float32, torch.float64))
 
 
 def _dense_last(t):
@@ -323,8 +334,8 @@ def forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed
     with on_device_of(q):
         _forward_kernel[grid](
             q, k, v, c["m"], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["scale_log2"],
-            c["seed"], c["threshold"], c["keep_scale"], MASK=c["mask_kind"], CAUSAL=is_causal,
+            *out.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
+            c["seed"], c["threshold"], MASK=c["mask_kind"], CAUSAL=is_causal,
             DROPOUT=c["dropout"], IEEE=c["ieee"], ACC=c["acc"], BLOCK_D=_block(D),
             BLOCK_DV=_block(Dv))
     return out, lse
@@ -352,12 +363,12 @@ def backward(grad_out, q, k, v, out, lse, mask, dropout_p: float, is_causal: boo
             _dkdv_kernel[lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"]))](
                 q, k, v, c["m"], grad_out, lse, delta, dk, dv, *q.stride()[:3],
                 *k.stride()[:3], *v.stride()[:3], *c["m_strides"], H, Hkv, H // Hkv, L, S, D,
-                Dv, scale, c["scale_log2"], c["seed"], c["threshold"], c["keep_scale"], **common)
+                Dv, c["consts"], c["seed"], c["threshold"], **common)
         if B * H * L > 0:
             _dq_kernel[lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))](
                 q, k, v, c["m"], grad_out, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
-                *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, scale,
-                c["scale_log2"], c["seed"], c["threshold"], c["keep_scale"], **common)
+                *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
+                c["seed"], c["threshold"], **common)
     return dq, dk, dv
 
 
