@@ -259,6 +259,29 @@ def test_backward_is_deterministic(backend_device):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_cpu_backward_paths():
+    """The CPU backward has two schedules (a separate dQ pass, or dQ fused into the dK/dV
+    pass when (batch, kv head) pairs outnumber the threads 4 to 1): both against the
+    reference, with GQA, a mask and causality."""
+    g = torch.Generator().manual_seed(13)
+    q, k, v = make_qkv((2, 4, 2, 70, 90, 24, 40), torch.float64, "cpu", g)
+    mask = torch.randn(2, 1, 70, 90, generator=g, dtype=torch.float64)
+    ref, _ = reference(q, k, v, mask, True)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 8):  # 4 pairs: fused with 1 thread, separate with 2 and 8
+            torch.set_num_threads(n)
+            with dlcv_fast.use_backend("cpu"):
+                out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             is_causal=True, enable_gqa=True)
+            for ours, w in zip(torch.autograd.grad(out, (q, k, v), grad), want):
+                assert_close(ours, w)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gradcheck():
     g = torch.Generator().manual_seed(8)
     q, k, v = make_qkv((1, 2, 1, 5, 7, 4, 3), torch.float64, "cpu", g)

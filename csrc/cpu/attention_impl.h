@@ -14,8 +14,9 @@
 //
 //   backward: delta = rowsum(dO * out); then, recomputing p = exp(s - lse) from the saved
 //   lse, one pass per (batch, kv head, key tile) for dK and dV (summing over the query
-//   heads of the group) and one per (batch, head, query block) for dQ. Each output element
-//   is owned by one task, so the result does not depend on the thread count.
+//   heads of the group) and one per (batch, head, query block) for dQ; or, when there are
+//   enough (batch, kv head) pairs for the threads, one pass per pair for all three. Each
+//   output element is owned by one task: no atomics, the same result on every run.
 //
 // Inner loops run along a contiguous dimension (keys of a transposed K tile, or the head
 // dimension) so that the compiler vectorises them; arithmetic is in T (float or double).
@@ -105,20 +106,43 @@ void transpose_tile(const T* x, int64_t stride, int64_t j0, int64_t cols, int64_
   }
 }
 
-// out[c] = sum_d x[d] t[d * kK + c] for the kK keys of a transposed tile. The kK partial
-// sums live in registers across d (a running sum in memory would wait on its own store).
+// out[c] = sum_d x[d] t[d * kK + c] for the kK keys of a transposed tile, for two rows x0
+// and x1 at once (x1 may be null): the 2 kK partial sums live in registers across d (a
+// running sum in memory would wait on its own store), and two rows give the multiply-adds
+// enough independent chains to hide their latency.
 template <typename T>
-void row_times_tile(const T* x, int64_t n, const T* t, T* out) {
-  T acc[kK] = {};
-  for (int64_t d = 0; d < n; ++d) {
-    const T xd = x[d];
-    for (int64_t c = 0; c < kK; ++c) acc[c] += xd * t[d * kK + c];
+void rows_times_tile(const T* x0, const T* x1, int64_t n, const T* t, T* out0, T* out1) {
+  T acc0[kK] = {}, acc1[kK] = {};
+  if (x1 == nullptr) {
+    for (int64_t d = 0; d < n; ++d) {
+      for (int64_t c = 0; c < kK; ++c) acc0[c] += x0[d] * t[d * kK + c];
+    }
+  } else {
+    for (int64_t d = 0; d < n; ++d) {
+      for (int64_t c = 0; c < kK; ++c) {
+        acc0[c] += x0[d] * t[d * kK + c];
+        acc1[c] += x1[d] * t[d * kK + c];
+      }
+    }
+    for (int64_t c = 0; c < kK; ++c) out1[c] = acc1[c];
   }
-  for (int64_t c = 0; c < kK; ++c) out[c] = acc[c];
+  for (int64_t c = 0; c < kK; ++c) out0[c] = acc0[c];
+}
+
+// rows_times_tile over `rows` rows of x (row stride x_stride) into out[r * kK + c].
+template <typename T>
+void tile_product(const T* x, int64_t x_stride, int64_t rows, int64_t n, const T* t, T* out) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    rows_times_tile(x + r * x_stride, x + (r + 1) * x_stride, n, t, out + r * kK,
+                    out + (r + 1) * kK);
+  }
+  if (r < rows) rows_times_tile<T>(x + r * x_stride, nullptr, n, t, out + r * kK, nullptr);
 }
 
 // out[0, n) += sum_c w[c * w_stride] rows[c * stride + (0, n)] for c < count: a weighted
-// sum of rows, in chunks of W columns whose partial sums stay in registers across c.
+// sum of rows, in chunks of W columns whose partial sums stay in registers across c
+// (64 floats: four AVX-512 registers, four independent chains of multiply-adds).
 template <typename T, int64_t W>
 void accumulate_chunk(T* out, const T* w, int64_t w_stride, int64_t count, const T* rows,
                       int64_t stride) {
@@ -136,7 +160,12 @@ template <typename T>
 void accumulate_rows(T* out, int64_t n, const T* w, int64_t w_stride, int64_t count,
                      const T* rows, int64_t stride) {
   int64_t d = 0;
-  for (; d + 32 <= n; d += 32) accumulate_chunk<T, 32>(out + d, w, w_stride, count, rows + d, stride);
+  for (; d + 64 <= n; d += 64) {
+    accumulate_chunk<T, 64>(out + d, w, w_stride, count, rows + d, stride);
+  }
+  for (; d + 32 <= n; d += 32) {
+    accumulate_chunk<T, 32>(out + d, w, w_stride, count, rows + d, stride);
+  }
   for (; d + 8 <= n; d += 8) accumulate_chunk<T, 8>(out + d, w, w_stride, count, rows + d, stride);
   for (; d < n; ++d) accumulate_chunk<T, 1>(out + d, w, w_stride, count, rows + d, stride);
 }
@@ -179,9 +208,9 @@ void scores(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t row
             int64_t cols, T* kt, T* s) {
   transpose_tile(hd.k, p.k_stride[2], j0, cols, p.head_dim, kt);
   const T scale = static_cast<T>(p.scale);
+  tile_product(hd.q + i0 * p.q_stride[2], p.q_stride[2], rows, p.head_dim, kt, s);
   for (int64_t r = 0; r < rows; ++r) {
     T* sr = s + r * kK;
-    row_times_tile(hd.q + (i0 + r) * p.q_stride[2], p.head_dim, kt, sr);
     for (int64_t c = 0; c < kK; ++c) sr[c] *= scale;
     const int64_t i = i0 + r;
     if (hd.mask_add != nullptr) {
@@ -288,9 +317,7 @@ void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, con
                  int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* vt,
                  T* ds) {
   transpose_tile(hd.v, p.v_stride[2], j0, cols, p.v_dim, vt);
-  for (int64_t r = 0; r < rows; ++r) {
-    row_times_tile(dout + (i0 + r) * p.do_stride[2], p.v_dim, vt, ds + r * kK);
-  }
+  tile_product(dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.v_dim, vt, ds);
   if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, ds);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < kK; ++c) {
@@ -316,49 +343,72 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   });
 
   // dK, dV: one task per (batch, kv head, key tile), looping over the group's query heads.
+  // With enough (batch, kv head) pairs to keep every thread busy, one task per pair walks
+  // all its key tiles and accumulates dQ too (it owns the group's dQ rows), which saves
+  // recomputing the probabilities in a second pass. Either way each element has one
+  // writer, so the result is the same from run to run (for a given thread count).
+  const bool fuse_dq = p.batch * p.kv_heads >= 4 * at::get_num_threads();
   const int64_t key_tiles = (S + kK - 1) / kK;
-  at::parallel_for(0, p.batch * p.kv_heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t split = fuse_dq ? 1 : key_tiles;  // tasks per (batch, kv head)
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.batch * p.kv_heads * split, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> kt(D * kK), vt(Dv * kK), s(kQ * kK), pd(kQ * kK), ds(kQ * kK),
         dk_acc(kK * D), dv_acc(kK * Dv);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bhk = task / key_tiles, j0 = (task % key_tiles) * kK;
-      const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
-      const int64_t cols = std::min(kK, S - j0);
-      std::fill(dk_acc.begin(), dk_acc.end(), T(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), T(0));
-      for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
-        const Head<T> hd = head_of(p, q, k, v, mask, b, h);
-        const T* lse_h = lse + (b * p.heads + h) * L;
-        const T* delta_h = delta + (b * p.heads + h) * L;
-        const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
-        // Causal: rows i < j0 see none of these keys.
-        const int64_t first = p.causal ? (std::min(j0, L) / kQ) * kQ : 0;
-        for (int64_t i0 = first; i0 < L; i0 += kQ) {
-          const int64_t rows = std::min(kQ, L - i0);
-          scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
-          probabilities(lse_h + i0, rows, s.data());
-          std::copy(s.begin(), s.end(), pd.begin());
-          if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
-          score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), vt.data(),
-                      ds.data());
-          for (int64_t c = 0; c < cols; ++c) {  // dv += (p z)^T dO, dk += ds^T Q
-            accumulate_rows(dv_acc.data() + c * Dv, Dv, pd.data() + c, kK, rows,
-                            dout_h + i0 * p.do_stride[2], p.do_stride[2]);
-            accumulate_rows(dk_acc.data() + c * D, D, ds.data() + c, kK, rows,
-                            hd.q + i0 * p.q_stride[2], p.q_stride[2]);
+      const int64_t bhk = task / split, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+      const int64_t h_begin = hk * p.group(), h_end = (hk + 1) * p.group();
+      T* dq_group = dq + (b * p.heads + h_begin) * L * D;  // the group's heads are adjacent
+      if (fuse_dq) std::fill(dq_group, dq_group + p.group() * L * D, T(0));
+      const int64_t tile_begin = fuse_dq ? 0 : task % split;
+      const int64_t tile_end = fuse_dq ? key_tiles : tile_begin + 1;
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t j0 = tile * kK, cols = std::min(kK, S - j0);
+        std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+          const T* lse_h = lse + (b * p.heads + h) * L;
+          const T* delta_h = delta + (b * p.heads + h) * L;
+          const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
+          // Causal: rows i < j0 see none of these keys.
+          const int64_t first = p.causal ? (std::min(j0, L) / kQ) * kQ : 0;
+          for (int64_t i0 = first; i0 < L; i0 += kQ) {
+            const int64_t rows = std::min(kQ, L - i0);
+            scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+            probabilities(lse_h + i0, rows, s.data());
+            std::copy(s.begin(), s.end(), pd.begin());
+            if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
+            score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), vt.data(),
+                        ds.data());
+            for (int64_t c = 0; c < cols; ++c) {  // dv += (p z)^T dO, dk += ds^T Q
+              accumulate_rows(dv_acc.data() + c * Dv, Dv, pd.data() + c, kK, rows,
+                              dout_h + i0 * p.do_stride[2], p.do_stride[2]);
+              accumulate_rows(dk_acc.data() + c * D, D, ds.data() + c, kK, rows,
+                              hd.q + i0 * p.q_stride[2], p.q_stride[2]);
+            }
+            if (fuse_dq) {  // dq += ds K
+              T* dq_h = dq + ((b * p.heads + h) * L + i0) * D;
+              for (int64_t r = 0; r < rows; ++r) {
+                accumulate_rows(dq_h + r * D, D, ds.data() + r * kK, 1, cols,
+                                hd.k + j0 * p.k_stride[2], p.k_stride[2]);
+              }
+            }
           }
         }
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t j = j0 + c;
+          T* dkj = dk + ((b * p.kv_heads + hk) * S + j) * D;
+          T* dvj = dv + ((b * p.kv_heads + hk) * S + j) * Dv;
+          for (int64_t d = 0; d < D; ++d) dkj[d] = dk_acc[c * D + d] * scale;
+          for (int64_t d = 0; d < Dv; ++d) dvj[d] = dv_acc[c * Dv + d];
+        }
       }
-      const T scale = static_cast<T>(p.scale);
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t j = j0 + c;
-        T* dkj = dk + ((b * p.kv_heads + hk) * S + j) * D;
-        T* dvj = dv + ((b * p.kv_heads + hk) * S + j) * Dv;
-        for (int64_t d = 0; d < D; ++d) dkj[d] = dk_acc[c * D + d] * scale;
-        for (int64_t d = 0; d < Dv; ++d) dvj[d] = dv_acc[c * Dv + d];
+      if (fuse_dq) {
+        for (int64_t e = 0; e < p.group() * L * D; ++e) dq_group[e] *= scale;
       }
     }
   });
+  if (fuse_dq) return;
 
   // dQ: one task per (batch, head, query block), looping over the key tiles it sees.
   const int64_t blocks = (L + kQ - 1) / kQ;
@@ -382,7 +432,6 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
                           hd.k + j0 * p.k_stride[2], p.k_stride[2]);
         }
       }
-      const T scale = static_cast<T>(p.scale);
       for (int64_t r = 0; r < rows; ++r) {
         T* dqi = dq + (bh * L + i0 + r) * D;
         for (int64_t d = 0; d < D; ++d) dqi[d] = dq_acc[r * D + d] * scale;
