@@ -180,11 +180,13 @@ struct Head {
   const T* mask_add;
   int64_t mask_row, mask_col;  // strides of the mask along i and j
   uint32_t bh;                 // b * heads + h: the dropout key
+  const T* kt;                 // this kv head's key tiles, transposed (transposed_tiles)
+  const T* vt;                 // and its value tiles (backward only)
 };
 
 template <typename T>
 Head<T> head_of(const AttentionParams& p, const T* q, const T* k, const T* v, const void* mask,
-                int64_t b, int64_t h) {
+                const T* kt_all, const T* vt_all, int64_t b, int64_t h) {
   const int64_t hk = h / p.group();
   Head<T> r{};
   r.q = q + b * p.q_stride[0] + h * p.q_stride[1];
@@ -196,17 +198,40 @@ Head<T> head_of(const AttentionParams& p, const T* q, const T* k, const T* v, co
   r.mask_row = p.mask_stride[2];
   r.mask_col = p.mask_stride[3];
   r.bh = static_cast<uint32_t>(b * p.heads + h);
+  const int64_t tiles = (p.kv_len + kK - 1) / kK;
+  r.kt = kt_all + (b * p.kv_heads + hk) * tiles * p.head_dim * kK;
+  r.vt = vt_all == nullptr ? nullptr : vt_all + (b * p.kv_heads + hk) * tiles * p.v_dim * kK;
   return r;
+}
+
+// Every kK-key tile of every (batch, kv head) of x (k or v, n columns) transposed once,
+// tile t of pair bhk at (bhk * tiles + t) * n * kK, zero-padded: every query block then
+// reads its tiles instead of transposing them again (a strided gather as costly as half
+// the multiply-adds of a 32-row block).
+template <typename T>
+std::vector<T> transposed_tiles(const AttentionParams& p, const T* x, const int64_t* stride,
+                                int64_t n) {
+  const int64_t tiles = (p.kv_len + kK - 1) / kK;
+  std::vector<T> out(p.batch * p.kv_heads * tiles * n * kK);
+  at::parallel_for(0, p.batch * p.kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bhk = task / tiles, j0 = (task % tiles) * kK;
+      const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+      transpose_tile(x + b * stride[0] + hk * stride[1], stride[2], j0,
+                     std::min(kK, p.kv_len - j0), n, out.data() + task * n * kK);
+    }
+  });
+  return out;
 }
 
 // Scores s[r * kK + c] of query rows [i0, i0 + rows) against keys [j0, j0 + cols), masked:
 // -inf where the mask or causality excludes the pair, and in the padding c >= cols.
-// kt is the key tile transposed (kt[d * kK + c] = k[j0 + c][d]) so that the innermost loop
+// The key tile comes transposed (kt[d * kK + c] = k[j0 + c][d]) so that the innermost loop
 // runs over keys.
 template <typename T>
 void scores(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t rows, int64_t j0,
-            int64_t cols, T* kt, T* s) {
-  transpose_tile(hd.k, p.k_stride[2], j0, cols, p.head_dim, kt);
+            int64_t cols, T* s) {
+  const T* kt = hd.kt + (j0 / kK) * p.head_dim * kK;
   const T scale = static_cast<T>(p.scale);
   tile_product(hd.q + i0 * p.q_stride[2], p.q_stride[2], rows, p.head_dim, kt, s);
   for (int64_t r = 0; r < rows; ++r) {
@@ -251,19 +276,21 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
                   T* out, T* lse) {
   const int64_t blocks = (p.q_len + kQ - 1) / kQ;
   const int64_t Dv = p.v_dim;
+  const std::vector<T> kt_all = transposed_tiles(p, k, p.k_stride, p.head_dim);
   at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(p.head_dim * kK), s(kQ * kK), acc(kQ * Dv), m(kQ), l(kQ);
+    std::vector<T> s(kQ * kK), acc(kQ * Dv), m(kQ), l(kQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const int64_t rows = std::min(kQ, p.q_len - i0);
-      const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), static_cast<const T*>(nullptr),
+                                 b, h);
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j0 = 0; j0 < key_end(p, i0, rows); j0 += kK) {
         const int64_t cols = std::min(kK, p.kv_len - j0);
-        scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+        scores(p, hd, i0, rows, j0, cols, s.data());
         for (int64_t r = 0; r < rows; ++r) {
           T* sr = s.data() + r * kK;
           const T m_new = max_row(sr, m[r]);
@@ -311,12 +338,11 @@ void probabilities(const T* lse_rows, int64_t rows, T* s) {
 }
 
 // dp[r * kK + c] = dO_(i0 + r) . v_(j0 + c), then ds = p (dp z - delta), in place of dp.
-// p holds the probabilities without dropout; vt receives the value tile transposed.
+// p holds the probabilities without dropout.
 template <typename T>
 void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, const T* delta,
-                 int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* vt,
-                 T* ds) {
-  transpose_tile(hd.v, p.v_stride[2], j0, cols, p.v_dim, vt);
+                 int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* ds) {
+  const T* vt = hd.vt + (j0 / kK) * p.v_dim * kK;
   tile_product(dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.v_dim, vt, ds);
   if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, ds);
   for (int64_t r = 0; r < rows; ++r) {
@@ -347,13 +373,14 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   // all its key tiles and accumulates dQ too (it owns the group's dQ rows), which saves
   // recomputing the probabilities in a second pass. Either way each element has one
   // writer, so the result is the same from run to run (for a given thread count).
+  const std::vector<T> kt_all = transposed_tiles(p, k, p.k_stride, D);
+  const std::vector<T> vt_all = transposed_tiles(p, v, p.v_stride, Dv);
   const bool fuse_dq = p.batch * p.kv_heads >= 4 * at::get_num_threads();
   const int64_t key_tiles = (S + kK - 1) / kK;
   const int64_t split = fuse_dq ? 1 : key_tiles;  // tasks per (batch, kv head)
   const T scale = static_cast<T>(p.scale);
   at::parallel_for(0, p.batch * p.kv_heads * split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kK), vt(Dv * kK), s(kQ * kK), pd(kQ * kK), ds(kQ * kK),
-        dk_acc(kK * D), dv_acc(kK * Dv);
+    std::vector<T> s(kQ * kK), pd(kQ * kK), ds(kQ * kK), dk_acc(kK * D), dv_acc(kK * Dv);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bhk = task / split, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
       const int64_t h_begin = hk * p.group(), h_end = (hk + 1) * p.group();
@@ -366,7 +393,7 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
         std::fill(dk_acc.begin(), dk_acc.end(), T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
         for (int64_t h = h_begin; h < h_end; ++h) {
-          const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+          const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), vt_all.data(), b, h);
           const T* lse_h = lse + (b * p.heads + h) * L;
           const T* delta_h = delta + (b * p.heads + h) * L;
           const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
@@ -374,12 +401,11 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
           const int64_t first = p.causal ? (std::min(j0, L) / kQ) * kQ : 0;
           for (int64_t i0 = first; i0 < L; i0 += kQ) {
             const int64_t rows = std::min(kQ, L - i0);
-            scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+            scores(p, hd, i0, rows, j0, cols, s.data());
             probabilities(lse_h + i0, rows, s.data());
             std::copy(s.begin(), s.end(), pd.begin());
             if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
-            score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), vt.data(),
-                        ds.data());
+            score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), ds.data());
             for (int64_t c = 0; c < cols; ++c) {  // dv += (p z)^T dO, dk += ds^T Q
               accumulate_rows(dv_acc.data() + c * Dv, Dv, pd.data() + c, kK, rows,
                               dout_h + i0 * p.do_stride[2], p.do_stride[2]);
@@ -413,20 +439,19 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   // dQ: one task per (batch, head, query block), looping over the key tiles it sees.
   const int64_t blocks = (L + kQ - 1) / kQ;
   at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * kK), vt(Dv * kK), s(kQ * kK), ds(kQ * kK), dq_acc(kQ * D);
+    std::vector<T> s(kQ * kK), ds(kQ * kK), dq_acc(kQ * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const int64_t rows = std::min(kQ, L - i0);
-      const Head<T> hd = head_of(p, q, k, v, mask, b, h);
+      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), vt_all.data(), b, h);
       const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       for (int64_t j0 = 0; j0 < key_end(p, i0, rows); j0 += kK) {
         const int64_t cols = std::min(kK, S - j0);
-        scores(p, hd, i0, rows, j0, cols, kt.data(), s.data());
+        scores(p, hd, i0, rows, j0, cols, s.data());
         probabilities(lse + bh * L + i0, rows, s.data());
-        score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), vt.data(),
-                    ds.data());
+        score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), ds.data());
         for (int64_t r = 0; r < rows; ++r) {  // dq += ds K
           accumulate_rows(dq_acc.data() + r * D, D, ds.data() + r * kK, 1, cols,
                           hd.k + j0 * p.k_stride[2], p.k_stride[2]);
