@@ -170,6 +170,54 @@ void accumulate_rows(T* out, int64_t n, const T* w, int64_t w_stride, int64_t co
   for (; d < n; ++d) accumulate_chunk<T, 1>(out + d, w, w_stride, count, rows + d, stride);
 }
 
+// The same for two outputs at once, out0 += sum_c w0[c] rows[c], out1 += sum_c w1[c]
+// rows[c]: each row of `rows` is loaded once for both, and the two give twice as many
+// independent chains of multiply-adds.
+template <typename T, int64_t W>
+void accumulate_chunk2(T* out0, T* out1, const T* w0, const T* w1, int64_t count,
+                       const T* rows, int64_t stride) {
+  T acc0[W], acc1[W];
+  for (int64_t l = 0; l < W; ++l) {
+    acc0[l] = out0[l];
+    acc1[l] = out1[l];
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    const T a = w0[c], b = w1[c];
+    const T* row = rows + c * stride;
+    for (int64_t l = 0; l < W; ++l) {
+      acc0[l] += a * row[l];
+      acc1[l] += b * row[l];
+    }
+  }
+  for (int64_t l = 0; l < W; ++l) {
+    out0[l] = acc0[l];
+    out1[l] = acc1[l];
+  }
+}
+
+// out[r * out_stride + (0, n)] += sum_c w[r * kK + c] rows[c * stride + (0, n)] for
+// r < nrows, c < count: the P V and dS K products, two output rows at a time.
+template <typename T>
+void tile_times_rows(T* out, int64_t out_stride, int64_t nrows, int64_t n, const T* w,
+                     int64_t count, const T* rows, int64_t stride) {
+  int64_t r = 0;
+  for (; r + 2 <= nrows; r += 2) {
+    T* o0 = out + r * out_stride;
+    T* o1 = o0 + out_stride;
+    const T* w0 = w + r * kK;
+    const T* w1 = w0 + kK;
+    int64_t d = 0;
+    for (; d + 32 <= n; d += 32) {
+      accumulate_chunk2<T, 32>(o0 + d, o1 + d, w0, w1, count, rows + d, stride);
+    }
+    for (; d + 8 <= n; d += 8) {
+      accumulate_chunk2<T, 8>(o0 + d, o1 + d, w0, w1, count, rows + d, stride);
+    }
+    for (; d < n; ++d) accumulate_chunk2<T, 1>(o0 + d, o1 + d, w0, w1, count, rows + d, stride);
+  }
+  if (r < nrows) accumulate_rows(out + r * out_stride, n, w + r * kK, 1, count, rows, stride);
+}
+
 // Pointers to one (batch, head) of every tensor, and the row-level view of the mask.
 template <typename T>
 struct Head {
@@ -306,10 +354,9 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
           for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
         }
         if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, s.data());
-        for (int64_t r = 0; r < rows; ++r) {  // acc += p V
-          accumulate_rows(acc.data() + r * Dv, Dv, s.data() + r * kK, 1, cols,
-                          hd.v + j0 * p.v_stride[2], p.v_stride[2]);
-        }
+        // acc += p V
+        tile_times_rows(acc.data(), Dv, rows, Dv, s.data(), cols, hd.v + j0 * p.v_stride[2],
+                        p.v_stride[2]);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
@@ -413,11 +460,8 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
                               hd.q + i0 * p.q_stride[2], p.q_stride[2]);
             }
             if (fuse_dq) {  // dq += ds K
-              T* dq_h = dq + ((b * p.heads + h) * L + i0) * D;
-              for (int64_t r = 0; r < rows; ++r) {
-                accumulate_rows(dq_h + r * D, D, ds.data() + r * kK, 1, cols,
-                                hd.k + j0 * p.k_stride[2], p.k_stride[2]);
-              }
+              tile_times_rows(dq + ((b * p.heads + h) * L + i0) * D, D, rows, D, ds.data(),
+                              cols, hd.k + j0 * p.k_stride[2], p.k_stride[2]);
             }
           }
         }
@@ -452,10 +496,9 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
         scores(p, hd, i0, rows, j0, cols, s.data());
         probabilities(lse + bh * L + i0, rows, s.data());
         score_grads(p, hd, dout_h, delta + bh * L, i0, rows, j0, cols, s.data(), ds.data());
-        for (int64_t r = 0; r < rows; ++r) {  // dq += ds K
-          accumulate_rows(dq_acc.data() + r * D, D, ds.data() + r * kK, 1, cols,
-                          hd.k + j0 * p.k_stride[2], p.k_stride[2]);
-        }
+        // dq += ds K
+        tile_times_rows(dq_acc.data(), D, rows, D, ds.data(), cols, hd.k + j0 * p.k_stride[2],
+                        p.k_stride[2]);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dqi = dq + (bh * L + i0 + r) * D;
