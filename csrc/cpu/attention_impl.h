@@ -21,6 +21,8 @@
 // Inner loops run along a contiguous dimension (keys of a transposed K tile, or the head
 // dimension) so that the compiler vectorises them; arithmetic is in T (float or double).
 
+#include <memory>
+
 #include "common.h"
 #include "../attention_params.h"
 
@@ -257,16 +259,17 @@ Head<T> head_of(const AttentionParams& p, const T* q, const T* k, const T* v, co
 // reads its tiles instead of transposing them again (a strided gather as costly as half
 // the multiply-adds of a 32-row block).
 template <typename T>
-std::vector<T> transposed_tiles(const AttentionParams& p, const T* x, const int64_t* stride,
-                                int64_t n) {
+std::unique_ptr<T[]> transposed_tiles(const AttentionParams& p, const T* x,
+                                      const int64_t* stride, int64_t n) {
   const int64_t tiles = (p.kv_len + kK - 1) / kK;
-  std::vector<T> out(p.batch * p.kv_heads * tiles * n * kK);
+  // new T[]: not zero-filled first (every element is written below)
+  std::unique_ptr<T[]> out(new T[p.batch * p.kv_heads * tiles * n * kK]);
   at::parallel_for(0, p.batch * p.kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bhk = task / tiles, j0 = (task % tiles) * kK;
       const int64_t b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
       transpose_tile(x + b * stride[0] + hk * stride[1], stride[2], j0,
-                     std::min(kK, p.kv_len - j0), n, out.data() + task * n * kK);
+                     std::min(kK, p.kv_len - j0), n, out.get() + task * n * kK);
     }
   });
   return out;
@@ -324,14 +327,14 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
                   T* out, T* lse) {
   const int64_t blocks = (p.q_len + kQ - 1) / kQ;
   const int64_t Dv = p.v_dim;
-  const std::vector<T> kt_all = transposed_tiles(p, k, p.k_stride, p.head_dim);
+  const std::unique_ptr<T[]> kt_all = transposed_tiles(p, k, p.k_stride, p.head_dim);
   at::parallel_for(0, p.batch * p.heads * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(kQ * kK), acc(kQ * Dv), m(kQ), l(kQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const int64_t rows = std::min(kQ, p.q_len - i0);
-      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), static_cast<const T*>(nullptr),
+      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.get(), static_cast<const T*>(nullptr),
                                  b, h);
       std::fill(m.begin(), m.end(), neg_inf<T>());
       std::fill(l.begin(), l.end(), T(0));
@@ -420,8 +423,8 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
   // all its key tiles and accumulates dQ too (it owns the group's dQ rows), which saves
   // recomputing the probabilities in a second pass. Either way each element has one
   // writer, so the result is the same from run to run (for a given thread count).
-  const std::vector<T> kt_all = transposed_tiles(p, k, p.k_stride, D);
-  const std::vector<T> vt_all = transposed_tiles(p, v, p.v_stride, Dv);
+  const std::unique_ptr<T[]> kt_all = transposed_tiles(p, k, p.k_stride, D);
+  const std::unique_ptr<T[]> vt_all = transposed_tiles(p, v, p.v_stride, Dv);
   const bool fuse_dq = p.batch * p.kv_heads >= 4 * at::get_num_threads();
   const int64_t key_tiles = (S + kK - 1) / kK;
   const int64_t split = fuse_dq ? 1 : key_tiles;  // tasks per (batch, kv head)
@@ -440,7 +443,7 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
         std::fill(dk_acc.begin(), dk_acc.end(), T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
         for (int64_t h = h_begin; h < h_end; ++h) {
-          const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), vt_all.data(), b, h);
+          const Head<T> hd = head_of(p, q, k, v, mask, kt_all.get(), vt_all.get(), b, h);
           const T* lse_h = lse + (b * p.heads + h) * L;
           const T* delta_h = delta + (b * p.heads + h) * L;
           const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
@@ -488,7 +491,7 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
       const int64_t bh = task / blocks, i0 = (task % blocks) * kQ;
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const int64_t rows = std::min(kQ, L - i0);
-      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.data(), vt_all.data(), b, h);
+      const Head<T> hd = head_of(p, q, k, v, mask, kt_all.get(), vt_all.get(), b, h);
       const T* dout_h = dout + b * p.do_stride[0] + h * p.do_stride[1];
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       for (int64_t j0 = 0; j0 < key_end(p, i0, rows); j0 += kK) {
