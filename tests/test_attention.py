@@ -176,6 +176,25 @@ def test_lse_and_3d_inputs(backend, device, dtype):
     assert_close(lse, ref_lse, torch.float32 if dtype != torch.float64 else dtype)
 
 
+def test_long_sequences_on_the_cpu():
+    """L and S past a thousand, not multiples of any tile, causal with L < S, fp32."""
+    g = torch.Generator().manual_seed(14)
+    q, k, v = make_qkv((1, 2, 1, 1100, 1537, 32, 32), torch.float32, "cpu", g)
+    with dlcv_fast.use_backend("cpu"):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    grad = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(q64, k64, v64, None, True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    torch_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
+    check_error(out, ref, torch_out, torch.float32, "out")
+    for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
+        check_error(ours, want, theirs, torch.float32, f"grad_{name}")
+
+
 def test_huge_logits_do_not_overflow(backend_device):
     backend, device = backend_device
     g = torch.Generator().manual_seed(3)
