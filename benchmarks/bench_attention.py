@@ -6,7 +6,8 @@ GPU: B * L = 16k tokens, H * D = 2048, D = 64 and 128, L = 512 .. 16k, causal an
 against PyTorch's own choice of SDPA backend ("vs sdpa") and its FlashAttention-2 backend
 ("vs flash"). CPU: 8 heads, D = 64, L = 256 .. 2048.
 
-    python benchmarks/bench_attention.py [--dtype bf16 fp16] [--backend cuda triton] [--save benchmarks/results]
+    python benchmarks/bench_attention.py [--dtype bf16 fp16] [--backend cuda triton]
+        [--save benchmarks/results]
 
 The same as `python -m dlcv_fast bench --op scaled_dot_product_attention ...`.
 """

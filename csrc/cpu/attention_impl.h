@@ -148,14 +148,13 @@ void tile_product(const T* x, int64_t x_stride, int64_t rows, int64_t n, const T
 template <typename T, int64_t W>
 void accumulate_chunk(T* out, const T* w, int64_t w_stride, int64_t count, const T* rows,
                       int64_t stride) {
-  T acc[W];
-  for (int64_t l = 0; l < W; ++l) acc[l] = out[l];
+  T acc[W] = {};  // from zero, then added: a sum per tile, then across tiles (less error)
   for (int64_t c = 0; c < count; ++c) {
     const T wc = w[c * w_stride];
     const T* row = rows + c * stride;
     for (int64_t l = 0; l < W; ++l) acc[l] += wc * row[l];
   }
-  for (int64_t l = 0; l < W; ++l) out[l] = acc[l];
+  for (int64_t l = 0; l < W; ++l) out[l] += acc[l];
 }
 
 template <typename T>
@@ -178,11 +177,7 @@ void accumulate_rows(T* out, int64_t n, const T* w, int64_t w_stride, int64_t co
 template <typename T, int64_t W>
 void accumulate_chunk2(T* out0, T* out1, const T* w0, const T* w1, int64_t count,
                        const T* rows, int64_t stride) {
-  T acc0[W], acc1[W];
-  for (int64_t l = 0; l < W; ++l) {
-    acc0[l] = out0[l];
-    acc1[l] = out1[l];
-  }
+  T acc0[W] = {}, acc1[W] = {};
   for (int64_t c = 0; c < count; ++c) {
     const T a = w0[c], b = w1[c];
     const T* row = rows + c * stride;
@@ -192,8 +187,8 @@ void accumulate_chunk2(T* out0, T* out1, const T* w0, const T* w1, int64_t count
     }
   }
   for (int64_t l = 0; l < W; ++l) {
-    out0[l] = acc0[l];
-    out1[l] = acc1[l];
+    out0[l] += acc0[l];
+    out1[l] += acc1[l];
   }
 }
 
@@ -412,9 +407,11 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
       const int64_t bh = row / L, i = row % L, b = bh / p.heads, h = bh % p.heads;
       const T* g = dout + b * p.do_stride[0] + h * p.do_stride[1] + i * p.do_stride[2];
       const T* o = out + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
-      T sum = T(0);
-      for (int64_t d = 0; d < Dv; ++d) sum += g[d] * o[d];
-      delta[row] = sum;
+      // In double: ds = p (dp - delta) cancels, and a float sum of Dv products would put
+      // its rounding error (a few units of |delta|) straight into every ds of the row.
+      double sum = 0;
+      for (int64_t d = 0; d < Dv; ++d) sum += static_cast<double>(g[d]) * o[d];
+      delta[row] = static_cast<T>(sum);
     }
   });
 

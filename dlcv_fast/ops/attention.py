@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend
-from dlcv_fast.ops._common import empty_output
 
 _OP = "scaled_dot_product_attention"
 MAX_HEAD_DIM = 256

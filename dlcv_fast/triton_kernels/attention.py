@@ -32,9 +32,13 @@ def _configs(tiles):
             for m, n, w, s in tiles]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages): the usual FlashAttention-2 tiles. Not tuned on a GPU yet.
-_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-_BWD_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, warps, stages): the usual FlashAttention-2 tiles, down to small ones
+# that still fit head dim 256 in float32 / float64 (the autotuner drops configs that run out
+# of registers or shared memory). Not tuned on a GPU yet.
+_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+              (32, 32, 4, 1), (16, 16, 4, 1)]
+_BWD_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
+              (16, 16, 4, 1)]
 
 
 @triton.jit
