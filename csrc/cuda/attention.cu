@@ -179,9 +179,13 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t bh = row / p.q_len, i = row % p.q_len, b = bh / p.heads, h = bh % p.heads;
     const T* g = dout + b * p.do_stride[0] + h * p.do_stride[1] + i * p.do_stride[2];
     const T* o = out + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
-    A sum = A(0);
-    for (int64_t d = 0; d < p.v_dim; ++d) sum += to_acc(g[d]) * to_acc(o[d]);
-    delta[row] = sum;
+    // In double: ds = p (dp - delta) cancels, and a float sum's rounding error would go
+    // straight into every ds of the row.
+    double sum = 0;
+    for (int64_t d = 0; d < p.v_dim; ++d) {
+      sum += static_cast<double>(to_acc(g[d])) * static_cast<double>(to_acc(o[d]));
+    }
+    delta[row] = static_cast<A>(sum);
   }
 }
 

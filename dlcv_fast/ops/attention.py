@@ -22,7 +22,8 @@ lse = -inf and zero gradients. (PyTorch's math backend gives NaN there, its fuse
 differ from one another.)
 
 The backward pass is deterministic in every backend: each gradient element is computed by
-one program (dK / dV per key block, dQ per query block), never accumulated with atomics.
+one program (dK / dV per key block, dQ per query block), never accumulated with atomics. (On
+the CPU the schedule, hence the last bits, depends on the thread count.)
 """
 
 from __future__ import annotations

@@ -155,9 +155,11 @@ def _delta_kernel(DO, O, DELTA, L, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.const
     offs_dv = tl.arange(0, BLOCK_DV)
     live = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
     off = bh.to(tl.int64) * L * DV + offs_m[:, None].to(tl.int64) * DV + offs_dv[None, :]
-    g = tl.load(DO + off, mask=live, other=0.0).to(ACC)
-    o = tl.load(O + off, mask=live, other=0.0).to(ACC)
-    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(g * o, 1), mask=offs_m < L)
+    # In float64: ds = p (dp - delta) cancels, and a float32 sum's rounding error would go
+    # straight into every ds of the row.
+    g = tl.load(DO + off, mask=live, other=0.0).to(tl.float64)
+    o = tl.load(O + off, mask=live, other=0.0).to(tl.float64)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(g * o, 1).to(ACC), mask=offs_m < L)
 
 
 @triton.jit
