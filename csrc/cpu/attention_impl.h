@@ -204,6 +204,9 @@ void tile_times_rows(T* out, int64_t out_stride, int64_t nrows, int64_t n, const
     const T* w0 = w + r * kK;
     const T* w1 = w0 + kK;
     int64_t d = 0;
+    for (; d + 64 <= n; d += 64) {  // 8 chains of AVX-512 multiply-adds
+      accumulate_chunk2<T, 64>(o0 + d, o1 + d, w0, w1, count, rows + d, stride);
+    }
     for (; d + 32 <= n; d += 32) {
       accumulate_chunk2<T, 32>(o0 + d, o1 + d, w0, w1, count, rows + d, stride);
     }
