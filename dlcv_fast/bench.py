@@ -258,13 +258,13 @@ def _attention_cases(device: torch.device):
     return [(1, 8, L, 64, causal) for L in (256, 512, 1024, 2048) for causal in (False, True)]
 
 
-def _torch_sdpa_variants(device: torch.device):
+def _torch_sdpa_variants(device: torch.device, dtype: torch.dtype):
     """(label, context) of PyTorch's SDPA to compare with: its own choice of backend, and on
-    a GPU also its FlashAttention-2 backend alone."""
+    a GPU also its FlashAttention-2 backend alone (float16 / bfloat16 only)."""
     import contextlib
 
     out = [("vs sdpa", contextlib.nullcontext)]
-    if device.type == "cuda":
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         out.append(("vs flash", lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)))
@@ -285,7 +285,7 @@ def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Itera
             flops = 4 * B * H * L * L * D // (2 if causal else 1)
             moved = 4 * B * H * L * D * q.element_size()
             case = f"L{L}-D{D}{'-causal' if causal else ''}"
-            for label, ctx in _torch_sdpa_variants(device):
+            for label, ctx in _torch_sdpa_variants(device, dtype):
                 with ctx():
                     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                     torch_fwd = median_ms(
