@@ -49,6 +49,8 @@ gpu-check:
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
 	compute-sanitizer --tool initcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" tests/test_max_pool2d.py
+	compute-sanitizer --tool initcheck --error-exitcode 1 \
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" tests/test_attention.py
 	$(PYTHON) -m dlcv_fast bench --save benchmarks/results
 
 clean:

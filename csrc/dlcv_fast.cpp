@@ -352,6 +352,13 @@ TORCH_LIBRARY(dlcv_fast, m) {
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count, "
       "bool relu) -> Tensor");
+  m.def(
+      "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+      "bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "sdpa_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, int seed) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
@@ -371,6 +378,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("batch_norm_elemt", &dlcv_fast::batch_norm_elemt);
   m.impl("batch_norm_backward_reduce", &dlcv_fast::batch_norm_backward_reduce);
   m.impl("batch_norm_backward_elemt", &dlcv_fast::batch_norm_backward_elemt);
+  m.impl("sdpa", &dlcv_fast::sdpa);
+  m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
 }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
@@ -401,6 +410,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
   m.impl("batch_norm_elemt", &dlcv_fast::batch_norm_elemt);
   m.impl("batch_norm_backward_reduce", &dlcv_fast::batch_norm_backward_reduce);
   m.impl("batch_norm_backward_elemt", &dlcv_fast::batch_norm_backward_elemt);
+  m.impl("sdpa", &dlcv_fast::sdpa);
+  m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
 }
 #endif
 
@@ -447,4 +458,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch norm backward: (grad_input, grad_weight, grad_bias)", py::arg("grad_output"),
         py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("save_mean"),
         py::arg("save_invstd"), py::arg("training"), py::arg("relu"), py::arg("output_mask"));
+  m.def("sdpa", &dlcv_fast::sdpa, "fused attention forward: (out, lse)", py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("dropout_p"),
+        py::arg("is_causal"), py::arg("scale"), py::arg("seed"));
+  m.def("sdpa_backward", &dlcv_fast::sdpa_backward,
+        "fused attention backward: (grad_query, grad_key, grad_value)", py::arg("grad_out"),
+        py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("lse"),
+        py::arg("attn_mask"), py::arg("dropout_p"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("seed"));
 }

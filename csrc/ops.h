@@ -97,6 +97,21 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& mean, const at::Tensor& invstd,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                      int64_t count, bool relu);
+// Fused scaled-dot-product attention (attention_params.h) on 4-D (batch, heads, L, E)
+// query and (batch, kv_heads, S, E) key / value: (out, lse). attn_mask (bool or query's
+// dtype) broadcasts to (batch, heads, L, S); seed keys the dropout hash.
+std::tuple<at::Tensor, at::Tensor> sdpa(const at::Tensor& query, const at::Tensor& key,
+                                        const at::Tensor& value,
+                                        const std::optional<at::Tensor>& attn_mask,
+                                        double dropout_p, bool is_causal, double scale,
+                                        int64_t seed);
+
+// (grad_query, grad_key, grad_value), recomputing the probabilities from lse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, bool is_causal, double scale,
+    int64_t seed);
 
 // Whether this build holds the CUDA kernels.
 bool cuda_built();

@@ -19,14 +19,15 @@ from dlcv_fast.ops.conv2d import conv2d
 from dlcv_fast.ops.max_pool2d import max_pool2d
 from dlcv_fast.ops.batch_norm import batch_norm
 from dlcv_fast.ops.noise import add_noise, get_velocity
+from dlcv_fast.ops.attention import scaled_dot_product_attention
 from dlcv_fast import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
 # Ops with kernels in every backend, in the order the command line lists them (the sampler
 # steps live in dlcv_fast.diffusion).
-OPS = ("conv2d", "batch_norm", "max_pool2d", "add_noise", "get_velocity", "ddpm_step",
-       "ddim_step")
+OPS = ("conv2d", "batch_norm", "scaled_dot_product_attention", "max_pool2d", "add_noise",
+       "get_velocity", "ddpm_step", "ddim_step")
 
 __all__ = [
     "BACKENDS",
@@ -40,6 +41,7 @@ __all__ = [
     "get_velocity",
     "max_pool2d",
     "nn",
+    "scaled_dot_product_attention",
     "set_backend",
     "use_backend",
 ]

@@ -44,12 +44,12 @@ class Result:
         return self.torch_ms / self.ms
 
     @property
-    def gbps(self) -> float:
-        return self.bytes / self.ms / 1e6
-
-    @property
     def tflops(self) -> float:
         return self.flops / self.ms / 1e9
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.ms / 1e6
 
 
 _CPU_FLUSH_BYTES = 256 << 20  # larger than any CPU's last-level cache
@@ -422,6 +422,70 @@ def bench_batch_norm(device: torch.device, dtypes, batch: int, backends, layers=
                                            device)
                         yield Result(**common, direction=direction, backend=backend, ms=ms,
                                      torch_ms=torch_ms)
+# --- scaled_dot_product_attention ------------------------------------------------------------
+
+def _attention_cases(device: torch.device):
+    """(B, H, L, D, causal). GPU: B * L = 16k tokens, H * D = 2048, L = 512 .. 16k, D = 64
+    and 128. CPU: one sequence of 8 heads, L = 256 .. 2048, D = 64."""
+    if device.type == "cuda":
+        return [(16384 // L, 2048 // D, L, D, causal) for D in (64, 128)
+                for L in (512, 1024, 2048, 4096, 8192, 16384) for causal in (False, True)]
+    return [(1, 8, L, 64, causal) for L in (256, 512, 1024, 2048) for causal in (False, True)]
+
+
+def _torch_sdpa_variants(device: torch.device, dtype: torch.dtype):
+    """(label, context) of PyTorch's SDPA to compare with: its own choice of backend, and on
+    a GPU also its FlashAttention-2 backend alone (float16 / bfloat16 only)."""
+    import contextlib
+
+    out = [("vs sdpa", contextlib.nullcontext)]
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        out.append(("vs flash", lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)))
+    return out
+
+
+def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Iterator[Result]:
+    """Forward and backward against F.scaled_dot_product_attention on the same inputs.
+    FLOPs: 4 B H L S D forward (half when causal), 2.5 times that backward. (``batch`` is
+    unused: the cases fix the number of tokens.)"""
+    from dlcv_fast.ops.attention import _FORWARD
+
+    for B, H, L, D, causal in _attention_cases(device):
+        for dtype in dtypes:
+            q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            grad = torch.randn(B, H, L, D, device=device, dtype=dtype)
+            flops = 4 * B * H * L * L * D // (2 if causal else 1)
+            moved = 4 * B * H * L * D * q.element_size()
+            case = f"L{L}-D{D}{'-causal' if causal else ''}"
+            for label, ctx in _torch_sdpa_variants(device, dtype):
+                with ctx():
+                    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    torch_fwd = median_ms(
+                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                        device)
+                    torch_bwd = median_ms(lambda: torch.autograd.grad(
+                        ref, (q, k, v), grad, retain_graph=True), device)
+                common = dict(op="scaled_dot_product_attention", case=case, shape=(B, H, L, D),
+                              dtype=str(dtype).removeprefix("torch."), layout=label)
+                for backend in backends:
+                    op = _FORWARD[backend]
+                    scale = D ** -0.5
+                    out = op(q, k, v, None, 0.0, causal, scale, 0)[0]
+                    err = (out - ref).abs().max().item()
+                    if err > (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4):
+                        raise AssertionError(f"attention {backend} disagrees with PyTorch on "
+                                             f"{case} {dtype}: {err}")
+                    yield Result(**common, direction="forward", backend=backend,
+                                 ms=median_ms(lambda: op(q, k, v, None, 0.0, causal, scale, 0),
+                                              device),
+                                 torch_ms=torch_fwd, bytes=moved, flops=flops)
+                    yield Result(**common, direction="backward", backend=backend,
+                                 ms=median_ms(lambda: torch.autograd.grad(
+                                     out, (q, k, v), grad, retain_graph=True), device),
+                                 torch_ms=torch_bwd, bytes=2 * moved, flops=flops * 5 // 2)
 
 
 BENCHMARKS = {
@@ -432,6 +496,7 @@ BENCHMARKS = {
     "ddpm_step": _step_bench("ddpm_step"),
     "ddim_step": _step_bench("ddim_step"),
     "batch_norm": bench_batch_norm,
+    "scaled_dot_product_attention": bench_attention,
 }
 
 # Default CPU batch where the common one (8) would take too long on a small machine.
@@ -474,7 +539,7 @@ def environment(device: torch.device) -> dict:
 
 # Ops whose table gives TFLOP/s and a fraction of the measured matrix-product throughput;
 # the others give GB/s and a fraction of the copy bandwidth.
-COMPUTE_BOUND = {"conv2d"}
+COMPUTE_BOUND = {"conv2d", "scaled_dot_product_attention"}
 
 
 def peak_fraction(r: Result, peak_gbps: float, peak_tflops: dict[str, float]) -> float:

@@ -189,6 +189,42 @@ def _check_batch_norm(backend: str, device: str, dtype: torch.dtype) -> Row:
             cases += 1
     return Row("batch_norm", backend, device, str(dtype).removeprefix("torch."), cases, worst,
                worst <= tol[dtype])
+def _check_attention(backend: str, device: str, dtype: torch.dtype) -> Row:
+    """Output and gradients against F.scaled_dot_product_attention in float64 (math
+    backend), relative to the largest reference value."""
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    worst, cases = 0.0, 0
+    # (B, H, Hkv, L, S, E, Ev, mask, causal)
+    for B, H, Hkv, L, S, E, Ev, mask_kind, causal in [
+        (2, 4, 2, 37, 53, 64, 64, "padding", False),
+        (1, 2, 2, 70, 45, 32, 48, None, True),
+        (1, 2, 1, 19, 33, 128, 128, "additive", False),
+    ]:
+        q = torch.randn(B, H, L, E, dtype=torch.float64)
+        k = torch.randn(B, Hkv, S, E, dtype=torch.float64)
+        v = torch.randn(B, Hkv, S, Ev, dtype=torch.float64)
+        mask = None
+        if mask_kind == "padding":
+            mask = torch.arange(S).view(1, 1, 1, S) < torch.tensor([S, S // 2]).view(B, 1, 1, 1)
+        elif mask_kind == "additive":
+            mask = torch.randn(1, H, L, S, dtype=torch.float64)
+        grad = torch.randn(B, H, L, Ev, dtype=torch.float64)
+        q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+        want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True)
+        want_grads = torch.autograd.grad(want, (q64, k64, v64), grad)
+        ins = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        m = None if mask is None else mask.to(device, dtype if mask.is_floating_point() else None)
+        with dlcv_fast.use_backend(backend):
+            got = dlcv_fast.scaled_dot_product_attention(*ins, attn_mask=m, is_causal=causal,
+                                                         enable_gqa=True)
+        got_grads = torch.autograd.grad(got, ins, grad.to(device, dtype))
+        for a, b in zip((got, *got_grads), (want, *want_grads)):
+            err = (a.double().cpu() - b).abs().max().item() / (1 + b.abs().max().item())
+            worst = max(worst, err)
+        cases += 1
+    return Row("scaled_dot_product_attention", backend, device, str(dtype).removeprefix("torch."),
+               cases, worst, worst <= tol[dtype])
 
 
 CHECKS = {
@@ -199,6 +235,7 @@ CHECKS = {
     "ddpm_step": _check_step("ddpm_step"),
     "ddim_step": _check_step("ddim_step"),
     "batch_norm": _check_batch_norm,
+    "scaled_dot_product_attention": _check_attention,
 }
 
 

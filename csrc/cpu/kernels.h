@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../batch_norm_shape.h"
+#include "../attention_params.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -79,5 +80,26 @@ DLCV_BATCH_NORM_CPU_KERNELS
 namespace base { DLCV_BATCH_NORM_CPU_KERNELS }
 namespace avx2 { DLCV_BATCH_NORM_CPU_KERNELS }
 namespace avx512 { DLCV_BATCH_NORM_CPU_KERNELS }
+// Fused attention (attention_params.h): out and lse (B, heads, L), dense. mask is null for
+// MaskKind::None.
+void attention_forward(DType dtype, const AttentionParams& p, const void* q, const void* k,
+                       const void* v, const void* mask, void* out, void* lse);
+
+// dq, dk, dv dense in the shapes of q, k, v; delta is a (B, heads, L) workspace.
+void attention_backward(DType dtype, const AttentionParams& p, const void* dout, const void* q,
+                        const void* k, const void* v, const void* out, const void* lse,
+                        const void* mask, void* delta, void* dq, void* dk, void* dv);
+
+// The same per instruction set (attention_impl.h).
+#define DLCV_ATTENTION_DECLS                                                                  \
+  void attention_forward(DType, const AttentionParams&, const void*, const void*, const void*, \
+                         const void*, void*, void*);                                           \
+  void attention_backward(DType, const AttentionParams&, const void*, const void*, const void*, \
+                          const void*, const void*, const void*, const void*, void*, void*,     \
+                          void*, void*);
+namespace base { DLCV_ATTENTION_DECLS }
+namespace avx2 { DLCV_ATTENTION_DECLS }
+namespace avx512 { DLCV_ATTENTION_DECLS }
+#undef DLCV_ATTENTION_DECLS
 
 }  // namespace dlcv_fast::cpu

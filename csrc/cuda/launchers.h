@@ -6,6 +6,7 @@
 
 #include "../conv2d_shape.h"
 #include "../batch_norm_shape.h"
+#include "../attention_params.h"
 #include "../noise_shape.h"
 #include "../pool2d_shape.h"
 #include "../step_params.h"
@@ -132,5 +133,16 @@ cudaError_t batch_norm_backward_train(DType dtype, const void* dy, const void* x
                                       const void* invstd, void* sum_dy, void* sum_dy_xmu,
                                       void* dx, const BatchNormShape& shape, void* workspace,
                                       cudaStream_t stream);
+// Fused attention (attention_params.h): out (dense, p.o_stride) and lse (B, heads, L; float
+// for 16-bit and float32 inputs, double for float64).
+cudaError_t attention_forward(DType dtype, const AttentionParams& p, const void* q,
+                              const void* k, const void* v, const void* mask, void* out,
+                              void* lse, cudaStream_t stream);
+
+// dq, dk, dv dense in the shapes of q, k, v; delta a (B, heads, L) workspace of lse's type.
+cudaError_t attention_backward(DType dtype, const AttentionParams& p, const void* dout,
+                               const void* q, const void* k, const void* v, const void* out,
+                               const void* lse, const void* mask, void* delta, void* dq,
+                               void* dk, void* dv, cudaStream_t stream);
 
 }  // namespace dlcv_fast::cuda

@@ -1,0 +1,102 @@
+"""Attention layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlcv_fast.ops.attention import scaled_dot_product_attention
+
+_NEG_INF = float("-inf")
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """nn.MultiheadAttention's masks (bool True: masked out, or additive) as additive."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, _NEG_INF)
+    return mask.to(dtype)
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` whose ``need_weights=False`` path runs
+    :func:`dlcv_fast.scaled_dot_product_attention`.
+
+    A subclass: same constructor (embed_dim, num_heads, dropout, bias, add_bias_kv,
+    add_zero_attn, kdim, vdim, batch_first, device, dtype), parameters, ``state_dict`` keys
+    (``in_proj_weight``, ``in_proj_bias`` or ``q/k/v_proj_weight``, ``out_proj.*``,
+    ``bias_k``, ``bias_v``) and repr.
+
+    ``forward`` takes torch's arguments. With ``need_weights=False`` the projections are
+    torch's and attention is the fused kernel; ``key_padding_mask`` (N, S) and ``attn_mask``
+    (L, S) or (N * num_heads, L, S) (bool: True is masked out, or additive) are merged into
+    one mask that broadcasts over what it does not depend on. With ``need_weights=True``
+    (torch's default) it is torch's own forward, the slower explicit path that materialises
+    the (L, S) weights it returns. ``is_causal`` is a hint, as in torch: ``attn_mask`` must
+    hold the causal mask, and that mask is what is applied.
+
+    A query that may attend to no key gives zeros on the fused path (torch gives NaN).
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=True, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the "
+                               "causal mask; pass attn_mask as well")
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E): a batch of one
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:  # the projections below work on (L, N, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        L, N, E = query.shape
+        H, hd = self.num_heads, self.head_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        # (length, N, E) -> (N, H, length, hd)
+        q, k, v = (x.reshape(x.shape[0], N, H, hd).permute(1, 2, 0, 3) for x in (q, k, v))
+
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:  # (N * H, L, S)
+                attn_mask = attn_mask.view(N, H, *attn_mask.shape[1:])
+            mask = _as_additive(attn_mask, q.dtype)
+        if key_padding_mask is not None:
+            kpm = _as_additive(key_padding_mask, q.dtype).view(N, 1, 1, -1)
+            mask = kpm if mask is None else mask + kpm
+        extra = []
+        if self.bias_k is not None:
+            extra.append((self.bias_k.view(1, H, 1, hd), self.bias_v.view(1, H, 1, hd)))
+        if self.add_zero_attn:
+            zeros = q.new_zeros(1, H, 1, hd)
+            extra.append((zeros, zeros))
+        for k_new, v_new in extra:  # one more key, that every query may attend to
+            k = torch.cat([k, k_new.expand(N, H, 1, hd)], dim=2)
+            v = torch.cat([v, v_new.expand(N, H, 1, hd)], dim=2)
+            if mask is not None:
+                mask = F.pad(mask, (0, 1))
+        if mask is not None and mask.dim() < 4:
+            mask = mask.view(*([1] * (4 - mask.dim())), *mask.shape)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)  # (L, N, E)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None

@@ -1,0 +1,333 @@
+"""Fused scaled-dot-product attention: argument checks, the registered ops of every backend,
+their fake implementations and autograd formulas, and the functional entry points.
+
+Ops (namespace ``dlcv_fast``), on 4-D tensors:
+
+- ``sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, seed) -> (out, lse)``
+  and ``sdpa_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p,
+  is_causal, scale, seed) -> (grad_query, grad_key, grad_value)``: the C++ kernels, CPU and
+  CUDA (csrc/attention.cpp).
+- ``sdpa_triton`` and ``sdpa_backward_triton``: the same schemas on the Triton kernels.
+
+query is (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev) with H a multiple of Hkv
+(grouped-query attention without copying K / V); attn_mask, bool (True: attend) or of
+query's dtype (added to the scores), broadcasts to (B, H, L, S) and is read through its
+strides. lse (B, H, L) is the natural-log log-sum-exp of each row's scores (float32, or
+float64 for float64 inputs). Dropout is a hash of (seed, b * H + h, i, j)
+(:func:`dropout_keep_mask`), the same in every backend, so the backward pass regenerates the
+forward pass's mask.
+
+A row that attends to nothing (its mask all False or -inf, or no key at all) gives zeros,
+lse = -inf and zero gradients. (PyTorch's math backend gives NaN there, its fused backends
+differ from one another.)
+
+The backward pass is deterministic in every backend: each gradient element is computed by
+one program (dK / dV per key block, dQ per query block), never accumulated with atomics. (On
+the CPU the schedule, hence the last bits, depends on the thread count.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dlcv_fast import backend
+
+_OP = "scaled_dot_product_attention"
+MAX_HEAD_DIM = 256
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def check_args(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+               dropout_p: float, scale: float, op: str = _OP) -> None:
+    """The checks of the C++ entry points (csrc/attention.cpp), with the same messages, on
+    the 4-D tensors of the registered ops."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, but got {type(t).__name__}")
+    if query.dtype not in _FLOATS:
+        raise TypeError(f"{op}: query must be float32, float64, float16 or bfloat16, but got "
+                        f"{query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.device != query.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but query is on {query.device}; "
+                               "expected both on the same device")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
+    for name, t, dims in (("query", query, "(batch, heads, L, E)"),
+                          ("key", key, "(batch, kv_heads, S, E)"),
+                          ("value", value, "(batch, kv_heads, S, Ev)")):
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D {dims}, but got shape {_shape(t)}")
+    B, H, L, D = query.shape
+    Hkv, S, Dv = key.shape[1], key.shape[2], value.shape[3]
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(f"{op}: query, key and value must have the same batch size, but got "
+                         f"{B}, {key.shape[0]} and {value.shape[0]}")
+    if value.shape[1] != Hkv:
+        raise ValueError(f"{op}: key and value must have the same number of heads, but got "
+                         f"{Hkv} and {value.shape[1]}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"{op}: query's heads ({H}) must be a multiple of key's and value's "
+                         f"heads ({Hkv})")
+    if value.shape[2] != S:
+        raise ValueError(f"{op}: key and value must have the same length S, but got {S} and "
+                         f"{value.shape[2]}")
+    if key.shape[3] != D:
+        raise ValueError(f"{op}: key's head dim ({key.shape[3]}) must equal query's ({D})")
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        raise ValueError(f"{op}: head dims must lie in [1, {MAX_HEAD_DIM}], but got E={D} and "
+                         f"Ev={Dv}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"{op}: dropout_p must lie in [0, 1), but got {dropout_p}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, but got {scale}")
+    if attn_mask is not None:
+        if attn_mask.device != query.device:
+            raise RuntimeError(f"{op}: attn_mask is on {attn_mask.device} but query is on "
+                               f"{query.device}; expected both on the same device")
+        if attn_mask.dtype not in (torch.bool, query.dtype):
+            raise TypeError(f"{op}: attn_mask must be bool or have query's dtype "
+                            f"{query.dtype}, but got {attn_mask.dtype}")
+        target = (B, H, L, S)
+        ok = attn_mask.dim() <= 4 and all(
+            s == 1 or s == t for s, t in zip(reversed(attn_mask.shape), reversed(target)))
+        if not ok:
+            raise ValueError(f"{op}: attn_mask of shape {_shape(attn_mask)} cannot be broadcast "
+                             f"to (batch, heads, L, S) = ({B}, {H}, {L}, {S})")
+
+
+def _stats_dtype(query: Tensor) -> torch.dtype:
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _check_backward_args(grad_out, query, key, value, out, lse, attn_mask, dropout_p, scale):
+    op = "scaled_dot_product_attention_backward"
+    check_args(query, key, value, attn_mask, dropout_p, scale)
+    B, H, L, _ = query.shape
+    out_shape = [B, H, L, value.shape[3]]
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if t.device != query.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but query is on {query.device}; "
+                               "expected both on the same device")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
+        if _shape(t) != out_shape:
+            raise ValueError(f"{op}: {name} must have shape {out_shape}, but got {_shape(t)}")
+    if lse.device != query.device:
+        raise RuntimeError(f"{op}: lse is on {lse.device} but query is on {query.device}; "
+                           "expected both on the same device")
+    if lse.dtype != _stats_dtype(query):
+        raise TypeError(f"{op}: lse must be {_stats_dtype(query)}, but got {lse.dtype}")
+    if _shape(lse) != [B, H, L]:
+        raise ValueError(f"{op}: lse must have shape {[B, H, L]}, but got {_shape(lse)}")
+
+
+# --- fake (meta) implementations ------------------------------------------------------------
+
+def _forward_fake(query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    check_args(query, key, value, attn_mask, dropout_p, scale)
+    B, H, L, _ = query.shape
+    out = query.new_empty((B, H, L, value.shape[3]))
+    lse = query.new_empty((B, H, L), dtype=_stats_dtype(query))
+    return out, lse
+
+
+def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+                   seed):
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            value.new_empty(value.shape))
+
+
+torch.library.register_fake("dlcv_fast::sdpa")(_forward_fake)
+torch.library.register_fake("dlcv_fast::sdpa_backward")(_backward_fake)
+
+
+# --- the Triton backend ---------------------------------------------------------------------
+
+def _expanded_mask(attn_mask, query, key):
+    if attn_mask is None:
+        return None
+    B, H, L, _ = query.shape
+    return attn_mask.expand(B, H, L, key.shape[2])  # a view: stride 0 where broadcast
+
+
+@torch.library.custom_op("dlcv_fast::sdpa_triton", mutates_args=())
+def _sdpa_triton(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+                 dropout_p: float, is_causal: bool, scale: float,
+                 seed: int) -> tuple[Tensor, Tensor]:
+    from dlcv_fast.triton_kernels import attention as kernels
+
+    check_args(query, key, value, attn_mask, dropout_p, scale)
+    return kernels.forward(query, key, value, _expanded_mask(attn_mask, query, key), dropout_p,
+                           is_causal, scale, seed)
+
+
+@torch.library.custom_op("dlcv_fast::sdpa_backward_triton", mutates_args=())
+def _sdpa_backward_triton(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                          out: Tensor, lse: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                          is_causal: bool, scale: float,
+                          seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    from dlcv_fast.triton_kernels import attention as kernels
+
+    _check_backward_args(grad_out, query, key, value, out, lse, attn_mask, dropout_p, scale)
+    return kernels.backward(grad_out, query, key, value, out, lse,
+                            _expanded_mask(attn_mask, query, key), dropout_p, is_causal, scale,
+                            seed)
+
+
+_sdpa_triton.register_fake(_forward_fake)
+_sdpa_backward_triton.register_fake(_backward_fake)
+
+
+# --- autograd (both backends) ---------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask)
+    ctx.params = (dropout_p, is_causal, scale, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_with(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, out, lse, attn_mask = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, query, key, value, out, lse, attn_mask, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "dlcv_fast::sdpa", _backward_with(torch.ops.dlcv_fast.sdpa_backward),
+    setup_context=_setup_context)
+_sdpa_triton.register_autograd(_backward_with(torch.ops.dlcv_fast.sdpa_backward_triton),
+                               setup_context=_setup_context)
+
+_FORWARD = {
+    "cpu": torch.ops.dlcv_fast.sdpa,
+    "cuda": torch.ops.dlcv_fast.sdpa,
+    "triton": torch.ops.dlcv_fast.sdpa_triton,
+}
+
+
+# --- dropout --------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, q_len: int, kv_len: int,
+                      dropout_p: float, device=None) -> Tensor:
+    """The (batch, heads, L, S) bool mask of the elements that dropout keeps for ``seed``:
+    the hash of csrc/attention_params.h in int64 torch arithmetic (every backend's kernels
+    compute the same bits). For tests and for anyone who needs to reproduce a dropout."""
+    bh = torch.arange(batch * heads, dtype=torch.int64, device=device).view(batch, heads, 1, 1)
+    i = torch.arange(q_len, dtype=torch.int64, device=device).view(1, 1, -1, 1)
+    j = torch.arange(kv_len, dtype=torch.int64, device=device).view(1, 1, 1, -1)
+    head_key = _fmix32((int(seed) + 0x9E3779B9 * (bh + 1)) & _M32)
+    row_key = _fmix32(head_key ^ i)
+    bits = _fmix32((row_key + 0x27D4EB2F * (j + 1)) & _M32) >> 8
+    return bits >= int(round(dropout_p * 2**24))
+
+
+def _draw_seed(device: torch.device) -> int:
+    """A seed from torch's default generator of ``device`` (torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (), device=device).item())
+
+
+# --- the functional entry points ------------------------------------------------------------
+
+def _to_4d(query, key, value, attn_mask, enable_gqa):
+    if not isinstance(query, Tensor):
+        raise TypeError(f"{_OP}: query must be a Tensor, but got {type(query).__name__}")
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a Tensor, but got {type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{_OP}: attn_mask must be a Tensor or None, but got "
+                        f"{type(attn_mask).__name__}")
+    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{_OP}: query, key and value must all be 3-D (N, L, E) or all 4-D "
+                         f"(N, heads, L, E), but got shapes {_shape(query)}, {_shape(key)} and "
+                         f"{_shape(value)}")
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    elif not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError(f"{_OP}: query has {query.shape[1]} heads but key has {key.shape[1]}; "
+                         "pass enable_gqa=True for grouped-query attention")
+    return query, key, value, attn_mask, squeeze
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              enable_gqa: bool = False, return_lse: bool = False):
+    """:func:`scaled_dot_product_attention`, and with ``return_lse=True`` also the
+    log-sum-exp of each row's scores (natural log, float32, or float64 for float64 inputs;
+    shape (N, H, L), or (N, L) for 3-D inputs): ``(out, lse)``."""
+    q, k, v, mask, squeeze = _to_4d(query, key, value, attn_mask, enable_gqa)
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_OP}: attn_mask requires grad, but gradients with respect to the "
+                         "mask are not computed; pass attn_mask.detach()")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    dropout_p = float(dropout_p)
+    seed = _draw_seed(q.device) if dropout_p > 0 else 0
+    op = _FORWARD[backend.resolve("scaled_dot_product_attention", q)]
+    out, lse = op(q, k, v, mask, dropout_p, bool(is_causal), float(scale), seed)
+    if squeeze:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """softmax(Q K^T * scale + mask) V in one fused pass, with
+    :func:`torch.nn.functional.scaled_dot_product_attention`'s arguments and shapes.
+
+    Args:
+        query: (N, H, L, E) or (N, L, E); float32/float16/bfloat16 on a GPU,
+            float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
+        key: (N, Hkv, S, E) or (N, S, E).
+        value: (N, Hkv, S, Ev) or (N, S, Ev); Ev may differ from E. Head dims up to 256.
+        attn_mask: bool (True: take part in attention) or of query's dtype (added to the
+            scores), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
+            Read through its strides, never expanded in memory. Not differentiated.
+        dropout_p: dropout on the attention weights, from a counter-based hash seeded by
+            torch's generator for the device (``torch.manual_seed`` reproduces it; the
+            backward pass applies the same mask).
+        is_causal: query i attends to keys j <= i (PyTorch's top-left alignment, also for
+            L != S). May be combined with attn_mask (PyTorch refuses both at once).
+        scale: defaults to 1 / sqrt(E).
+        enable_gqa: allow Hkv < H with H a multiple of Hkv; query head h reads key/value
+            head h // (H / Hkv), without copying K and V.
+
+    Returns (N, H, L, Ev) (or (N, L, Ev)) in query's dtype. A query row that can attend to
+    no key (its mask all False or -inf) gives zeros and zero gradients, where PyTorch's math
+    backend gives NaN. Differentiable in query, key and value; the backward pass recomputes
+    the attention weights from the saved log-sum-exp and is deterministic.
+    """
+    return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+__all__ = ["scaled_dot_product_attention", "attention", "dropout_keep_mask", "check_args"]
