@@ -19,6 +19,8 @@ from dlcv_fast.ops.conv2d import conv2d
 from dlcv_fast.ops.max_pool2d import max_pool2d
 from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast import nn  # noqa: E402
+from dlcv_fast.convert import convert, revert  # noqa: E402
+from dlcv_fast import models  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,11 +34,14 @@ __all__ = [
     "OPS",
     "add_noise",
     "conv2d",
+    "convert",
     "cuda_built",
     "get_backend",
     "get_velocity",
     "max_pool2d",
+    "models",
     "nn",
+    "revert",
     "set_backend",
     "use_backend",
 ]
