@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("lenet", help="train LeNet-5 on scikit-learn's digits")
     p.add_argument("--epochs", type=int, help="default 10")
     p.add_argument("--out", help="PNG of the curves (default demo_output/lenet5_digits.png)")
-    p.add_argument("--quick", action="store_true", help="2 epochs on 300 images (tests)")
+    p.add_argument("--quick", action="store_true", help="4 epochs on 500 images (tests)")
     p.set_defaults(fn=_lenet)
     p = sub.add_parser("profile", help="per-layer times of a model against PyTorch")
     p.add_argument("--model", required=True,

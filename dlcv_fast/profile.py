@@ -39,8 +39,8 @@ class LayerRow:
     @property
     def rate(self) -> str:
         if self.flops:
-            return f"{self.flops / self.ms / 1e9:.3f} TFLOP/s"
-        return f"{self.bytes / self.ms / 1e6:.1f} GB/s"
+            return f"{self.flops / self.ms / 1e9:.3g} TFLOP/s"
+        return f"{self.bytes / self.ms / 1e6:.3g} GB/s"
 
 
 def _conv_flops(m: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> float:

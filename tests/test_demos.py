@@ -21,19 +21,19 @@ def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("test accuracy: "))
     accuracy = float(line.removeprefix("test accuracy: ").removesuffix("%"))
-    assert accuracy > 50  # 2 epochs on 300 images: far above chance (10%)
+    assert accuracy > 50  # 4 epochs on 500 images (about 79%): far above chance (10%)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "LeNet-5 on digits" in out.stderr  # the progress bar
 
 
-def test_lenet_learns_digits_in_process():
+def test_digits_data():
     from dlcv_fast.demos import lenet
 
-    model, hist = lenet.train(epochs=3, limit=600, progress=False)
-    assert len(hist.test_acc) == 3 and hist.train_loss[-1] < hist.train_loss[0]
-    assert hist.test_acc[-1] > 0.8
-    x = lenet.load_digits_32()[2]
-    assert x.shape[1:] == (1, 32, 32)
+    x_train, y_train, x_test, y_test = lenet.load_digits_32()
+    assert x_train.shape[1:] == x_test.shape[1:] == (1, 32, 32)
+    assert len(y_train) + len(y_test) == 1797 and len(y_test) == 360
+    assert set(y_test.tolist()) == set(range(10))  # stratified: every class in the test set
+    assert abs(x_train.mean().item()) < 1e-5 and abs(x_train.std().item() - 1) < 1e-4
 
 
 def test_profile_cli_torchvision_model(tmp_path):
@@ -42,7 +42,7 @@ def test_profile_cli_torchvision_model(tmp_path):
                "--out", str(png), "--budget", "0.01")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "conv1" in out.stdout and "layer4.1.conv2" in out.stdout
-    assert "maxpool      max_pool2d" in out.stdout
+    assert any(line.split()[:2] == ["maxpool", "max_pool2d"] for line in out.stdout.splitlines())
     assert "whole forward pass" in out.stdout and "BatchNorm2d" in out.stdout
     assert "TFLOP/s" in out.stdout and "GB/s" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
