@@ -155,3 +155,28 @@ def test_torchvision_models(name, size, left):
     assert_close(actual, expected)
     dlcv_fast.revert(model)
     assert not any(type(m).__module__.startswith("dlcv_fast") for m in model.modules())
+
+
+def test_sync_batch_norm_model_keeps_its_norm_layers_on_torch():
+    """SyncBatchNorm (and BatchNorm) have no dlcv_fast layer yet: reported, untouched."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    summary = dlcv_fast.convert(model)
+    assert summary.converted == collections.Counter({"Conv2d": 2})
+    assert [(n, t) for n, t, _ in summary.left] == [("1", "SyncBatchNorm"),
+                                                    ("3.1", "BatchNorm2d")]
+    assert type(model[1]) is nn.SyncBatchNorm
+    model.eval()  # SyncBatchNorm runs on one process only in eval mode
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        y = model(x)
+        dlcv_fast.revert(model)
+        assert_close(y, model(x))
+
+
+def test_convert_twice_is_a_no_op_and_shared_layers_convert_once():
+    conv = nn.Conv2d(2, 2, 3)
+    model = nn.Sequential(conv, nn.ReLU(), conv)  # the same layer used twice
+    assert dlcv_fast.convert(model).converted == collections.Counter({"Conv2d": 1})
+    assert type(model[2]) is dnn.Conv2d
+    assert dlcv_fast.convert(model).converted == collections.Counter()
