@@ -14,7 +14,10 @@ or when the entry's check refuses it (a dtype or device no backend runs); the su
 which layers and why.
 
 Adding a layer type is one line: ``register(torch.nn.X, dlcv_fast.nn.X, check)`` where
-``check(module)`` returns None when dlcv_fast can run the module, else the reason.
+``check(module)`` returns None when dlcv_fast can run the module, else the reason. A
+dlcv_fast layer that is not a subclass of the torch one is registered with ``make`` and
+``undo`` functions that build the one from the other, sharing the parameters; the new
+module then takes the old one's place in its parent.
 """
 
 from __future__ import annotations
@@ -36,13 +39,17 @@ _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 class Entry:
     """How to run one torch.nn layer type on dlcv_fast.
 
-    ``make(module)`` turns the torch module into the dlcv_fast one (in place) or raises
-    :class:`Unsupported` with the reason; ``undo(module)`` turns it back."""
+    ``make(module)`` returns the dlcv_fast layer for the torch module, sharing its
+    parameters and buffers, or raises :class:`Unsupported` with the reason; ``undo(layer)``
+    returns the torch module for a dlcv_fast layer. ``in_place``: both change the module's
+    class and return the same object (for dlcv_fast layers that subclass the torch ones);
+    otherwise they build new modules and leave their argument as it was."""
 
     torch_cls: type
     dlcv_cls: type
     make: Callable[[nn.Module], nn.Module]
     undo: Callable[[nn.Module], nn.Module]
+    in_place: bool = True
 
 
 class Unsupported(Exception):
@@ -56,15 +63,36 @@ _BY_DLCV: dict[type, Entry] = {}
 
 def register(torch_cls: type, dlcv_cls: type,
              check: Callable[[nn.Module], str | None] = lambda m: None,
-             extra: dict | None = None) -> None:
-    """Registers ``dlcv_cls`` (a subclass of ``torch_cls`` whose state is the torch
-    module's plus the attributes in ``extra``, set to these defaults on conversion) as the
-    replacement of ``torch_cls``. ``check(module)`` returns None or why it cannot run."""
+             extra: dict | None = None, *,
+             make: Callable[[nn.Module], nn.Module] | None = None,
+             undo: Callable[[nn.Module], nn.Module] | None = None) -> None:
+    """Registers ``dlcv_cls`` as the replacement of ``torch_cls``.
+
+    When ``dlcv_cls`` subclasses ``torch_cls`` and its state is the torch module's plus the
+    attributes in ``extra`` (set to these defaults on conversion), the swap changes the
+    module's class in place. ``check(module)`` returns None, or why dlcv_fast cannot run
+    that module. Otherwise pass ``make(torch_module) -> dlcv_layer`` and ``undo(dlcv_layer)
+    -> torch_module``, which build new modules sharing the parameters and buffers
+    (``make`` raises :class:`Unsupported` with the reason when it cannot)."""
+    if make is not None or undo is not None:
+        if make is None or undo is None:
+            raise TypeError("register: make and undo go together")
+
+        def checked_make(module: nn.Module) -> nn.Module:
+            reason = check(module)
+            if reason is not None:
+                raise Unsupported(reason)
+            return make(module)
+
+        REGISTRY[torch_cls] = _BY_DLCV[dlcv_cls] = Entry(torch_cls, dlcv_cls, checked_make,
+                                                         undo, in_place=False)
+        return
     if not issubclass(dlcv_cls, torch_cls):
-        raise TypeError(f"register: {dlcv_cls.__name__} must subclass {torch_cls.__name__}")
+        raise TypeError(f"register: {dlcv_cls.__name__} must subclass {torch_cls.__name__}, "
+                        f"or pass make and undo")
     extra = dict(extra or {})
 
-    def make(module: nn.Module) -> nn.Module:
+    def swap_in(module: nn.Module) -> nn.Module:
         reason = check(module)
         if reason is not None:
             raise Unsupported(reason)
@@ -73,13 +101,13 @@ def register(torch_cls: type, dlcv_cls: type,
             setattr(module, name, value)
         return module
 
-    def undo(module: nn.Module) -> nn.Module:
+    def swap_out(module: nn.Module) -> nn.Module:
         module.__class__ = torch_cls
         for name in extra:
             module.__dict__.pop(name, None)
         return module
 
-    REGISTRY[torch_cls] = _BY_DLCV[dlcv_cls] = Entry(torch_cls, dlcv_cls, make, undo)
+    REGISTRY[torch_cls] = _BY_DLCV[dlcv_cls] = Entry(torch_cls, dlcv_cls, swap_in, swap_out)
 
 
 def _check_tensors(op: str, module: nn.Module) -> str | None:
@@ -172,22 +200,31 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
         raise TypeError(f"convert: model must be a torch.nn.Module, but got "
                         f"{type(model).__name__}")
     summary = Summary()
-    seen: set[int] = set()
+    done: dict[int, nn.Module] = {}  # id of a visited module -> what replaces it
 
-    def visit(module: nn.Module, name: str) -> None:
-        if id(module) in seen:
+    def visit(module: nn.Module, name: str, parent: nn.Module | None, key: str) -> None:
+        if id(module) in done:  # a layer used in several places: convert it once
+            if parent is not None and done[id(module)] is not module:
+                parent._modules[key] = done[id(module)]
             return
-        seen.add(id(module))
+        done[id(module)] = module
         cls = type(module)
         if cls in _BY_DLCV or isinstance(module, _FusedReLU):
             return  # already on dlcv_fast
         entry = REGISTRY.get(cls)
         if entry is not None:
+            if parent is None and not entry.in_place:
+                summary.left.append((name, cls.__name__, "the model itself is this layer; "
+                                     "convert a model that contains it"))
+                return
             try:
-                entry.make(module)
-                summary.converted[cls.__name__] += 1
+                new = entry.make(module)
             except Unsupported as e:
                 summary.left.append((name, cls.__name__, str(e)))
+                return
+            if new is not module:
+                parent._modules[key] = done[id(module)] = new
+            summary.converted[cls.__name__] += 1
             return
         if _is_layer(module):
             if _quiet(module):
@@ -200,10 +237,12 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
                 reason = f"dlcv_fast has no layer for {cls.__module__}.{cls.__qualname__}"
             summary.left.append((name, cls.__name__, reason))
             return
-        for child_name, child in module.named_children():
-            visit(child, f"{name}.{child_name}" if name else child_name)
+        for child_name, child in list(module._modules.items()):  # shared ones repeated
+            if child is None:
+                continue
+            visit(child, f"{name}.{child_name}" if name else child_name, module, child_name)
 
-    visit(model, "")
+    visit(model, "", None, "")
     if fuse_relu:
         for module in model.modules():
             if isinstance(module, nn.Sequential):
@@ -248,14 +287,26 @@ def revert(model: nn.Module) -> collections.Counter:
                 if isinstance(relu, _FusedReLU) and isinstance(conv, dnn.Conv2d):
                     conv.activation = None
                     relu.__class__ = nn.ReLU
-    for module in model.modules():
+    done: dict[int, nn.Module] = {}
+
+    def undo(module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        new = done[id(module)] = module
         entry = _BY_DLCV.get(type(module))
-        if entry is None:
-            continue
-        if isinstance(module, dnn.Conv2d) and module.activation is not None:
-            continue
-        entry.undo(module)
-        counts[entry.torch_cls.__name__] += 1
+        if entry is not None and not (isinstance(module, dnn.Conv2d) and module.activation):
+            new = done[id(module)] = entry.undo(module)
+            counts[entry.torch_cls.__name__] += 1
+        if new is module:
+            for key, child in list(module._modules.items()):
+                if child is not None:
+                    module._modules[key] = undo(child)
+        return new
+
+    root = undo(model)
+    if root is not model:  # the model itself was a dlcv_fast layer of another kind
+        raise TypeError(f"revert: the model is a {type(model).__name__}, whose torch.nn "
+                        f"layer is a new module; revert a model that contains it")
     return counts
 
 
@@ -266,9 +317,12 @@ def torch_equivalent(module: nn.Module) -> nn.Module:
     if entry is None:
         raise TypeError(f"torch_equivalent: {type(module).__name__} is not a dlcv_fast layer")
     relu = isinstance(module, dnn.Conv2d) and module.activation == "relu"
-    twin = object.__new__(type(module))
-    twin.__dict__ = dict(module.__dict__)  # shares parameters, buffers and hooks
-    entry.undo(twin)
+    if entry.in_place:
+        twin = object.__new__(type(module))
+        twin.__dict__ = dict(module.__dict__)  # shares parameters, buffers and hooks
+        twin = entry.undo(twin)
+    else:
+        twin = entry.undo(module)
     return nn.Sequential(twin, nn.ReLU()) if relu else twin
 
 

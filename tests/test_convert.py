@@ -12,7 +12,7 @@ from torch import nn
 
 import dlcv_fast
 import dlcv_fast.nn as dnn
-from dlcv_fast.convert import REGISTRY, torch_equivalent
+from dlcv_fast.convert import REGISTRY, register, torch_equivalent
 from tests.conftest import assert_close
 
 
@@ -121,7 +121,7 @@ def test_registry_holds_conv_and_pool():
     assert REGISTRY[nn.Conv2d].dlcv_cls is dnn.Conv2d
     assert REGISTRY[nn.MaxPool2d].dlcv_cls is dnn.MaxPool2d
     with pytest.raises(TypeError, match="must subclass"):
-        dlcv_fast.convert.__globals__["register"](nn.Conv2d, dnn.MaxPool2d)
+        register(nn.Conv2d, dnn.MaxPool2d)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dlcv_fast.convert("not a model")
 
@@ -180,3 +180,51 @@ def test_convert_twice_is_a_no_op_and_shared_layers_convert_once():
     assert dlcv_fast.convert(model).converted == collections.Counter({"Conv2d": 1})
     assert type(model[2]) is dnn.Conv2d
     assert dlcv_fast.convert(model).converted == collections.Counter()
+
+
+class _FastLinear(nn.Module):
+    """A stand-in for a dlcv_fast layer that does not subclass its torch.nn layer."""
+
+    def __init__(self, weight, bias):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight.t())
+
+
+def _to_linear(m):
+    lin = nn.Linear(m.weight.shape[1], m.weight.shape[0], device="meta")
+    lin.weight, lin.bias = m.weight, m.bias
+    return lin
+
+
+def test_registering_a_layer_that_is_not_a_subclass():
+    """The make/undo path (for layers such as a future MultiheadAttention): new modules
+    take the old ones' places, sharing parameters; a shared layer maps to one module."""
+    from dlcv_fast.convert import _BY_DLCV
+
+    register(nn.Linear, _FastLinear, make=lambda m: _FastLinear(m.weight, m.bias),
+             undo=_to_linear)
+    try:
+        shared = nn.Linear(4, 4)
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), shared, shared)
+        weights = [p for p in model.parameters()]
+        x = torch.randn(2, 3)
+        expected = model(x)
+        keys = list(model.state_dict())
+        summary = dlcv_fast.convert(model)
+        assert summary.converted == collections.Counter({"Linear": 2})
+        assert type(model[0]) is _FastLinear and model[2] is model[3]
+        assert list(model.state_dict()) == keys
+        assert [p for p in model.parameters()] == weights  # the same Parameter objects
+        assert_close(model(x), expected)
+        assert type(torch_equivalent(model[0])) is nn.Linear and type(model[0]) is _FastLinear
+        assert dlcv_fast.revert(model) == collections.Counter({"Linear": 2})
+        assert type(model[0]) is nn.Linear and model[2] is model[3]
+        assert [p for p in model.parameters()] == weights
+        assert_close(model(x), expected)
+        with pytest.raises(TypeError, match="make and undo go together"):
+            register(nn.Linear, _FastLinear, make=lambda m: m)
+    finally:
+        del REGISTRY[nn.Linear], _BY_DLCV[_FastLinear]
