@@ -244,10 +244,26 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
 
     visit(model, "", None, "")
     if fuse_relu:
+        uses = _uses(model)
         for module in model.modules():
             if isinstance(module, nn.Sequential):
-                summary.fused += _fuse_in(module)
+                summary.fused += _fuse_in(module, uses)
     return summary
+
+
+def _uses(model: nn.Module) -> collections.Counter:
+    """How many places of the module tree hold each module (by id)."""
+    uses: collections.Counter = collections.Counter()
+
+    def walk(m: nn.Module) -> None:
+        uses[id(m)] += 1
+        if uses[id(m)] == 1:
+            for child in m._modules.values():
+                if child is not None:
+                    walk(child)
+
+    walk(model)
+    return uses
 
 
 def _quiet(module: nn.Module) -> bool:
@@ -262,11 +278,14 @@ def _has_hooks(m: nn.Module) -> bool:
                 or getattr(m, "_backward_pre_hooks", None))
 
 
-def _fuse_in(seq: nn.Sequential) -> int:
+def _fuse_in(seq: nn.Sequential, uses: collections.Counter) -> int:
+    """Fuses the Conv2d+ReLU pairs of one Sequential; a layer used in more than one place
+    (a shared ReLU, say) or with hooks is left alone, since its output would change."""
     n = 0
     mods = list(seq._modules.values())
     for conv, relu in zip(mods, mods[1:]):
         if (type(conv) is dnn.Conv2d and conv.activation is None and type(relu) is nn.ReLU
+                and uses[id(conv)] == 1 and uses[id(relu)] == 1
                 and not _has_hooks(conv) and not _has_hooks(relu)):
             conv.activation = "relu"
             relu.__class__ = _FusedReLU

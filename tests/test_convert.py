@@ -104,6 +104,9 @@ def test_fusion_skips_hooked_layers_and_non_sequential():
     model[2].register_forward_hook(lambda m, i, o: None)
     assert dlcv_fast.convert(model, fuse_relu=True).fused == 1
     assert model[0].activation == "relu" and model[2].activation is None
+    relu = nn.ReLU()  # one ReLU object in two places: fusing it would drop the second
+    shared = nn.Sequential(nn.Conv2d(1, 2, 3), relu, nn.Conv2d(2, 2, 3), relu)
+    assert dlcv_fast.convert(shared, fuse_relu=True).fused == 0
 
 
 def test_torch_equivalent_shares_parameters():
