@@ -21,6 +21,8 @@ from dlcv_fast.ops.batch_norm import batch_norm
 from dlcv_fast.ops.noise import add_noise, get_velocity
 from dlcv_fast.ops.attention import scaled_dot_product_attention
 from dlcv_fast import nn  # noqa: E402
+from dlcv_fast.convert import convert, revert  # noqa: E402
+from dlcv_fast import models  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,11 +38,14 @@ __all__ = [
     "add_noise",
     "batch_norm",
     "conv2d",
+    "convert",
     "cuda_built",
     "get_backend",
     "get_velocity",
     "max_pool2d",
+    "models",
     "nn",
+    "revert",
     "scaled_dot_product_attention",
     "set_backend",
     "use_backend",

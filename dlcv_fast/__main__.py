@@ -1,11 +1,19 @@
-"""Command line: ``python -m dlcv_fast {check,bench,demo}``.
+"""Command line: ``python -m dlcv_fast {check,bench,demo,lenet,profile}``.
 
 - ``check``: every op of every backend that runs here against PyTorch; a pass/fail table.
 - ``bench [--op NAME] [--dtype fp32 bf16 ...] [--batch N] [--json FILE] [--save DIR]``:
   per shape, backend, median time, GB/s and fraction of the measured copy bandwidth
   (compute-bound ops: TFLOP/s and fraction of the measured matrix-product throughput), and
   speedup against PyTorch in the same run.
-- ``demo``: ``check``, then ``bench`` of every op on whatever device is here.
+- ``demo``: ``check``, then ``bench`` of every op on whatever device is here, then
+  ``lenet``.
+- ``lenet [--epochs N] [--out PNG] [--quick]``: trains LeNet-5 on dlcv_fast's layers on
+  scikit-learn's digits (32x32), prints the test accuracy, writes the loss and accuracy
+  curves.
+- ``profile --model NAME --batch N [--dtype fp32|fp16|bf16] [--image-size N] [--out PNG]``:
+  per-layer table of every dlcv_fast layer of a model (``dlcv_fast.models`` names, or any
+  torchvision model converted with ``dlcv_fast.convert``) against its torch.nn original,
+  totals, and a PNG bar chart.
 
 On a machine without a GPU, the triton backend runs through Triton's interpreter (check
 only: interpreted kernels are not timed).
@@ -88,7 +96,31 @@ def _demo(args) -> int:
     print("\n== bench: dlcv_fast against PyTorch ==\n")
     quick = argparse.Namespace(op=None, dtype=None, batch=None, backend=None, json=None,
                                save=None)
-    return status or _bench(quick)
+    status = status or _bench(quick)
+    print("\n== LeNet-5 on scikit-learn digits, trained on dlcv_fast layers ==\n")
+    return _lenet(argparse.Namespace(epochs=None, out=None, quick=False)) or status
+
+
+def _lenet(args) -> int:
+    from dlcv_fast.demos import lenet
+
+    kwargs = {"quick": args.quick}
+    if args.epochs:
+        kwargs["epochs"] = args.epochs
+    if args.out:
+        kwargs["out"] = args.out
+    accuracy = lenet.main(**kwargs)
+    if not args.quick and accuracy < 0.97:
+        print(f"test accuracy {100 * accuracy:.2f}% is below the 97% this demo promises")
+        return 1
+    return 0
+
+
+def _profile(args) -> int:
+    from dlcv_fast import profile
+
+    return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,
+                        args.out, budget_s=args.budget)
 
 
 def main(argv=None) -> int:
@@ -107,8 +139,23 @@ def main(argv=None) -> int:
     p.add_argument("--save", metavar="DIR",
                    help="write the results to DIR/<ops>-<device>-<date>.json")
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("demo", help="check, then bench")
+    p = sub.add_parser("demo", help="check, then bench, then lenet")
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("lenet", help="train LeNet-5 on scikit-learn's digits")
+    p.add_argument("--epochs", type=int, help="default 10")
+    p.add_argument("--out", help="PNG of the curves (default demo_output/lenet5_digits.png)")
+    p.add_argument("--quick", action="store_true", help="4 epochs on 500 images (tests)")
+    p.set_defaults(fn=_lenet)
+    p = sub.add_parser("profile", help="per-layer times of a model against PyTorch")
+    p.add_argument("--model", required=True,
+                   help="lenet5, alexnet, vgg11..vgg19, or a torchvision model name")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
+    p.add_argument("--image-size", type=int, help="default: the model's (224; lenet5 32)")
+    p.add_argument("--out", help="PNG bar chart (default demo_output/profile-NAME-bN.png)")
+    p.add_argument("--budget", type=float, default=0.2,
+                   help="seconds of timing per layer and implementation (default 0.2)")
+    p.set_defaults(fn=_profile)
     args = parser.parse_args(argv)
     return args.fn(args)
 

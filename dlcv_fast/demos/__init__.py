@@ -1,0 +1,1 @@
+"""Demos run by ``python -m dlcv_fast``: LeNet-5 on digits (lenet.py)."""

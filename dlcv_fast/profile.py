@@ -1,0 +1,189 @@
+"""Per-layer profile of a model: each dlcv_fast layer against its torch.nn original.
+
+The model (a ``dlcv_fast.models`` name, or any torchvision model name, converted with
+:func:`dlcv_fast.convert`) runs one forward pass in eval mode with forward hooks that
+record every dlcv_fast layer's input. Each layer is then timed on its recorded input, and
+so is the torch module that computes the same thing with the same parameters
+(:func:`dlcv_fast.convert.torch_equivalent`), with the harness of ``dlcv_fast.bench``
+(median, cold caches). Compute-bound layers (convolutions) report TFLOP/s, memory-bound
+ones (pooling) GB/s; the whole forward pass of the model is timed both ways as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+import dlcv_fast.nn as dnn
+from dlcv_fast import bench
+from dlcv_fast.convert import _BY_DLCV, convert, revert, torch_equivalent
+
+
+@dataclasses.dataclass
+class LayerRow:
+    layer: str
+    op: str
+    shape: tuple[int, ...]  # the input's
+    ms: float
+    torch_ms: float
+    flops: float  # 0 for memory-bound layers
+    bytes: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.ms
+
+    @property
+    def rate(self) -> str:
+        if self.flops:
+            return f"{self.flops / self.ms / 1e9:.3g} TFLOP/s"
+        return f"{self.bytes / self.ms / 1e6:.3g} GB/s"
+
+
+def _conv_flops(m: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> float:
+    """2 * multiply-adds of the convolution (bias and ReLU not counted)."""
+    k = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+    return 2.0 * y.numel() * k
+
+
+def layer_cost(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[str, float, float]:
+    """(op, FLOPs, bytes moved at least) of one dlcv_fast layer on input x, output y."""
+    moved = float(x.numel() * x.element_size() + y.numel() * y.element_size())
+    if isinstance(m, dnn.Conv2d):
+        moved += sum(p.numel() * p.element_size() for p in m.parameters())
+        op = "conv2d+relu" if m.activation == "relu" else "conv2d"
+        return op, _conv_flops(m, x, y), moved
+    if isinstance(m, dnn.MaxPool2d):
+        return "max_pool2d", 0.0, moved
+    return type(m).__name__, 0.0, moved
+
+
+def build_model(name: str, image_size: int | None = None, num_classes: int | None = None
+                ) -> tuple[nn.Module, int, int, str]:
+    """(model, input channels, image size, conversion summary text) for a dlcv_fast.models
+    name or a torchvision model name (random weights, converted)."""
+    from dlcv_fast import models
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name in models.MODELS:
+        model = models.MODELS[name](**kwargs)
+        channels, size = (1, 32) if name == "lenet5" else (3, 224)
+        return model, channels, image_size or size, "built from dlcv_fast layers"
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ValueError(f"profile: model must be one of {sorted(models.MODELS)} or a "
+                         f"torchvision model name, but got {name!r}")
+    if image_size is not None and name.startswith("vit_"):
+        kwargs["image_size"] = image_size
+    if name.startswith(("googlenet", "inception")):
+        kwargs.update(aux_logits=False, init_weights=False)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    summary = convert(model)
+    size = 299 if name.startswith("inception") else 224
+    return model, 3, image_size or size, str(summary)
+
+
+def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
+            budget_s: float = 0.2) -> tuple[list[LayerRow], float, float]:
+    """(rows, model ms on dlcv_fast, model ms on torch) for one forward pass on ``x``."""
+    from tqdm import tqdm
+
+    device = x.device
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in _BY_DLCV]
+    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name, m in layers:
+        def hook(mod, args, out, name=name):
+            if name not in recorded:  # a layer used twice keeps its first call
+                recorded[name] = (args[0].detach(), out.detach())
+        hooks.append(m.register_forward_hook(hook))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+
+    rows = []
+    with torch.no_grad():
+        for name, m in tqdm(layers, desc="profiling layers", unit="layer",
+                            disable=not progress, dynamic_ncols=True):
+            if name not in recorded:
+                continue
+            inp, out = recorded[name]
+            ref = torch_equivalent(m)
+            ms = bench.median_ms(lambda: m(inp), device, budget_s)
+            torch_ms = bench.median_ms(lambda: ref(inp), device, budget_s)
+            op, flops, moved = layer_cost(m, inp, out)
+            rows.append(LayerRow(name, op, tuple(inp.shape), ms, torch_ms, flops, moved))
+        ms = bench.median_ms(lambda: model(x), device, 4 * budget_s)
+        revert(model)
+        try:
+            torch_ms = bench.median_ms(lambda: model(x), device, 4 * budget_s)
+        finally:
+            convert(model)
+    return rows, ms, torch_ms
+
+
+def format_table(rows: list[LayerRow], model_ms: float, torch_model_ms: float) -> str:
+    head = (f"{'layer':<28} {'op':<12} {'input shape':<20} {'dlcv_fast ms':>12} "
+            f"{'PyTorch ms':>11} {'speedup':>8} {'rate':>16}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.layer:<28} {r.op:<12} {'x'.join(map(str, r.shape)):<20} "
+                     f"{r.ms:>12.3f} {r.torch_ms:>11.3f} {r.speedup:>7.2f}x {r.rate:>16}")
+    lines.append("-" * len(head))
+    ours, theirs = sum(r.ms for r in rows), sum(r.torch_ms for r in rows)
+    if rows:
+        lines.append(f"{'total of these layers':<62} {ours:>12.3f} {theirs:>11.3f} "
+                     f"{theirs / ours:>7.2f}x")
+    lines.append(f"{'whole forward pass':<62} {model_ms:>12.3f} {torch_model_ms:>11.3f} "
+                 f"{torch_model_ms / model_ms:>7.2f}x")
+    return "\n".join(lines)
+
+
+def plot(rows: list[LayerRow], path: str, title: str) -> None:
+    """Horizontal bars: dlcv_fast and PyTorch time of each layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(9, max(3.0, 0.22 * n + 1.5)))
+    ys = range(n)
+    ax.barh([y - 0.2 for y in ys], [r.ms for r in rows], height=0.4, label="dlcv_fast")
+    ax.barh([y + 0.2 for y in ys], [r.torch_ms for r in rows], height=0.4, label="PyTorch")
+    ax.set_yticks(list(ys), [f"{r.layer} ({r.op})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("forward time (ms, median)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(model_name: str, batch: int, dtype: torch.dtype, image_size: int | None,
+         out: str | None, progress: bool = True, budget_s: float = 0.2) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, channels, size, summary = build_model(model_name, image_size)
+    model = model.to(device=device, dtype=dtype)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    env = bench.environment(device)
+    print(f"{model_name}, batch {batch}, {channels}x{size}x{size}, "
+          f"{str(dtype).removeprefix('torch.')}, forward, eval mode")
+    print(f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}")
+    print(summary)
+    rows, ms, torch_ms = profile(model, x, progress=progress, budget_s=budget_s)
+    print(format_table(rows, ms, torch_ms))
+    path = out or f"demo_output/profile-{model_name}-b{batch}.png"
+    plot(rows, path, f"{model_name}, batch {batch}, {str(dtype).removeprefix('torch.')}, "
+                     f"{env['device']}")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,64 @@
+"""The command line's lenet (quick mode) and profile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from dlcv_fast import models, profile
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "dlcv_fast", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
+    png = tmp_path / "curves.png"
+    out = _run("lenet", "--quick", "--out", str(png))
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("test accuracy: "))
+    accuracy = float(line.removeprefix("test accuracy: ").removesuffix("%"))
+    assert accuracy > 50  # 4 epochs on 500 images (about 79%): far above chance (10%)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "LeNet-5 on digits" in out.stderr  # the progress bar
+
+
+def test_digits_data():
+    from dlcv_fast.demos import lenet
+
+    x_train, y_train, x_test, y_test = lenet.load_digits_32()
+    assert x_train.shape[1:] == x_test.shape[1:] == (1, 32, 32)
+    assert len(y_train) + len(y_test) == 1797 and len(y_test) == 360
+    assert set(y_test.tolist()) == set(range(10))  # stratified: every class in the test set
+    assert abs(x_train.mean().item()) < 1e-5 and abs(x_train.std().item() - 1) < 1e-4
+
+
+def test_profile_cli_torchvision_model(tmp_path):
+    png = tmp_path / "profile.png"
+    out = _run("profile", "--model", "resnet18", "--batch", "1", "--image-size", "32",
+               "--out", str(png), "--budget", "0.01")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "conv1" in out.stdout and "layer4.1.conv2" in out.stdout
+    assert any(line.split()[:2] == ["maxpool", "max_pool2d"] for line in out.stdout.splitlines())
+    assert "whole forward pass" in out.stdout and "BatchNorm2d" in out.stdout
+    assert "TFLOP/s" in out.stdout and "GB/s" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "profiling layers" in out.stderr
+
+
+def test_profile_rows_of_a_dlcv_fast_model():
+    model = models.lenet5()
+    x = torch.randn(2, 1, 32, 32)
+    rows, ms, torch_ms = profile.profile(model, x, progress=False, budget_s=0.01)
+    assert [(r.layer, r.op) for r in rows] == [
+        ("features.0", "conv2d"), ("features.2", "max_pool2d"),
+        ("features.3", "conv2d"), ("features.5", "max_pool2d")]
+    assert rows[0].shape == (2, 1, 32, 32)
+    assert rows[0].flops == 2 * 2 * 6 * 28 * 28 * 25
+    assert all(r.ms > 0 and r.torch_ms > 0 for r in rows) and ms > 0 and torch_ms > 0
+    assert type(model.features[0]).__module__ == "dlcv_fast.nn.conv"  # converted back
+    table = profile.format_table(rows, ms, torch_ms)
+    assert "total of these layers" in table
