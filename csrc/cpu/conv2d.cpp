@@ -203,25 +203,42 @@ at::Tensor weight_matrix(const at::Tensor& w, bool nhwc) {
   return nhwc ? w.permute({0, 2, 3, 1}).contiguous().view({o, -1}) : w.contiguous().view({o, -1});
 }
 
+// The (K x OH*OW) columns of image n's group g: built in cols, or for a pointwise
+// convolution the image's channels themselves.
+at::Tensor columns_nchw(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s,
+                        int64_t n, int64_t g) {
+  const int64_t cg = s.c_per_group();
+  if (is_pointwise(s)) return x[n].view({s.c, s.oh * s.ow}).narrow(0, g * cg, cg);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+    im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, g * cg);
+  });
+  return cols;
+}
+
+// The (b*OH*OW x K) columns of images [n0, n0 + b) for group g, likewise (x NHWC).
+at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s,
+                        int64_t n0, int64_t b, int64_t g) {
+  const int64_t cg = s.c_per_group(), rows = b * s.oh * s.ow;
+  if (is_pointwise(s)) {
+    return x.permute({0, 2, 3, 1}).narrow(0, n0, b).reshape({rows, s.c}).narrow(1, g * cg, cg);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+    im2col_nhwc(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, n0, b,
+                g * cg);
+  });
+  return cols.narrow(0, 0, rows);
+}
+
 void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const int64_t og = s.o_per_group(), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
   at::Tensor cols = pointwise ? at::Tensor() : at::empty({wm.size(1), p}, x.options());
   for (int64_t n = 0; n < s.n; ++n) {
     for (int64_t g = 0; g < s.groups; ++g) {
       at::Tensor yg = y[n].view({s.o, p}).narrow(0, g * og, og);
       at::Tensor wg = wm.narrow(0, g * og, og);
-      at::Tensor in;
-      if (pointwise) {
-        in = x[n].view({s.c, p}).narrow(0, g * cg, cg);
-      } else {
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-          im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
-                      g * cg);
-        });
-        in = cols;
-      }
+      const at::Tensor in = columns_nchw(x, cols, s, n, g);
       if (bias.has_value()) {
         at::addmm_out(yg, bias->narrow(0, g * og, og).view({og, 1}).expand({og, p}), wg, in);
       } else {
@@ -234,10 +251,9 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
 
 void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group();
+  const int64_t og = s.o_per_group();
   const bool pointwise = is_pointwise(s);
   const int64_t chunk = images_per_chunk(s, x.element_size());
-  const at::Tensor xr = x.permute({0, 2, 3, 1});  // (N, H, W, C), contiguous
   at::Tensor yr = y.permute({0, 2, 3, 1});
   at::Tensor cols = pointwise ? at::Tensor()
                               : at::empty({chunk * s.oh * s.ow, wm.size(1)}, x.options());
@@ -246,16 +262,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
     at::Tensor y_rows = yr.narrow(0, n0, b).view({rows, s.o});
     for (int64_t g = 0; g < s.groups; ++g) {
       at::Tensor out = y_rows.narrow(1, g * og, og);
-      at::Tensor in;
-      if (pointwise) {
-        in = xr.narrow(0, n0, b).view({rows, s.c}).narrow(1, g * cg, cg);
-      } else {
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-          im2col_nhwc(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, n0, b,
-                      g * cg);
-        });
-        in = cols.narrow(0, 0, rows);
-      }
+      const at::Tensor in = columns_nhwc(x, cols, s, n0, b, g);
       const at::Tensor wt = wm.narrow(0, g * og, og).t();
       if (bias.has_value()) {
         at::addmm_out(out, bias->narrow(0, g * og, og).view({1, og}).expand({rows, og}), in, wt);
@@ -323,22 +330,13 @@ void backward_input_nhwc(const at::Tensor& gy, const at::Tensor& wm, at::Tensor&
 // acc (O, K) += the weight gradient, K in weight_matrix's order.
 void backward_weight_nchw(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
                           const Conv2dShape& s) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const int64_t og = s.o_per_group(), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
   at::Tensor cols = pointwise ? at::Tensor() : at::empty({acc.size(1), p}, x.options());
   for (int64_t n = 0; n < s.n; ++n) {
     for (int64_t g = 0; g < s.groups; ++g) {
       const at::Tensor gyg = gy[n].view({s.o, p}).narrow(0, g * og, og);
-      at::Tensor in;
-      if (pointwise) {
-        in = x[n].view({s.c, p}).narrow(0, g * cg, cg);
-      } else {
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-          im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
-                      g * cg);
-        });
-        in = cols;
-      }
+      const at::Tensor in = columns_nchw(x, cols, s, n, g);
       acc.narrow(0, g * og, og).addmm_(gyg, in.t());
     }
   }
@@ -346,27 +344,17 @@ void backward_weight_nchw(const at::Tensor& gy, const at::Tensor& x, at::Tensor&
 
 void backward_weight_nhwc(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
                           const Conv2dShape& s) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group();
+  const int64_t og = s.o_per_group();
   const bool pointwise = is_pointwise(s);
   const int64_t chunk = images_per_chunk(s, x.element_size());
   const at::Tensor gyr = gy.permute({0, 2, 3, 1});
-  const at::Tensor xr = x.permute({0, 2, 3, 1});
   at::Tensor cols = pointwise ? at::Tensor()
                               : at::empty({chunk * s.oh * s.ow, acc.size(1)}, x.options());
   for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
     const int64_t b = std::min(chunk, s.n - n0), rows = b * s.oh * s.ow;
     const at::Tensor gy_rows = gyr.narrow(0, n0, b).view({rows, s.o});
     for (int64_t g = 0; g < s.groups; ++g) {
-      at::Tensor in;
-      if (pointwise) {
-        in = xr.narrow(0, n0, b).view({rows, s.c}).narrow(1, g * cg, cg);
-      } else {
-        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-          im2col_nhwc(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, n0, b,
-                      g * cg);
-        });
-        in = cols.narrow(0, 0, rows);
-      }
+      const at::Tensor in = columns_nhwc(x, cols, s, n0, b, g);
       acc.narrow(0, g * og, og).addmm_(gy_rows.narrow(1, g * og, og).t(), in);
     }
   }
