@@ -48,9 +48,8 @@ gpu-check:
 	compute-sanitizer --tool memcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
 	compute-sanitizer --tool initcheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" tests/test_max_pool2d.py
-	compute-sanitizer --tool initcheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" tests/test_attention.py
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" \
+		tests/test_max_pool2d.py tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py
 	$(PYTHON) -m dlcv_fast bench --save benchmarks/results
 
 clean:
