@@ -3,19 +3,18 @@
 Those that torchvision also has take torchvision's constructor arguments and have its
 ``state_dict`` keys and shapes, so ``model.load_state_dict(tv_model.state_dict())`` works
 and the outputs match torchvision's. One module per family (lenet.py, alexnet.py,
-vgg.py); a family's builders are listed in :data:`MODELS`.
+vgg.py, resnet.py); a family's builders are listed in :data:`MODELS`.
 
-Still to come, in the same style, once their layers exist in ``dlcv_fast.nn``:
-``vgg11_bn``..``vgg19_bn`` and ``resnet18``..``resnet152`` (BatchNorm2d),
-``googlenet`` (BatchNorm2d), ``unet`` (BatchNorm2d), ``vit_b_16``/``vit_b_32``/
-``vit_l_16``/``vit_tiny`` (MultiheadAttention) and ``diffusion_unet`` (attention).
-Until then, :func:`dlcv_fast.convert` runs torchvision's versions of these on
-dlcv_fast's convolution and pooling.
+Still to come, in the same style: ``googlenet``, ``unet``, ``vit_b_16``/``vit_b_32``/
+``vit_l_16``/``vit_tiny`` and ``diffusion_unet``. Until then, :func:`dlcv_fast.convert`
+runs torchvision's versions of these on dlcv_fast's layers.
 """
 
 from dlcv_fast.models.alexnet import AlexNet, alexnet
 from dlcv_fast.models.lenet import LeNet5, lenet5
-from dlcv_fast.models.vgg import VGG, vgg11, vgg13, vgg16, vgg19
+from dlcv_fast.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from dlcv_fast.models.vgg import (VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19,
+                                  vgg19_bn)
 
 # name -> builder, for the command line (profile) and the tests.
 MODELS = {
@@ -25,7 +24,17 @@ MODELS = {
     "vgg13": vgg13,
     "vgg16": vgg16,
     "vgg19": vgg19,
+    "vgg11_bn": vgg11_bn,
+    "vgg13_bn": vgg13_bn,
+    "vgg16_bn": vgg16_bn,
+    "vgg19_bn": vgg19_bn,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
 }
 
-__all__ = ["MODELS", "AlexNet", "LeNet5", "VGG", "alexnet", "lenet5", "vgg11", "vgg13", "vgg16",
-           "vgg19"]
+__all__ = ["MODELS", "AlexNet", "LeNet5", "ResNet", "VGG", "alexnet", "lenet5", "resnet18",
+           "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg13",
+           "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]

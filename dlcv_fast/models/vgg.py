@@ -22,16 +22,19 @@ CONFIGS: dict[str, list[int | str]] = {
 }
 
 
-def make_features(config: list[int | str], in_channels: int = 3) -> nn.Sequential:
-    """The convolutional part. Each convolution is followed by a ReLU (the batch-norm
-    variants will put a BatchNorm2d between them, as torchvision does)."""
+def make_features(config: list[int | str], batch_norm: bool = False,
+                  in_channels: int = 3) -> nn.Sequential:
+    """The convolutional part. Each convolution is followed by a ReLU, with a BatchNorm2d
+    between them in the batch-norm variants, as torchvision lays them out."""
     layers: list[nn.Module] = []
     for v in config:
         if v == "M":
             layers.append(dnn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [dnn.Conv2d(in_channels, v, kernel_size=3, padding=1),
-                       nn.ReLU(inplace=True)]
+            layers.append(dnn.Conv2d(in_channels, v, kernel_size=3, padding=1))
+            if batch_norm:
+                layers.append(dnn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
             in_channels = v
     return nn.Sequential(*layers)
 
@@ -59,6 +62,9 @@ class VGG(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, 0, 0.01)
                     nn.init.zeros_(m.bias)
@@ -71,7 +77,8 @@ class VGG(nn.Module):
 def _vgg(name: str, weights, progress: bool, **kwargs: Any) -> VGG:
     if weights is not None:
         kwargs["init_weights"] = False
-    model = VGG(make_features(CONFIGS[name]), **kwargs)
+    batch_norm = name.endswith("_bn")
+    model = VGG(make_features(CONFIGS[name.removesuffix("_bn")], batch_norm), **kwargs)
     return load_torchvision_weights(model, name, weights, progress)
 
 
@@ -93,3 +100,23 @@ def vgg16(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
 def vgg19(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
     """VGG-19 (configuration E) with ``torchvision.models.vgg19``'s arguments."""
     return _vgg("vgg19", weights, progress, **kwargs)
+
+
+def vgg11_bn(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
+    """VGG-11 with batch norm, with ``torchvision.models.vgg11_bn``'s arguments."""
+    return _vgg("vgg11_bn", weights, progress, **kwargs)
+
+
+def vgg13_bn(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
+    """VGG-13 with batch norm, with ``torchvision.models.vgg13_bn``'s arguments."""
+    return _vgg("vgg13_bn", weights, progress, **kwargs)
+
+
+def vgg16_bn(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
+    """VGG-16 with batch norm, with ``torchvision.models.vgg16_bn``'s arguments."""
+    return _vgg("vgg16_bn", weights, progress, **kwargs)
+
+
+def vgg19_bn(*, weights=None, progress: bool = True, **kwargs: Any) -> VGG:
+    """VGG-19 with batch norm, with ``torchvision.models.vgg19_bn``'s arguments."""
+    return _vgg("vgg19_bn", weights, progress, **kwargs)
