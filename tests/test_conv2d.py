@@ -222,6 +222,44 @@ def test_gradcheck(backend_device, layout):
         )
 
 
+# (groups, out_channels): grouped with a 2x1 kernel; depthwise (groups == channels) with a
+# channel multiplier of 2, which takes the depthwise kernels.
+@pytest.mark.parametrize("groups,out_channels", [(2, 6), (4, 8)])
+def test_gradgradcheck(backend_device, groups, out_channels):
+    """Second derivatives (gradient penalties, Hessian-vector products) in every input,
+    through the bias/ReLU epilogue, on NCHW and channels_last."""
+    _, device = backend_device
+    layout = "channels_last" if groups == 4 else "nchw"
+    x = make((2, 4, 5, 5), torch.float64, device, layout).requires_grad_()
+    w = weight_for((2, 4, 5, 5), out_channels, (2, 3), groups, torch.float64,
+                   device).requires_grad_()
+    b = make((out_channels,), torch.float64, device, seed=3).requires_grad_()
+    for activation in (None, "relu"):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: dlcv_fast.conv2d(x, w, b, (2, 1), (1, 0), (1, 2), groups,
+                                             activation=activation),
+            (x, w, b), fast_mode=True,
+        )
+
+
+def test_gradient_penalty_matches_torch(backend_device):
+    """d/dw of |d(sum conv)/dx|^2, the WGAN-GP pattern, equals PyTorch's."""
+    _, device = backend_device
+    x = make((2, 3, 6, 6), torch.float64, device)
+    w = weight_for((2, 3, 6, 6), 4, 3, 1, torch.float64, device)
+    b = make((4,), torch.float64, device, seed=3)
+    grads = []
+    for conv in (lambda *a: dlcv_fast.conv2d(*a, activation="relu"),
+                 lambda *a: torch.relu(torch.nn.functional.conv2d(*a))):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bi = b.clone().requires_grad_()
+        y = conv(xi, wi, bi, 2, 1)
+        (gx,) = torch.autograd.grad((y * y).sum(), xi, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), (wi, bi)))
+    for ours, theirs in zip(*grads):
+        assert_close(ours, theirs)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(backend_device, requires_grad):
     backend, device = backend_device

@@ -308,9 +308,72 @@ def _backward_with(ops: _Ops):
     return backward
 
 
-torch.library.register_autograd("dlcv_fast::conv2d", _backward_with(_CPP),
-                                setup_context=_setup_context)
-_conv2d_triton.register_autograd(_backward_with(_TRITON), setup_context=_setup_context)
+# Double backward. The three backward ops are linear in each of their differentiable inputs,
+# so their derivatives are the other conv ops: dgrad(gy, w) is the adjoint of x -> conv(x, w),
+# so d/dgy of <ggx, dgrad(gy, w)> is conv(ggx, w) and d/dw is wgrad(gy, ggx); likewise
+# wgrad(gy, x) gives conv(x, ggw) for gy and dgrad(gy, ggw) for x. The `input`/`weight`
+# arguments that only carry a shape get no gradient. The ReLU mask is piecewise constant.
+
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, input, weight, *params = inputs
+    ctx.save_for_backward(grad_output, input, weight)
+    ctx.params = params
+
+
+def _backward_input_backward_with(ops: _Ops):
+    def backward(ctx, ggx):
+        gy, _, w = ctx.saved_tensors
+        need_gy, _, need_w = ctx.needs_input_grad[:3]
+        g_gy = ops.forward(ggx, w, None, *ctx.params, False) if need_gy else None
+        g_w = ops.backward_weight(gy, ggx, w, *ctx.params) if need_w else None
+        return g_gy, None, g_w, None, None, None, None
+
+    return backward
+
+
+def _backward_weight_backward_with(ops: _Ops):
+    def backward(ctx, ggw):
+        gy, x, _ = ctx.saved_tensors
+        need_gy, need_x = ctx.needs_input_grad[:2]
+        g_gy = ops.forward(x, ggw, None, *ctx.params, False) if need_gy else None
+        g_x = ops.backward_input(gy, x, ggw, *ctx.params) if need_x else None
+        return g_gy, g_x, None, None, None, None, None
+
+    return backward
+
+
+def _setup_bias_relu_context(ctx, inputs, output):
+    grad_output, relu_output, _ = inputs
+    ctx.save_for_backward(relu_output)
+    ctx.shape = grad_output.shape
+
+
+def _bias_relu_backward_backward_with(ops: _Ops):
+    # With m = (output > 0), or 1 without an output: g = m * grad_output and grad_bias =
+    # the sum of m * grad_output over N, H and W; both linear in grad_output.
+    def backward(ctx, gg, ggb):
+        (output,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        total = gg if output is not None else None
+        if ggb is not None and ggb.numel():
+            g_b = ggb.view(1, -1, 1, 1).expand(ctx.shape)
+            total = g_b if total is None else total + g_b
+        if total is not None and output is not None:
+            total = ops.bias_relu_backward(total, output, False)[0]
+        return total, None, None
+
+    return backward
+
+
+for _ops in (_CPP, _TRITON):
+    for _op, _backward, _setup in (
+            (_ops.forward, _backward_with, _setup_context),
+            (_ops.backward_input, _backward_input_backward_with, _setup_backward_context),
+            (_ops.backward_weight, _backward_weight_backward_with, _setup_backward_context),
+            (_ops.bias_relu_backward, _bias_relu_backward_backward_with,
+             _setup_bias_relu_context)):
+        torch.library.register_autograd(_op.default, _backward(_ops), setup_context=_setup)
 
 
 # --- the functional entry point -------------------------------------------------------------
@@ -344,7 +407,8 @@ def conv2d(
         activation: ``None`` or ``'relu'``: bias and ReLU applied in the convolution's
             epilogue (and the ReLU's mask in the backward pass), with no extra pass.
 
-    Differentiable in input, weight and bias (first order).
+    Differentiable in input, weight and bias, twice (the backward ops have their own
+    derivatives, so gradient penalties and double backward work).
     """
     op = "conv2d"
     for name, t in (("input", input), ("weight", weight)):
