@@ -257,23 +257,53 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
-// batch_norm_backward is not differentiable again: a double backward raises.
+// Double backward: the formula is dlcv_fast::batch_norm_double_backward, written in PyTorch
+// ops in dlcv_fast/ops/batch_norm.py (shared with the Triton backend, differentiable again).
 class BatchNormBackwardFunction : public torch::autograd::Function<BatchNormBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_output,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_output,
                                const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
                                const at::Tensor& save_invstd, bool training, bool relu,
                                std::array<bool, 3> mask) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, gw, gb] = batch_norm_backward_op(grad_output, input, weight, bias, save_mean,
-                                               save_invstd, training, relu, mask);
+    at::Tensor gx, gw, gb;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(gx, gw, gb) = batch_norm_backward_op(grad_output, input, weight, bias, save_mean,
+                                                    save_invstd, training, relu, mask);
+    }
+    ctx->save_for_backward({grad_output, input, weight.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor()), save_mean, save_invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
     return {gx, gw, gb};
   }
 
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, "dlcv_fast.batch_norm: double backward (the gradient of the gradient) is "
-                "not supported");
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+        .findSchemaOrThrow("dlcv_fast::batch_norm_double_backward", "")
+        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+            const at::Tensor&, const at::Tensor&, bool, bool, std::array<bool, 3>)>();
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[2].defined();
+    // needs_input_grad counts the tensors given: grad_output, input, then weight if any.
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_weight && ctx->needs_input_grad(2)};
+    variable_list result(9);  // one per forward argument
+    const auto given = [](const at::Tensor& t) {
+      return t.defined() && t.numel() > 0 ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    auto [g_dy, g_x, g_w] = op.call(given(grads[0]), given(grads[1]), given(grads[2]), saved[0],
+                                    saved[1], optional(saved[2]), optional(saved[3]), saved[4],
+                                    saved[5], ctx->saved_data["training"].toBool(),
+                                    ctx->saved_data["relu"].toBool(), mask);
+    if (mask[0] && g_dy.numel() > 0) result[0] = g_dy;
+    if (mask[1] && g_x.numel() > 0) result[1] = g_x;
+    if (mask[2] && g_w.numel() > 0) result[2] = g_w;
+    return result;
   }
 };
 

@@ -1,8 +1,8 @@
 """batch_norm against torch.nn.functional.batch_norm (computed in float64 on the same
 values): outputs, running statistics, gradients, every dimension count, training and
 evaluation, affine or not, momentum, memory formats, the fused ReLU, the large-mean case,
-errors, gradcheck, opcheck, torch.compile, the nn modules and SyncBatchNorm across two
-processes, on every backend that runs here."""
+errors, gradcheck and gradgradcheck, opcheck, torch.compile, the nn modules and SyncBatchNorm
+across two processes, on every backend that runs here."""
 
 from __future__ import annotations
 
@@ -178,12 +178,46 @@ def test_gradcheck(backend_device, training):
         assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
-def test_double_backward_raises():
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    out = dlcv_fast.batch_norm(x, None, None, training=True)
-    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        gx.sum().backward()
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck(backend_device, training):
+    """Second derivatives in grad_output, input and weight (batch statistics differentiated as
+    functions of the input in training), with and without ReLU, affine or not."""
+    backend, device = backend_device
+    cases = [((3, 4, 3, 2), "channels_last", True, True), ((5, 3), "nchw", False, True),
+             ((2, 3, 4), "nchw", True, False)]
+    if backend in SMALL:
+        cases = cases[:2]
+    for shape, layout, relu, affine in cases:
+        x = make(shape, torch.float64, device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b, rm, rv = params(shape[1], torch.float64, device)
+        leaves = [x] + ([w, b] if affine else [])
+        for t in leaves:
+            t.requires_grad_()
+        act = "relu" if relu else None
+        fn = lambda x, *wb: dlcv_fast.batch_norm(  # noqa: E731
+            x, None if training else rm, None if training else rv, *wb, training=training,
+            activation=act)
+        assert torch.autograd.gradgradcheck(fn, tuple(leaves))
+
+
+def test_double_backward_matches_torch(backend_device):
+    """A gradient penalty through batch norm + ReLU: d/d(x, w, b) of |d loss / dx|^2."""
+    backend, device = backend_device
+    x = make((4, 3, 3, 3), torch.float64, device)
+    w, b, _, _ = params(3, torch.float64, device)
+    results = []
+    for bn in (lambda *a: dlcv_fast.batch_norm(*a, activation="relu"),
+               lambda *a: F.batch_norm(*a).relu()):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = bn(leaves[0], None, None, leaves[1], leaves[2], True)
+        (gx,) = torch.autograd.grad((out * out.detach().cos()).sum(), leaves[0],
+                                    create_graph=True)
+        # The bias enters gx only through the ReLU's mask: a zero gradient.
+        results.append(torch.autograd.grad(gx.square().sum(), leaves, materialize_grads=True))
+    for name, ours, theirs in zip(("input", "weight", "bias"), *results):
+        assert_close(ours, theirs, msg=name)
 
 
 def test_opcheck(backend_device):
@@ -211,6 +245,11 @@ def test_opcheck(backend_device):
             torch.library.opcheck(getattr(ops, "batch_norm_backward" + s).default,
                                   (g, x.detach(), w.detach(), b.detach(), mean, invstd, True,
                                    True, mask))
+        for training in (True, False):  # the double backward, shared by both backends
+            torch.library.opcheck(ops.batch_norm_double_backward.default,
+                                  (torch.randn_like(g), torch.randn(C, device=device), None, g,
+                                   x.detach(), w.detach(), b.detach(), mean, invstd, training,
+                                   True, [True, True, True]))
         torch.library.opcheck(getattr(ops, "batch_norm_stats" + s).default, (x.detach(),))
         torch.library.opcheck(getattr(ops, "batch_norm_elemt" + s).default,
                               (x.detach(), w.detach(), None, mean, invstd, True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dlcv_fast import backend
 from dlcv_fast.ops import batch_norm as bn_ops
@@ -85,6 +86,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return elemt(input, weight, bias, mean, invstd, relu)
 
     @staticmethod
+    @once_differentiable  # no double backward across processes: an error, not a silent zero
     def backward(ctx, grad):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         _, _, reduce, grad_elemt = ctx.parts

@@ -23,7 +23,8 @@ twins on the Triton kernels (dlcv_fast/triton_kernels/batch_norm.py):
 Statistics are float32 (float64 for float64 input) and exact for any offset (Welford and
 Chan merges, or two passes), so inputs near 1e4 with unit variance normalise right.
 ``torch.ops.dlcv_fast.batch_norm`` is differentiable by itself (autograd in C++); the
-Triton op through the functional entry point. There is no double backward.
+Triton op through the functional entry point. Both are differentiable twice
+(``batch_norm_double_backward``, below); SyncBatchNorm once.
 """
 
 from __future__ import annotations
@@ -380,6 +381,110 @@ class _TritonBatchNorm(torch.autograd.Function):
             grad, input, weight, bias, mean, invstd, ctx.training, ctx.relu, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None, None, None)
+
+
+# --- double backward ------------------------------------------------------------------------
+#
+# The derivatives of batch_norm_backward's (grad_input, grad_weight, grad_bias), in PyTorch ops
+# (so differentiable again), for both backends; the C++ autograd of batch_norm_backward calls
+# it too. Per channel, with xhat = (x - mean) r, r = invstd, g = grad_output masked by the
+# ReLU (a constant mask), means over the N values of the channel:
+#   eval:  gx = w r g,  gw = sum g xhat,  gb = sum g  (mean, r constants)
+#   train: gx = w r P(g), P(v) = v - mean(v) - xhat mean(xhat v), and mean, r are functions
+#          of x with d(xhat) = r P(dx) (exactly, eps included); P is self-adjoint.
+# Given upstream ggx, ggw, ggb, the gradients are
+#   grad_g = w r P(ggx) + ggw xhat + ggb                        (train; eval: w r ggx + ...)
+#   grad_w = r sum(ggx P(g))                                    (eval: r sum(ggx g))
+#   grad_x = r P(g) ggw - w r^2 (mean(ggx xhat) P(g) + mean(g xhat) P(ggx) + A xhat)
+#            with A = mean(ggx P(g))                            (eval: r g ggw)
+
+torch.library.define(
+    "dlcv_fast::batch_norm_double_backward",
+    "(Tensor? grad_grad_input, Tensor? grad_grad_weight, Tensor? grad_grad_bias, "
+    "Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
+    "Tensor save_invstd, bool training, bool relu, bool[3] output_mask) "
+    "-> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("dlcv_fast::batch_norm_double_backward", "CompositeImplicitAutograd")
+def _double_backward(ggx, ggw, ggb, grad_output, input, weight, bias, save_mean, save_invstd,
+                     training, relu, output_mask):
+    """(grad of grad_output, grad of input, grad of weight); an empty tensor where
+    output_mask is False or the gradient is zero."""
+    acc = acc_dtype(input.dtype)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    dims = [0] + list(range(2, input.dim()))
+
+    def channel(t):
+        return None if t is None else t.to(acc).view(shape)
+
+    def mean(t):
+        return t.mean(dims, keepdim=True)
+
+    r, w, ggw, ggb = channel(save_invstd), channel(weight), channel(ggw), channel(ggb)
+    ggx = None if ggx is None else ggx.to(acc)
+    xhat = (input.to(acc) - channel(save_mean)) * r
+    g = grad_output.to(acc)
+    mask = None
+    if relu:
+        z = xhat if w is None else xhat * w
+        mask = (z if bias is None else z + channel(bias)) > 0
+        g = torch.where(mask, g, 0)
+    wr = r if w is None else w * r
+
+    def P(v):
+        return v - mean(v) - xhat * mean(xhat * v) if training else v
+
+    Pg = P(g)
+    Pggx = None if ggx is None else P(ggx)
+    grad_g = grad_x = grad_w = None
+    if output_mask[0]:
+        terms = [t for t in (None if ggx is None else wr * Pggx,
+                             None if ggw is None else ggw * xhat, ggb) if t is not None]
+        if terms:
+            grad_g = sum(terms, torch.zeros_like(g))  # a new tensor of g's shape
+            if mask is not None:
+                grad_g = torch.where(mask, grad_g, 0)
+    if output_mask[1] and (ggw is not None or (training and ggx is not None)):
+        grad_x = 0
+        if ggw is not None:
+            grad_x = r * Pg * ggw
+        if training and ggx is not None:
+            a = mean(ggx * Pg)
+            grad_x = grad_x - wr * r * (mean(ggx * xhat) * Pg + mean(g * xhat) * Pggx + a * xhat)
+    if output_mask[2] and weight is not None and ggx is not None:
+        grad_w = (r * ggx * Pg).sum(dims)
+
+    def out(t, like):
+        return like.new_empty(0) if t is None else t.to(like.dtype)
+
+    return (out(grad_g, grad_output), out(grad_x, input),
+            out(grad_w, weight if weight is not None else input))
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_output, input, weight, bias, mean, invstd, training, relu, _ = inputs
+    ctx.save_for_backward(grad_output, input, weight, bias, mean, invstd)
+    ctx.training, ctx.relu = training, relu
+
+
+def _backward_backward(ctx, ggx, ggw, ggb):
+    grad_output, input, weight, bias, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], weight is not None and need[2]]
+    g_dy, g_x, g_w = torch.ops.dlcv_fast.batch_norm_double_backward(
+        _defined(ggx), _defined(ggw), _defined(ggb), grad_output, input, weight, bias, mean,
+        invstd, ctx.training, ctx.relu, mask)
+    return (_defined(g_dy) if mask[0] else None, _defined(g_x) if mask[1] else None,
+            _defined(g_w) if mask[2] else None, None, None, None, None, None, None)
+
+
+def _defined(t):
+    """None for a gradient that is absent or an empty placeholder."""
+    return None if t is None or t.numel() == 0 else t
+
+
+_batch_norm_backward_triton.register_autograd(_backward_backward, setup_context=_backward_setup)
 
 
 # The four parts of SyncBatchNorm per backend: stats, elemt, backward_reduce, backward_elemt.
