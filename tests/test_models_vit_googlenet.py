@@ -123,8 +123,8 @@ def _randomise_(model: nn.Module, seed: int) -> None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
             elif isinstance(m, nn.MultiheadAttention):
-                e = m.embed_dim
-                m.in_proj_weight.copy_(torch.randn(m.in_proj_weight.shape, generator=gen) / e ** 0.5)
+                w = m.in_proj_weight
+                w.copy_(torch.randn(w.shape, generator=gen) / m.embed_dim ** 0.5)
                 m.in_proj_bias.copy_(torch.randn(m.in_proj_bias.shape, generator=gen) * 0.1)
             elif isinstance(m, nn.LayerNorm):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
