@@ -153,14 +153,18 @@ def torch_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with each dlcv_fast layer replaced by its torch equivalent
     (:func:`dlcv_fast.convert.torch_equivalent`): also the layers built with a fused ReLU,
     which :func:`dlcv_fast.revert` leaves as they are, become the layer then a ReLU."""
-    twin = copy.deepcopy(model)
-    if type(twin) in _BY_DLCV:
-        return torch_equivalent(twin)
-    for name, m in list(twin.named_modules()):
-        if name and type(m) in _BY_DLCV:
-            parent, _, key = name.rpartition(".")
-            twin.get_submodule(parent)._modules[key] = torch_equivalent(m)
-    return twin
+    done: dict[int, nn.Module] = {}  # a layer used in several places: replaced once
+
+    def swap(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = torch_equivalent(m) if type(m) in _BY_DLCV else m
+            if done[id(m)] is m:
+                for key, child in list(m._modules.items()):
+                    if child is not None:
+                        m._modules[key] = swap(child)
+        return done[id(m)]
+
+    return swap(copy.deepcopy(model))
 
 
 def format_table(rows: list[LayerRow], model_ms: float, torch_model_ms: float) -> str:
