@@ -260,15 +260,15 @@ def test_vit_eval_matches_torchvision(kwargs, dtype):
     assert assert_matches(ours, theirs, x).std() > 0.1
 
 
-def test_vit_b_16_builder_matches_torchvision():
-    """The full-width builder (12 layers, width 768) on 32x32 images: 4 patches."""
+@pytest.mark.parametrize("name,size", [("vit_b_16", 32), ("vit_b_32", 64)])
+def test_vit_builders_match_torchvision(name, size):
+    """The full-width builders (12 layers, width 768) on small images: 4 patches."""
     torch.manual_seed(0)
-    ours = models.vit_b_16(image_size=32, num_classes=5)
-    theirs = torchvision.models.vit_b_16(image_size=32, num_classes=5)
+    ours = models.MODELS[name](image_size=size, num_classes=5)
+    theirs = torchvision.models.get_model(name, image_size=size, num_classes=5)
     ours, theirs = _pair(ours, theirs)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(ours.eval()(x), theirs.eval()(x))
+    assert ours.seq_length == 5
+    assert assert_matches(ours.eval(), theirs.eval(), torch.randn(2, 3, size, size)).std() > 0.1
 
 
 def test_vit_train_matches_torchvision():
@@ -391,6 +391,10 @@ def test_errors():
         vit(torch.randn(1, 3, 32, 36))
     with pytest.raises(ValueError, match=r"input must be \(N, 3, H, W\)"):
         vit(torch.randn(3, 32, 32))
+    stem = [models.vit.ConvStemConfig(8, 3, 2)]  # stride 2, patch_size 4
+    with pytest.raises(ValueError, match="strides of conv_stem_configs must multiply to"):
+        models.VisionTransformer(32, 4, 1, 2, 8, 16, conv_stem_configs=stem)(
+            torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="blocks must hold 3 classes"):
         models.GoogLeNet(blocks=[BasicConv2d])
     with pytest.raises(ValueError, match="activation must be None or 'relu'"):

@@ -222,9 +222,13 @@ class VisionTransformer(nn.Module):
         if w != self.image_size:
             raise ValueError(f"VisionTransformer: wrong image width: expected "
                              f"{self.image_size} (image_size) but got {w}")
-        grid = (h // self.patch_size) * (w // self.patch_size)
-        x = self.conv_proj(x).reshape(n, self.hidden_dim, grid)
-        return x.permute(0, 2, 1)
+        side = h // self.patch_size
+        x = self.conv_proj(x)
+        if tuple(x.shape[2:]) != (side, side):  # a convolutional stem of other strides
+            raise ValueError(f"VisionTransformer: conv_proj gives a {x.shape[2]}x{x.shape[3]} "
+                             f"grid of tokens, but image_size / patch_size is {side}: the "
+                             f"strides of conv_stem_configs must multiply to patch_size")
+        return x.reshape(n, self.hidden_dim, side * side).permute(0, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._process_input(x)
