@@ -132,8 +132,10 @@ def _check_conv2d(m: nn.Conv2d) -> str | None:
 
 register(nn.Conv2d, dnn.Conv2d, _check_conv2d, extra={"activation": None})
 register(nn.MaxPool2d, dnn.MaxPool2d)
-register(nn.BatchNorm1d, dnn.BatchNorm1d, lambda m: _check_tensors("batch_norm", m))
-register(nn.BatchNorm2d, dnn.BatchNorm2d, lambda m: _check_tensors("batch_norm", m))
+register(nn.BatchNorm1d, dnn.BatchNorm1d, lambda m: _check_tensors("batch_norm", m),
+         extra={"activation": None})
+register(nn.BatchNorm2d, dnn.BatchNorm2d, lambda m: _check_tensors("batch_norm", m),
+         extra={"activation": None})
 register(nn.SyncBatchNorm, dnn.SyncBatchNorm, lambda m: _check_tensors("batch_norm", m))
 register(nn.MultiheadAttention, dnn.MultiheadAttention,
          lambda m: _check_tensors("scaled_dot_product_attention", m))
@@ -301,8 +303,9 @@ def _fuse_in(seq: nn.Sequential, uses: collections.Counter) -> int:
 def revert(model: nn.Module) -> collections.Counter:
     """Turns every dlcv_fast layer of ``model`` back into its torch.nn layer, in place
     (also those the model was built with), and un-fuses what ``convert(fuse_relu=True)``
-    fused. Returns the counts by type. A Conv2d built with ``activation='relu'`` (not fused
-    by :func:`convert`) has no single torch.nn layer and stays as it is."""
+    fused. Returns the counts by type. A Conv2d or batch norm built with
+    ``activation='relu'`` (not fused by :func:`convert`) has no single torch.nn layer and
+    stays as it is."""
     counts: collections.Counter = collections.Counter()
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
@@ -318,7 +321,7 @@ def revert(model: nn.Module) -> collections.Counter:
             return done[id(module)]
         new = done[id(module)] = module
         entry = _BY_DLCV.get(type(module))
-        if entry is not None and not (isinstance(module, dnn.Conv2d) and module.activation):
+        if entry is not None and not getattr(module, "activation", None):
             new = done[id(module)] = entry.undo(module)
             counts[entry.torch_cls.__name__] += 1
         if new is module:
@@ -340,7 +343,7 @@ def torch_equivalent(module: nn.Module) -> nn.Module:
     entry = _BY_DLCV.get(type(module))
     if entry is None:
         raise TypeError(f"torch_equivalent: {type(module).__name__} is not a dlcv_fast layer")
-    relu = isinstance(module, dnn.Conv2d) and module.activation == "relu"
+    relu = getattr(module, "activation", None) == "relu"
     if entry.in_place:
         twin = object.__new__(type(module))
         twin.__dict__ = dict(module.__dict__)  # shares parameters, buffers and hooks

@@ -11,6 +11,7 @@ ones (pooling) GB/s; the whole forward pass of the model is timed both ways as w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -19,7 +20,7 @@ from torch import nn
 
 import dlcv_fast.nn as dnn
 from dlcv_fast import bench
-from dlcv_fast.convert import _BY_DLCV, convert, revert, torch_equivalent
+from dlcv_fast.convert import _BY_DLCV, convert, torch_equivalent
 
 
 @dataclasses.dataclass
@@ -49,9 +50,24 @@ def _conv_flops(m: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> float:
     return 2.0 * y.numel() * k
 
 
-def layer_cost(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[str, float, float]:
-    """(op, FLOPs, bytes moved at least) of one dlcv_fast layer on input x, output y."""
+def _attention_flops(m: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor) -> float:
+    """2 * multiply-adds of the projections (query, key, value, output) and of the two
+    products of attention (softmax not counted)."""
+    seq = 1 if m.batch_first else 0
+    n_q, n_k = q.numel() // q.shape[-1], k.numel() // k.shape[-1]  # tokens, all batches
+    E = m.embed_dim
+    proj = 2.0 * E * (n_q * E + n_k * m.kdim + n_k * m.vdim + n_q * E)
+    return proj + 4.0 * n_q * (k.shape[seq] if k.dim() == 3 else k.shape[0]) * E
+
+
+def layer_cost(m: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               key: torch.Tensor | None = None) -> tuple[str, float, float]:
+    """(op, FLOPs, bytes moved at least) of one dlcv_fast layer on input x, output y
+    (``key``: an attention layer's keys, when not x)."""
     moved = float(x.numel() * x.element_size() + y.numel() * y.element_size())
+    if isinstance(m, dnn.MultiheadAttention):
+        moved += sum(p.numel() * p.element_size() for p in m.parameters())
+        return "attention", _attention_flops(m, x, x if key is None else key), moved
     if isinstance(m, dnn.Conv2d):
         moved += sum(p.numel() * p.element_size() for p in m.parameters())
         op = "conv2d+relu" if m.activation == "relu" else "conv2d"
@@ -69,8 +85,10 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name in models.MODELS:
+        if image_size is not None and name.startswith("vit_"):
+            kwargs["image_size"] = image_size  # the position embeddings depend on it
         model = models.MODELS[name](**kwargs)
-        channels, size = (1, 32) if name == "lenet5" else (3, 224)
+        channels, size = (1, 32) if name == "lenet5" else (3, 32 if name == "vit_tiny" else 224)
         return model, channels, image_size or size, "built from dlcv_fast layers"
     import torchvision
 
@@ -94,13 +112,16 @@ def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
 
     device = x.device
     layers = [(n, m) for n, m in model.named_modules() if type(m) in _BY_DLCV]
-    recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    recorded: dict[str, tuple[tuple, dict, torch.Tensor]] = {}
     hooks = []
     for name, m in layers:
-        def hook(mod, args, out, name=name):
+        def hook(mod, args, kwargs, out, name=name):
             if name not in recorded:  # a layer used twice keeps its first call
-                recorded[name] = (args[0].detach(), out.detach())
-        hooks.append(m.register_forward_hook(hook))
+                if isinstance(out, tuple):  # attention: (output, weights or None)
+                    out = out[0]
+                args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+                recorded[name] = (args, dict(kwargs), out.detach())
+        hooks.append(m.register_forward_hook(hook, with_kwargs=True))
     model.eval()
     with torch.no_grad():
         model(x)
@@ -113,19 +134,37 @@ def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
                             disable=not progress, dynamic_ncols=True):
             if name not in recorded:
                 continue
-            inp, out = recorded[name]
+            args, kwargs, out = recorded[name]
             ref = torch_equivalent(m)
-            ms = bench.median_ms(lambda: m(inp), device, budget_s)
-            torch_ms = bench.median_ms(lambda: ref(inp), device, budget_s)
-            op, flops, moved = layer_cost(m, inp, out)
+            ms = bench.median_ms(lambda: m(*args, **kwargs), device, budget_s)
+            torch_ms = bench.median_ms(lambda: ref(*args, **kwargs), device, budget_s)
+            inp = args[0]
+            key = args[1] if len(args) > 1 and isinstance(m, nn.MultiheadAttention) else None
+            op, flops, moved = layer_cost(m, inp, out, key)
             rows.append(LayerRow(name, op, tuple(inp.shape), ms, torch_ms, flops, moved))
         ms = bench.median_ms(lambda: model(x), device, 4 * budget_s)
-        revert(model)
-        try:
-            torch_ms = bench.median_ms(lambda: model(x), device, 4 * budget_s)
-        finally:
-            convert(model)
+        reference = torch_model(model)
+        torch_ms = bench.median_ms(lambda: reference(x), device, 4 * budget_s)
+        del reference
     return rows, ms, torch_ms
+
+
+def torch_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each dlcv_fast layer replaced by its torch equivalent
+    (:func:`dlcv_fast.convert.torch_equivalent`): also the layers built with a fused ReLU,
+    which :func:`dlcv_fast.revert` leaves as they are, become the layer then a ReLU."""
+    done: dict[int, nn.Module] = {}  # a layer used in several places: replaced once
+
+    def swap(m: nn.Module) -> nn.Module:
+        if id(m) not in done:
+            done[id(m)] = torch_equivalent(m) if type(m) in _BY_DLCV else m
+            if done[id(m)] is m:
+                for key, child in list(m._modules.items()):
+                    if child is not None:
+                        m._modules[key] = swap(child)
+        return done[id(m)]
+
+    return swap(copy.deepcopy(model))
 
 
 def format_table(rows: list[LayerRow], model_ms: float, torch_model_ms: float) -> str:

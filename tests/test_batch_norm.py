@@ -478,3 +478,47 @@ def test_sync_batch_norm_two_processes(tmp_path, channels_last):
     for g in got:
         assert_close(g["rm"], ref.running_mean)
         assert_close(g["rv"], ref.running_var)
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d"])
+def test_modules_with_fused_relu(kind):
+    """activation='relu': relu(batch_norm(x)) in train and eval mode, gradients included;
+    torch's state_dict; convert gives converted layers no ReLU, revert keeps a fused one
+    (no single torch layer computes it), torch_equivalent appends the ReLU."""
+    from dlcv_fast.convert import torch_equivalent
+
+    cls, ref_cls = ((dlcv_fast.nn.BatchNorm1d, torch.nn.BatchNorm1d) if kind == "1d"
+                    else (dlcv_fast.nn.BatchNorm2d, torch.nn.BatchNorm2d))
+    torch.manual_seed(0)
+    ours = cls(5, eps=1e-3, activation="relu").double()
+    ref = ref_cls(5, eps=1e-3).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert repr(ours) == repr(ref)[:-1] + ", activation='relu')"
+    shape = (6, 5, 3) if kind == "1d" else (3, 5, 4, 4)
+    for train in (True, False):
+        ours.train(train)
+        ref.train(train)
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        y = ours(x)
+        y_ref = torch.relu(ref(x))
+        assert_close(y, y_ref)
+        assert (y == 0).any() and (y > 0).any()  # the ReLU is live
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+        grads_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+        for a, b, what in zip(grads, grads_ref, ("input", "weight", "bias")):
+            assert_close(a, b, msg=what)
+    assert_close(ours.running_mean, ref.running_mean)
+    twin = torch_equivalent(ours)
+    assert type(twin[0]) is ref_cls and type(twin[1]) is torch.nn.ReLU
+    assert twin[0].weight is ours.weight
+    assert_close(twin(x), ours(x))
+    model = torch.nn.Sequential(ours, ref_cls(5))
+    assert dlcv_fast.convert(model).converted[ref_cls.__name__] == 1
+    assert model[1].activation is None
+    dlcv_fast.revert(model)
+    assert type(model[0]) is cls and type(model[1]) is ref_cls

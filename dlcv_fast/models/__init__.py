@@ -3,11 +3,12 @@
 Those that torchvision also has take torchvision's constructor arguments and have its
 ``state_dict`` keys and shapes, so ``model.load_state_dict(tv_model.state_dict())`` works
 and the outputs match torchvision's. One module per family (lenet.py, alexnet.py,
-vgg.py, resnet.py); a family's builders are listed in :data:`MODELS`.
+vgg.py, resnet.py, googlenet.py, vit.py); a family's builders are listed in :data:`MODELS`.
+``vit_tiny`` (DeiT-Tiny widths, 32x32 inputs) has no torchvision builder: it is
+torchvision's ``VisionTransformer`` with those hyper-parameters.
 
-Still to come, in the same style: ``googlenet``, ``unet``, ``vit_b_16``/``vit_b_32``/
-``vit_l_16``/``vit_tiny`` and ``diffusion_unet``. Until then, :func:`dlcv_fast.convert`
-runs torchvision's versions of these on dlcv_fast's layers.
+Still to come, in the same style: ``unet`` and ``diffusion_unet``. Until then,
+:func:`dlcv_fast.convert` runs torchvision's versions of these on dlcv_fast's layers.
 """
 
 from dlcv_fast.models.alexnet import AlexNet, alexnet
@@ -15,6 +16,8 @@ from dlcv_fast.models.lenet import LeNet5, lenet5
 from dlcv_fast.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from dlcv_fast.models.vgg import (VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19,
                                   vgg19_bn)
+from dlcv_fast.models.googlenet import GoogLeNet, googlenet
+from dlcv_fast.models.vit import VisionTransformer, vit_b_16, vit_b_32, vit_l_16, vit_tiny
 
 # name -> builder, for the command line (profile) and the tests.
 MODELS = {
@@ -33,8 +36,15 @@ MODELS = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
+    "googlenet": googlenet,
+    "vit_b_16": vit_b_16,
+    "vit_b_32": vit_b_32,
+    "vit_l_16": vit_l_16,
+    "vit_tiny": vit_tiny,
 }
 
 __all__ = ["MODELS", "AlexNet", "LeNet5", "ResNet", "VGG", "alexnet", "lenet5", "resnet18",
            "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg13",
            "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+__all__ += ["GoogLeNet", "VisionTransformer", "googlenet", "vit_b_16", "vit_b_32", "vit_l_16",
+            "vit_tiny"]

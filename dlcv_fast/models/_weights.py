@@ -15,3 +15,12 @@ def load_torchvision_weights(model: torch.nn.Module, name: str, weights, progres
     weights = torchvision.models.get_model_weights(name).verify(weights)
     model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
     return model
+
+
+def override_param(kwargs: dict, name: str, value) -> None:
+    """Sets ``kwargs[name] = value`` for pretrained weights that need that value; a
+    different value given by the caller is an error, as in torchvision."""
+    if name in kwargs and kwargs[name] != value:
+        raise ValueError(f"{name} must be {value!r} with pretrained weights, but got "
+                         f"{kwargs[name]!r}")
+    kwargs[name] = value

@@ -28,22 +28,36 @@ def _factor_and_buffers(m: torch.nn.modules.batchnorm._BatchNorm):
 
 
 class _Forward:
+    def __init__(self, *args, activation: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if activation not in (None, "relu"):
+            raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', but "
+                             f"got {activation!r}")
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + f", activation={self.activation!r}" if self.activation else s
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         training, factor, rm, rv = _factor_and_buffers(self)
-        return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps)
+        return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
+                          activation=self.activation)
 
 
 class BatchNorm1d(_Forward, torch.nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` on dlcv_fast's kernels: a subclass, so the
     constructor, parameters, buffers (running_mean, running_var, num_batches_tracked),
-    state_dict keys and repr are torch's; (N, C) or (N, C, L) input."""
+    state_dict keys and repr are torch's; (N, C) or (N, C, L) input. One keyword more:
+    ``activation='relu'`` applies a ReLU in the same pass (shown in the repr)."""
 
 
 class BatchNorm2d(_Forward, torch.nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` on dlcv_fast's kernels: a subclass, so the
     constructor, parameters, buffers, state_dict keys and repr are torch's; (N, C, H, W)
-    input, NCHW or channels_last."""
+    input, NCHW or channels_last. One keyword more: ``activation='relu'`` applies a ReLU in
+    the same pass, forward and backward (shown in the repr)."""
 
 
 def _all_gather(t: Tensor, group, world: int) -> Tensor:
