@@ -41,7 +41,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 # On a GPU machine whose Python already has torch, triton, pybind11 and ninja (no network):
 # build in place with every core, run the whole test suite on the GPU, run
 # compute-sanitizer (memcheck; initcheck: reads of unwritten memory) over the CUDA tests,
-# then the benchmarks (results in benchmarks/results/).
+# then the benchmarks of the ops and of whole models (results in benchmarks/results/).
 gpu-check:
 	MAX_JOBS=$(NPROC) $(PYTHON) setup.py build_ext --inplace
 	$(PYTHON) -m pytest -q
@@ -51,6 +51,7 @@ gpu-check:
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" \
 		tests/test_max_pool2d.py tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py
 	$(PYTHON) -m dlcv_fast bench --save benchmarks/results
+	$(PYTHON) -m dlcv_fast bench --op models --save benchmarks/results
 
 clean:
 	rm -rf build dlcv_fast/_C*.so $(VENV)/.built

@@ -131,7 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--op", nargs="*", choices=dlcv_fast.OPS)
     p.set_defaults(fn=_check)
     p = sub.add_parser("bench", help="time every op against PyTorch")
-    p.add_argument("--op", nargs="*", choices=dlcv_fast.OPS)
+    p.add_argument("--op", nargs="*", choices=[*dlcv_fast.OPS, "models"],
+                   help="default: every op; 'models' times whole models (ResNet-50 training "
+                        "step, ViT-B/16 forward+backward) against torchvision's")
     p.add_argument("--dtype", nargs="*", choices=sorted(bench.DTYPES))
     p.add_argument("--backend", nargs="*", choices=["cpu", "cuda", "triton"])
     p.add_argument("--batch", type=int)

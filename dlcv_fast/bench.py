@@ -61,7 +61,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, budget_s * 200),
+                                             return_mode="median"))
     flush = torch.empty(_CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     for _ in range(3):  # warm-up, also of the allocator
         fn()
@@ -488,6 +489,91 @@ def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Itera
                                  torch_ms=torch_bwd, bytes=2 * moved, flops=flops * 5 // 2)
 
 
+# --- whole models ------------------------------------------------------------------------------
+
+# (model, pass, batch divisor, image size, layout): the issue's model benchmarks. A "train
+# step" is forward, cross-entropy, backward and an SGD step; "fwd+bwd" stops before the step.
+# The batch is the command's (GPU default 128, so ViT-B/16 runs 64).
+MODEL_CASES = [
+    ("resnet50", "train step", 1, 224, "channels_last"),
+    ("vit_b_16", "fwd+bwd", 2, 224, "nchw"),
+]
+
+
+def _model_pair(name: str, image_size: int, device, dtype, layout):
+    """dlcv_fast's and torchvision's model with the same random weights."""
+    import torchvision
+
+    from dlcv_fast import models
+
+    kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(name, weights=None, **kwargs)
+    ours = models.MODELS[name](**kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return [m.to(device=device, dtype=dtype, memory_format=fmt).train() for m in (ours, theirs)]
+
+
+def _model_step(model, x, target, train_step: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if train_step else None
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        if opt is not None:
+            opt.step()
+
+    return step
+
+
+def bench_models(device: torch.device, dtypes, batch: int, backends, cases=None,
+                 budget_s: float = 5.0) -> Iterator[Result]:
+    """ResNet-50 training steps and ViT-B/16 forward+backward: dlcv_fast's model (its
+    layers on each backend) against torchvision's in PyTorch eager, same weights and inputs.
+    FLOPs of one step are counted by torch's FlopCounterMode on torchvision's model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for name, kind, divisor, size, layout in cases or MODEL_CASES:
+        n = max(1, batch // divisor)
+        for dtype in dtypes:
+            ours, theirs = _model_pair(name, size, device, dtype, layout)
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.randn(n, 3, size, size, device=device, dtype=dtype).contiguous(
+                memory_format=fmt)
+            target = torch.randint(0, 1000, (n,), device=device)
+            train_step = kind == "train step"
+            # Sanity check first, in float32 and eval mode (no batch statistics).
+            check_pair = [m.float().eval() for m in _model_pair(name, size, device,
+                                                                 torch.float32, layout)]
+            with torch.no_grad():
+                probe = x[:2].float()
+                expected = check_pair[1](probe)
+                for backend in backends:
+                    with dlcv_fast.backend.use_backend(backend):
+                        if not _close_enough(check_pair[0](probe), expected):
+                            raise AssertionError(f"{name} on {backend} disagrees with "
+                                                 "torchvision's")
+            del check_pair
+            with FlopCounterMode(display=False) as counter:
+                _model_step(theirs, x, target, False)()
+            flops = counter.get_total_flops()
+            theirs_step = _model_step(theirs, x, target, train_step)
+            torch_ms = median_ms(theirs_step, device, budget_s)
+            del theirs_step, theirs
+            params = sum(p.numel() for p in ours.parameters()) * x.element_size()
+            common = dict(op="models", case=name, shape=tuple(x.shape),
+                          dtype=str(dtype).removeprefix("torch."), layout=layout,
+                          direction=kind, torch_ms=torch_ms, flops=flops,
+                          bytes=x.numel() * x.element_size() + 3 * params)
+            for backend in backends:
+                step = _model_step(ours, x, target, train_step)
+                with dlcv_fast.backend.use_backend(backend):
+                    ms = median_ms(step, device, budget_s)
+                yield Result(**common, backend=backend, ms=ms)
+            del ours
+
+
 BENCHMARKS = {
     "conv2d": bench_conv2d,
     "max_pool2d": bench_max_pool2d,
@@ -497,10 +583,11 @@ BENCHMARKS = {
     "ddim_step": _step_bench("ddim_step"),
     "batch_norm": bench_batch_norm,
     "scaled_dot_product_attention": bench_attention,
+    "models": bench_models,  # not an op: only when asked for (--op models)
 }
 
 # Default CPU batch where the common one (8) would take too long on a small machine.
-CPU_BATCH = {"conv2d": 2}
+CPU_BATCH = {"conv2d": 2, "models": 2}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -539,7 +626,7 @@ def environment(device: torch.device) -> dict:
 
 # Ops whose table gives TFLOP/s and a fraction of the measured matrix-product throughput;
 # the others give GB/s and a fraction of the copy bandwidth.
-COMPUTE_BOUND = {"conv2d", "scaled_dot_product_attention"}
+COMPUTE_BOUND = {"conv2d", "scaled_dot_product_attention", "models"}
 
 
 def peak_fraction(r: Result, peak_gbps: float, peak_tflops: dict[str, float]) -> float:

@@ -34,3 +34,19 @@ def test_bench_writes_json(tmp_path):
     assert {r["direction"] for r in rows} == {"forward", "backward"}
     assert all(r["ms"] > 0 and r["torch_ms"] > 0 and r["gbps"] > 0 for r in rows)
     assert "speedup" in out.stdout
+
+
+def test_model_benchmark_times_both_models():
+    """The whole-model benchmark (run by `bench --op models`), on a small case: it checks
+    dlcv_fast's model against torchvision's before timing, and counts the step's FLOPs."""
+    from dlcv_fast import bench
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = bench.default_backends(device)
+    rows = list(bench.bench_models(device, [torch.float32], 2, backends,
+                                   cases=[("resnet18", "train step", 1, 32, "channels_last")],
+                                   budget_s=0.1))
+    assert [r.backend for r in rows] == backends
+    # ResNet-18 at 32x32: about 74 MFLOP an image forward, twice that backward; 2 images.
+    assert all(3e8 < r.flops < 6e8 and r.ms > 0 and r.torch_ms > 0 for r in rows)
+    assert all(r.direction == "train step" and r.shape == (2, 3, 32, 32) for r in rows)
