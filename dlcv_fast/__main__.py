@@ -4,7 +4,8 @@
 - ``bench [--op NAME] [--dtype fp32 bf16 ...] [--batch N] [--json FILE] [--save DIR]``:
   per shape, backend, median time, GB/s and fraction of the measured copy bandwidth
   (compute-bound ops: TFLOP/s and fraction of the measured matrix-product throughput), and
-  speedup against PyTorch in the same run.
+  speedup against PyTorch in the same run; ``--op models``: whole models against
+  torchvision's.
 - ``demo``: ``check``, then ``bench`` of every op on whatever device is here, then
   ``lenet``.
 - ``lenet [--epochs N] [--out PNG] [--quick]``: trains LeNet-5 on dlcv_fast's layers on
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_lenet)
     p = sub.add_parser("profile", help="per-layer times of a model against PyTorch")
     p.add_argument("--model", required=True,
-                   help="lenet5, alexnet, vgg11..vgg19, or a torchvision model name")
+                   help="a dlcv_fast.models name (lenet5, alexnet, vgg16_bn, resnet50, "
+                        "googlenet, vit_b_16, ...) or a torchvision model name")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
     p.add_argument("--image-size", type=int, help="default: the model's (224; lenet5 32)")
