@@ -131,10 +131,42 @@ void rows_times_tile(const T* x0, const T* x1, int64_t n, const T* t, T* out0, T
   for (int64_t c = 0; c < kK; ++c) out0[c] = acc0[c];
 }
 
+// Rows of a tile product computed together where the vector registers hold them: 4 rows of kK
+// float partial sums are 16 of AVX-512's 32 registers (4 loads of t feed 16 multiply-adds); 16
+// AVX2 registers, or doubles, leave room for 2 rows (the two-row functions above).
+#if defined(DLCV_CPU_VECTOR_BYTES) && DLCV_CPU_VECTOR_BYTES >= 64
+template <typename T>
+constexpr int kRows = sizeof(T) == 4 ? 4 : 2;
+#else
+template <typename T>
+constexpr int kRows = 2;
+#endif
+
+// out[r * kK + c] = sum_d x[r * x_stride + d] t[d * kK + c] for R rows at once.
+template <typename T, int R>
+void rows_times_tile_n(const T* x, int64_t x_stride, int64_t n, const T* t, T* out) {
+  T acc[R][kK] = {};
+  for (int64_t d = 0; d < n; ++d) {
+    const T* td = t + d * kK;
+    for (int r = 0; r < R; ++r) {
+      const T xr = x[r * x_stride + d];
+      for (int64_t c = 0; c < kK; ++c) acc[r][c] += xr * td[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < kK; ++c) out[r * kK + c] = acc[r][c];
+  }
+}
+
 // rows_times_tile over `rows` rows of x (row stride x_stride) into out[r * kK + c].
 template <typename T>
 void tile_product(const T* x, int64_t x_stride, int64_t rows, int64_t n, const T* t, T* out) {
   int64_t r = 0;
+  if constexpr (kRows<T> > 2) {
+    for (; r + kRows<T> <= rows; r += kRows<T>) {
+      rows_times_tile_n<T, kRows<T>>(x + r * x_stride, x_stride, n, t, out + r * kK);
+    }
+  }
   for (; r + 2 <= rows; r += 2) {
     rows_times_tile(x + r * x_stride, x + (r + 1) * x_stride, n, t, out + r * kK,
                     out + (r + 1) * kK);
@@ -194,10 +226,42 @@ void accumulate_chunk2(T* out0, T* out1, const T* w0, const T* w1, int64_t count
 
 // out[r * out_stride + (0, n)] += sum_c w[r * kK + c] rows[c * stride + (0, n)] for
 // r < nrows, c < count: the P V and dS K products, two output rows at a time.
+// out_r[0, W) += sum_c w[r * kK + c] rows[c * stride + (0, W)] for R output rows at once.
+template <typename T, int R, int64_t W>
+void accumulate_chunk_n(T* out, int64_t out_stride, const T* w, int64_t count, const T* rows,
+                        int64_t stride) {
+  T acc[R][W] = {};
+  for (int64_t c = 0; c < count; ++c) {
+    const T* row = rows + c * stride;
+    for (int r = 0; r < R; ++r) {
+      const T a = w[r * kK + c];
+      for (int64_t l = 0; l < W; ++l) acc[r][l] += a * row[l];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t l = 0; l < W; ++l) out[r * out_stride + l] += acc[r][l];
+  }
+}
+
 template <typename T>
 void tile_times_rows(T* out, int64_t out_stride, int64_t nrows, int64_t n, const T* w,
                      int64_t count, const T* rows, int64_t stride) {
   int64_t r = 0;
+  if constexpr (kRows<T> > 2) {
+    for (; r + kRows<T> <= nrows; r += kRows<T>) {
+      T* o = out + r * out_stride;
+      const T* wr = w + r * kK;
+      int64_t d = 0;
+      for (; d + 64 <= n; d += 64) {
+        accumulate_chunk_n<T, kRows<T>, 64>(o + d, out_stride, wr, count, rows + d, stride);
+      }
+      for (; d + 16 <= n; d += 16) {
+        accumulate_chunk_n<T, kRows<T>, 16>(o + d, out_stride, wr, count, rows + d, stride);
+      }
+      for (; d < n; ++d) accumulate_chunk_n<T, kRows<T>, 1>(o + d, out_stride, wr, count, rows + d,
+                                                          stride);
+    }
+  }
   for (; r + 2 <= nrows; r += 2) {
     T* o0 = out + r * out_stride;
     T* o1 = o0 + out_stride;
