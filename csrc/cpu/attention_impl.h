@@ -226,20 +226,37 @@ void accumulate_chunk2(T* out0, T* out1, const T* w0, const T* w1, int64_t count
 
 // out[r * out_stride + (0, n)] += sum_c w[r * kK + c] rows[c * stride + (0, n)] for
 // r < nrows, c < count: the P V and dS K products, two output rows at a time.
-// out_r[0, W) += sum_c w[r * kK + c] rows[c * stride + (0, W)] for R output rows at once.
+// out[r * out_stride + (0, W)] += sum_c w[r * w_row + c * w_col] rows[c * stride + (0, W)]
+// for R output rows at once: the P V, dS K (w_row = kK, w_col = 1) and the P^T dO, dS^T Q
+// (w_row = 1, w_col = kK) products.
 template <typename T, int R, int64_t W>
-void accumulate_chunk_n(T* out, int64_t out_stride, const T* w, int64_t count, const T* rows,
-                        int64_t stride) {
+void accumulate_chunk_n(T* out, int64_t out_stride, const T* w, int64_t w_row, int64_t w_col,
+                        int64_t count, const T* rows, int64_t stride) {
   T acc[R][W] = {};
   for (int64_t c = 0; c < count; ++c) {
     const T* row = rows + c * stride;
     for (int r = 0; r < R; ++r) {
-      const T a = w[r * kK + c];
+      const T a = w[r * w_row + c * w_col];
       for (int64_t l = 0; l < W; ++l) acc[r][l] += a * row[l];
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int64_t l = 0; l < W; ++l) out[r * out_stride + l] += acc[r][l];
+  }
+}
+
+template <typename T, int R>
+void accumulate_block(T* out, int64_t out_stride, int64_t n, const T* w, int64_t w_row,
+                      int64_t w_col, int64_t count, const T* rows, int64_t stride) {
+  int64_t d = 0;
+  for (; d + 64 <= n; d += 64) {
+    accumulate_chunk_n<T, R, 64>(out + d, out_stride, w, w_row, w_col, count, rows + d, stride);
+  }
+  for (; d + 16 <= n; d += 16) {
+    accumulate_chunk_n<T, R, 16>(out + d, out_stride, w, w_row, w_col, count, rows + d, stride);
+  }
+  for (; d < n; ++d) {
+    accumulate_chunk_n<T, R, 1>(out + d, out_stride, w, w_row, w_col, count, rows + d, stride);
   }
 }
 
@@ -249,17 +266,8 @@ void tile_times_rows(T* out, int64_t out_stride, int64_t nrows, int64_t n, const
   int64_t r = 0;
   if constexpr (kRows<T> > 2) {
     for (; r + kRows<T> <= nrows; r += kRows<T>) {
-      T* o = out + r * out_stride;
-      const T* wr = w + r * kK;
-      int64_t d = 0;
-      for (; d + 64 <= n; d += 64) {
-        accumulate_chunk_n<T, kRows<T>, 64>(o + d, out_stride, wr, count, rows + d, stride);
-      }
-      for (; d + 16 <= n; d += 16) {
-        accumulate_chunk_n<T, kRows<T>, 16>(o + d, out_stride, wr, count, rows + d, stride);
-      }
-      for (; d < n; ++d) accumulate_chunk_n<T, kRows<T>, 1>(o + d, out_stride, wr, count, rows + d,
-                                                          stride);
+      accumulate_block<T, kRows<T>>(out + r * out_stride, out_stride, n, w + r * kK, kK, 1,
+                                    count, rows, stride);
     }
   }
   for (; r + 2 <= nrows; r += 2) {
@@ -520,7 +528,17 @@ void backward_impl(const AttentionParams& p, const T* dout, const T* q, const T*
             std::copy(s.begin(), s.end(), pd.begin());
             if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, pd.data());
             score_grads(p, hd, dout_h, delta_h, i0, rows, j0, cols, s.data(), ds.data());
-            for (int64_t c = 0; c < cols; ++c) {  // dv += (p z)^T dO, dk += ds^T Q
+            int64_t c = 0;  // dv += (p z)^T dO, dk += ds^T Q
+            if constexpr (kRows<T> > 2) {
+              for (; c + kRows<T> <= cols; c += kRows<T>) {
+                accumulate_block<T, kRows<T>>(dv_acc.data() + c * Dv, Dv, Dv, pd.data() + c, 1,
+                                              kK, rows, dout_h + i0 * p.do_stride[2],
+                                              p.do_stride[2]);
+                accumulate_block<T, kRows<T>>(dk_acc.data() + c * D, D, D, ds.data() + c, 1, kK,
+                                              rows, hd.q + i0 * p.q_stride[2], p.q_stride[2]);
+              }
+            }
+            for (; c < cols; ++c) {
               accumulate_rows(dv_acc.data() + c * Dv, Dv, pd.data() + c, kK, rows,
                               dout_h + i0 * p.do_stride[2], p.do_stride[2]);
               accumulate_rows(dk_acc.data() + c * D, D, ds.data() + c, kK, rows,
