@@ -4,6 +4,8 @@
 // weight element (c, r, s) meets at output (i, j), so y_g (O/G x OH*OW) = W_g (O/G x K) cols.
 // NHWC, a chunk of images at a time: cols[(n, i, j), (r, s, c)] (channels innermost, as in
 // memory), y_g (rows x O/G) = cols W_g'^T with the weight reordered to (O, KH, KW, C/G).
+// The forward pass builds and multiplies the columns of a few output rows per task instead,
+// one GEMM per thread, so that the columns never leave the cache.
 // The backward passes are the transposed products: dgrad forms the column gradient and
 // scatters it back (col2im), wgrad multiplies the output gradient by the columns.
 // A 1x1 convolution with stride 1 and no padding needs no columns: the input is one.
@@ -49,10 +51,12 @@ bool is_pointwise(const Conv2dShape& s) {
 
 // --- NCHW -------------------------------------------------------------------------------
 
-// cols (K x OH*OW) of one image's group starting at channel c0; x is the image (C, H, W).
+// cols (K x (i1 - i0)*OW) of output rows [i0, i1) of one image's group starting at channel
+// c0; x is the image (C, H, W).
 template <typename T>
-void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
-  const int64_t k_rows = s.c_per_group() * s.kh * s.kw, p = s.oh * s.ow;
+void im2col_nchw_rows(const T* x, T* cols, const Conv2dShape& s, int64_t c0, int64_t i0,
+                      int64_t i1) {
+  const int64_t k_rows = s.c_per_group() * s.kh * s.kw, p = (i1 - i0) * s.ow;
   at::parallel_for(0, k_rows, grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t c = k / (s.kh * s.kw), r = k / s.kw % s.kh, q = k % s.kw;
@@ -61,7 +65,7 @@ void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
       const int64_t off_w = q * s.dil_w - s.pad_w;
       int64_t j0, j1;
       valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
-      for (int64_t i = 0; i < s.oh; ++i, dst += s.ow) {
+      for (int64_t i = i0; i < i1; ++i, dst += s.ow) {
         const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
         if (ih < 0 || ih >= s.h) {
           std::fill(dst, dst + s.ow, T(0));
@@ -74,6 +78,12 @@ void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
       }
     }
   });
+}
+
+// The whole image: cols (K x OH*OW).
+template <typename T>
+void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
+  im2col_nchw_rows(x, cols, s, c0, 0, s.oh);
 }
 
 // Adds cols (K x OH*OW) back into one image's group planes gx (C, H, W) from channel c0;
@@ -106,15 +116,15 @@ void col2im_nchw(const T* cols, T* gx, const Conv2dShape& s, int64_t c0) {
 
 // --- NHWC -------------------------------------------------------------------------------
 
-// cols (b*OH*OW x KH*KW*Cg) of images [n0, n0 + b) for the group starting at channel c0;
-// x is (N, H, W, C) contiguous.
+// cols ((row1 - row0)*OW x KH*KW*Cg) of the output rows [row0, row1) (row = n * OH + i).
 template <typename T>
-void im2col_nhwc(const T* x, T* cols, const Conv2dShape& s, int64_t n0, int64_t b, int64_t c0) {
+void im2col_nhwc_rows(const T* x, T* cols, const Conv2dShape& s, int64_t row0, int64_t row1,
+                      int64_t c0) {
   const int64_t cg = s.c_per_group(), k_cols = s.kh * s.kw * cg;
-  at::parallel_for(0, b * s.oh, grain(s.ow * k_cols), [&](int64_t begin, int64_t end) {
+  at::parallel_for(row0, row1, grain(s.ow * k_cols), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = n0 + row / s.oh, i = row % s.oh;
-      T* dst = cols + row * s.ow * k_cols;
+      const int64_t n = row / s.oh, i = row % s.oh;
+      T* dst = cols + (row - row0) * s.ow * k_cols;
       for (int64_t j = 0; j < s.ow; ++j) {
         for (int64_t r = 0; r < s.kh; ++r) {
           const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
@@ -133,6 +143,12 @@ void im2col_nhwc(const T* x, T* cols, const Conv2dShape& s, int64_t n0, int64_t 
       }
     }
   });
+}
+
+// The same for the images [n0, n0 + b).
+template <typename T>
+void im2col_nhwc(const T* x, T* cols, const Conv2dShape& s, int64_t n0, int64_t b, int64_t c0) {
+  im2col_nhwc_rows(x, cols, s, n0 * s.oh, (n0 + b) * s.oh, c0);
 }
 
 // Adds cols back into gx (N, H, W, C) for images [n0, n0 + b) and the group at c0, which it
@@ -229,49 +245,97 @@ at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
   return cols.narrow(0, 0, rows);
 }
 
+// Output rows per forward task: columns of about kTileBytes, so that they are still in
+// the core's L2 cache when the GEMM reads them back.
+constexpr int64_t kTileBytes = int64_t{512} << 10;
+
+// Tasks own (image, block of output rows) and build the block's columns and multiply them on
+// their own thread, as forward_nhwc does (below).
 void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
-  const int64_t og = s.o_per_group(), p = s.oh * s.ow;
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = wm.size(1), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
-  at::Tensor cols = pointwise ? at::Tensor() : at::empty({wm.size(1), p}, x.options());
-  for (int64_t n = 0; n < s.n; ++n) {
-    for (int64_t g = 0; g < s.groups; ++g) {
-      at::Tensor yg = y[n].view({s.o, p}).narrow(0, g * og, og);
-      at::Tensor wg = wm.narrow(0, g * og, og);
-      const at::Tensor in = columns_nchw(x, cols, s, n, g);
-      if (bias.has_value()) {
-        at::addmm_out(yg, bias->narrow(0, g * og, og).view({og, 1}).expand({og, p}), wg, in);
-      } else {
-        at::mm_out(yg, wg, in);
+  const int64_t per = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(s.ow * k *
+                                                                         x.element_size(), 1),
+                                          1, std::max<int64_t>(s.oh, 1));
+  const int64_t blocks = (s.oh + per - 1) / per;
+  const at::Tensor w = wm.detach(), xd = x.detach();  // plain tensors, as in forward_nhwc
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
+  at::parallel_for(0, s.n * blocks, 1, [&](int64_t tb, int64_t te) {
+    at::Tensor cols = pointwise ? at::Tensor() : at::empty({k, per * s.ow}, xd.options());
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n = t / blocks, i0 = t % blocks * per, i1 = std::min(s.oh, i0 + per);
+      const int64_t p0 = i0 * s.ow, pb = (i1 - i0) * s.ow;
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor out = y[n].view({s.o, p}).narrow(0, g * og, og).narrow(1, p0, pb);
+        at::Tensor in;
+        if (pointwise) {
+          in = xd[n].view({s.c, p}).narrow(0, g * cg, cg).narrow(1, p0, pb);
+        } else {
+          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
+            im2col_nchw_rows(xd[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
+                             s, g * cg, i0, i1);
+          });
+          in = cols.narrow(1, 0, pb);
+        }
+        const at::Tensor wg = w.narrow(0, g * og, og);
+        if (b.has_value()) {
+          at::addmm_out(out, b->narrow(0, g * og, og).view({og, 1}).expand({og, pb}), wg, in);
+        } else {
+          at::mm_out(out, wg, in);
+        }
+        if (relu) out.clamp_min_(0);
       }
-      if (relu) yg.clamp_min_(0);
     }
-  }
+  });
 }
 
+// Each task builds the columns of a few output rows and multiplies them by the weight on its
+// own thread (a GEMM called inside a parallel region runs on one): the columns stay
+// cache-resident between the two, where columns of whole images go to memory and back.
 void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional<at::Tensor>& bias,
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
-  const int64_t og = s.o_per_group();
+  const int64_t og = s.o_per_group(), k = wm.size(1), out_rows = s.n * s.oh;
   const bool pointwise = is_pointwise(s);
-  const int64_t chunk = images_per_chunk(s, x.element_size());
-  at::Tensor yr = y.permute({0, 2, 3, 1});
-  at::Tensor cols = pointwise ? at::Tensor()
-                              : at::empty({chunk * s.oh * s.ow, wm.size(1)}, x.options());
-  for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
-    const int64_t b = std::min(chunk, s.n - n0), rows = b * s.oh * s.ow;
-    at::Tensor y_rows = yr.narrow(0, n0, b).view({rows, s.o});
-    for (int64_t g = 0; g < s.groups; ++g) {
-      at::Tensor out = y_rows.narrow(1, g * og, og);
-      const at::Tensor in = columns_nhwc(x, cols, s, n0, b, g);
-      const at::Tensor wt = wm.narrow(0, g * og, og).t();
-      if (bias.has_value()) {
-        at::addmm_out(out, bias->narrow(0, g * og, og).view({1, og}).expand({rows, og}), in, wt);
-      } else {
-        at::mm_out(out, in, wt);
+  const int64_t per = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(s.ow * k *
+                                                                         x.element_size(), 1),
+                                          1, std::max<int64_t>(out_rows, 1));
+  const int64_t tasks = (out_rows + per - 1) / per;
+  // Plain tensors: worker threads do not inherit the caller's dispatch state (below autograd).
+  const at::Tensor w = wm.detach(), xd = x.detach();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
+  at::Tensor y_all = y.permute({0, 2, 3, 1}).view({out_rows * s.ow, s.o});
+  const at::Tensor x_all = pointwise ? xd.permute({0, 2, 3, 1}).reshape({out_rows * s.ow, s.c})
+                                     : at::Tensor();
+  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+    at::Tensor cols = pointwise ? at::Tensor() : at::empty({per * s.ow, k}, xd.options());
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r0 = t * per, r1 = std::min(out_rows, r0 + per), rows = (r1 - r0) * s.ow;
+      at::Tensor y_rows = y_all.narrow(0, r0 * s.ow, rows);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        at::Tensor out = y_rows.narrow(1, g * og, og);
+        at::Tensor in;
+        if (pointwise) {
+          in = x_all.narrow(0, r0 * s.ow, rows).narrow(1, g * s.c_per_group(), s.c_per_group());
+        } else {
+          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
+            im2col_nhwc_rows(xd.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
+                             r0, r1, g * s.c_per_group());
+          });
+          in = cols.narrow(0, 0, rows);
+        }
+        const at::Tensor wt = w.narrow(0, g * og, og).t();
+        if (b.has_value()) {
+          at::addmm_out(out, b->narrow(0, g * og, og).view({1, og}).expand({rows, og}), in, wt);
+        } else {
+          at::mm_out(out, in, wt);
+        }
       }
+      if (relu) y_rows.clamp_min_(0);  // while the rows are still in cache
     }
-    if (relu) y_rows.clamp_min_(0);  // while the chunk is still in cache
-  }
+  });
 }
 
 void backward_input_nchw(const at::Tensor& gy, const at::Tensor& wm, at::Tensor& gx,
