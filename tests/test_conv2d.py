@@ -171,6 +171,22 @@ def test_matches_torch(backend, device, dtype, case):
                    with_bias=i != 2)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_forward_in_row_tiles(layout, dtype):
+    """The CPU forward builds the columns of a few output rows at a time (about 512 KiB):
+    70 rows of 70 x 576 columns make tiles of 3 (float32) or 1 (float64) rows, 73 of
+    4 x 64 taps for the 1x1 case, with a partial last tile, and bias + ReLU per tile."""
+    x = make((2, 64, 70, 70), dtype, "cpu", layout)
+    b = make((32,), dtype, "cpu", seed=3)
+    for k, s, p in ((3, 1, 1), (1, 1, 0), (5, 2, 2)):
+        w = weight_for((2, 64, 70, 70), 32, k, 1, dtype, "cpu")
+        got = dlcv_fast.conv2d(x, w, b, s, p, activation="relu")
+        want = F.conv2d(x.double(), w.double(), b.double(), s, p).relu()
+        assert_within_torch_error(got, F.conv2d(x, w, b, s, p).relu(), want, dtype,
+                                  f"{layout} k{k} s{s}")
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
 def test_unbatched_input_and_batch_zero(backend, device):
     w = weight_for((1, 3, 1, 1), 4, 3, 1, torch.float64, device)

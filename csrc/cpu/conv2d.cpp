@@ -277,7 +277,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
             im2col_nchw_rows(xd[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
                              s, g * cg, i0, i1);
           });
-          in = cols.narrow(1, 0, pb);
+          in = cols.view(-1).narrow(0, 0, k * pb).view({k, pb});  // rows of pb, packed
         }
         const at::Tensor wg = w.narrow(0, g * og, og);
         if (b.has_value()) {
