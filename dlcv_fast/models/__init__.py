@@ -15,6 +15,8 @@ from dlcv_fast.models.lenet import LeNet5, lenet5
 from dlcv_fast.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from dlcv_fast.models.vgg import (VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19,
                                   vgg19_bn)
+from dlcv_fast.models.unet import UNet, unet
+from dlcv_fast.models.diffusion_unet import DiffusionUNet, diffusion_unet
 
 # name -> builder, for the command line (profile) and the tests.
 MODELS = {
@@ -38,3 +40,8 @@ MODELS = {
 __all__ = ["MODELS", "AlexNet", "LeNet5", "ResNet", "VGG", "alexnet", "lenet5", "resnet18",
            "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg13",
            "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+__all__ += ["DiffusionUNet", "UNet", "diffusion_unet", "unet"]
+
+# UNets (no torchvision counterpart): segmentation, and the DDPM denoiser (model(x, t)).
+MODELS["unet"] = unet
+MODELS["diffusion_unet"] = diffusion_unet
