@@ -127,7 +127,7 @@ def test_vgg_initialisation_follows_torchvision():
 
 def test_model_list():
     assert set(models.MODELS) == {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
-                                  *BN_MODELS}
+                                  *BN_MODELS, "unet", "diffusion_unet"}
     with pytest.raises(TypeError):
         models.alexnet(not_an_argument=1)
 

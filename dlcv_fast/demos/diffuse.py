@@ -237,10 +237,10 @@ def main(epochs: int = 40, out: str = "demo_output/ddpm_digits.png", steps: int 
         steps = min(steps, 5)
     r = run(epochs=epochs, steps=steps, n_samples=16 if quick else 64, seed=seed, quick=quick,
             progress=progress)
-    first = sum(r.losses[:10]) / len(r.losses[:10])
-    last = sum(r.losses[-10:]) / len(r.losses[-10:])
+    k = max(1, min(10, len(r.losses) // 2))
+    first, last = sum(r.losses[:k]) / k, sum(r.losses[-k:]) / k
     print(f"trained {len(r.losses)} steps in {r.seconds_train:.1f} s "
-          f"(loss {first:.4f} over the first 10 steps, {last:.4f} over the last 10)")
+          f"(loss {first:.4f} over the first {k} steps, {last:.4f} over the last {k})")
     print(f"sampled {len(r.samples)} images with {steps} DDIM steps in "
           f"{r.seconds_sample:.1f} s")
     print(f"recognised as digits: {100 * r.fraction:.1f}% of the samples "
