@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                    help="seconds of timing per layer and implementation (default 0.2)")
     p.set_defaults(fn=_profile)
     p = sub.add_parser("diffuse", help="train a small DDPM on the digits, sample with DDIM")
-    p.add_argument("--epochs", type=int, help="default 40")
+    p.add_argument("--epochs", type=int, help="default 45")
     p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG of the samples (default demo_output/ddpm_digits.png)")

@@ -128,7 +128,7 @@ def sample(model: torch.nn.Module, n: int, steps: int, seed: int) -> torch.Tenso
     return x.clamp(-1, 1)
 
 
-def train(epochs: int, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def train(epochs: int, batch: int = 64, lr: float = 2e-3, seed: int = 0,
           limit: int | None = None, progress: bool = True, ema_decay: float = 0.995):
     """Trains the default diffusion_unet on the training digits; returns (EMA model,
     per-step losses, seconds). ``limit`` caps the training set (the quick mode)."""
@@ -208,14 +208,16 @@ def save_grid(samples: torch.Tensor, labels: torch.Tensor, recognised: torch.Ten
     plt.close(fig)
 
 
-def run(epochs: int = 40, steps: int = 50, n_samples: int = 64, seed: int = 0,
-        quick: bool = False, progress: bool = True) -> Result:
+def run(epochs: int = 45, steps: int = 50, n_samples: int = 64, seed: int = 0,
+        quick: bool = False, progress: bool = True, batch: int = 64,
+        lr: float = 2e-3) -> Result:
     """Trains, samples and judges; no output files."""
     if quick:
         model, losses, secs = train(epochs=2, batch=64, limit=256, seed=seed,
                                     progress=progress)
     else:
-        model, losses, secs = train(epochs=epochs, seed=seed, progress=progress)
+        model, losses, secs = train(epochs=epochs, batch=batch, lr=lr, seed=seed,
+                                    progress=progress)
     start = time.perf_counter()
     samples = sample(model, n_samples, steps, seed + 1)
     secs_sample = time.perf_counter() - start
@@ -228,15 +230,16 @@ def run(epochs: int = 40, steps: int = 50, n_samples: int = 64, seed: int = 0,
     return Result(losses, secs, secs_sample, samples, labels, recognised, real)
 
 
-def main(epochs: int = 40, out: str = "demo_output/ddpm_digits.png", steps: int = 50,
-         seed: int = 0, quick: bool = False, progress: bool = True) -> float:
+def main(epochs: int = 45, out: str = "demo_output/ddpm_digits.png", steps: int = 50,
+         seed: int = 0, quick: bool = False, progress: bool = True, batch: int = 64,
+         lr: float = 2e-3) -> float:
     """Trains, samples, prints the times and the quality numbers, writes the PNG grid;
     returns the fraction of samples recognised as digits (see DigitJudge).
     ``quick``: 2 epochs on 256 images, 16 samples in 5 steps (for the tests)."""
     if quick:
         steps = min(steps, 5)
     r = run(epochs=epochs, steps=steps, n_samples=16 if quick else 64, seed=seed, quick=quick,
-            progress=progress)
+            progress=progress, batch=batch, lr=lr)
     k = max(1, min(10, len(r.losses) // 2))
     first, last = sum(r.losses[:k]) / k, sum(r.losses[-k:]) / k
     print(f"trained {len(r.losses)} steps in {r.seconds_train:.1f} s "
