@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import torch
 from dlcv_fast import models, profile
 
 
-def _run(*args):
+def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "dlcv_fast", *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
@@ -67,7 +68,10 @@ def test_profile_rows_of_a_dlcv_fast_model():
 
 def test_diffuse_quick_trains_samples_and_writes_the_grid(tmp_path):
     png = tmp_path / "samples.png"
-    out = _run("diffuse", "--quick", "--out", str(png), "--seed", "3")
+    # One thread: on cores that other jobs share, two threads stall on each other in the
+    # thousands of small parallel loops of a UNet step (10 s becomes minutes).
+    out = _run("diffuse", "--quick", "--out", str(png), "--seed", "3",
+               env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     losses = re.search(r"^trained 8 steps in .* s \(loss ([\d.]+) over the first 4 steps, "
                        r"([\d.]+) over the last 4\)$", out.stdout, re.M)
