@@ -5,9 +5,11 @@ Those that torchvision also has take torchvision's constructor arguments and hav
 and the outputs match torchvision's. One module per family (lenet.py, alexnet.py,
 vgg.py, resnet.py); a family's builders are listed in :data:`MODELS`.
 
-Still to come, in the same style: ``googlenet``, ``unet``, ``vit_b_16``/``vit_b_32``/
-``vit_l_16``/``vit_tiny`` and ``diffusion_unet``. Until then, :func:`dlcv_fast.convert`
-runs torchvision's versions of these on dlcv_fast's layers.
+Still to come, in the same style: ``googlenet``, ``vit_b_16``/``vit_b_32``/
+``vit_l_16``/``vit_tiny``. Until then, :func:`dlcv_fast.convert`
+runs torchvision's versions of these on dlcv_fast's layers. ``unet`` (segmentation) and
+``diffusion_unet`` (the DDPM denoiser, ``model(x, timesteps)``) have no torchvision
+counterpart (unet.py, diffusion_unet.py).
 """
 
 from dlcv_fast.models.alexnet import AlexNet, alexnet
