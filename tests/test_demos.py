@@ -1,7 +1,9 @@
-"""The command line's lenet (quick mode) and profile."""
+"""The command line's lenet and diffuse (quick modes) and profile."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +12,9 @@ import torch
 from dlcv_fast import models, profile
 
 
-def _run(*args):
+def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "dlcv_fast", *args], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
 
 
 def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
@@ -62,3 +64,38 @@ def test_profile_rows_of_a_dlcv_fast_model():
     assert type(model.features[0]).__module__ == "dlcv_fast.nn.conv"  # converted back
     table = profile.format_table(rows, ms, torch_ms)
     assert "total of these layers" in table
+
+
+def test_diffuse_quick_trains_samples_and_writes_the_grid(tmp_path):
+    png = tmp_path / "samples.png"
+    # One thread: on cores that other jobs share, two threads stall on each other in the
+    # thousands of small parallel loops of a UNet step (10 s becomes minutes).
+    out = _run("diffuse", "--quick", "--out", str(png), "--seed", "3",
+               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    losses = re.search(r"^trained 8 steps in .* s \(loss ([\d.]+) over the first 4 steps, "
+                       r"([\d.]+) over the last 4\)$", out.stdout, re.M)
+    assert losses, out.stdout
+    first, last = float(losses[1]), float(losses[2])
+    assert 0 < first < 2 and 0 < last < 2  # finite mean-squared errors of unit-variance noise
+    line = next(x for x in out.stdout.splitlines() if x.startswith("recognised as digits: "))
+    assert line.endswith("of held-out real digits)")
+    assert "sampled 16 images with 5 DDIM steps" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "DDPM on digits" in out.stderr  # the progress bar
+
+
+def test_diffuse_judge_recognises_real_digits_and_not_noise():
+    from dlcv_fast.demos import diffuse
+
+    x_train, y_train, x_test, y_test = diffuse.load_digits_16()
+    assert x_train.shape[1:] == (1, 16, 16) and len(y_train) + len(y_test) == 1797
+    assert x_train.min() >= -1 and x_train.max() <= 1 and x_train.min() == -1
+    judge = diffuse.DigitJudge(x_train, y_train, x_test[0::2])
+    labels, recognised = judge.judge(x_test[1::2])
+    assert recognised.float().mean() > 0.75  # real digits pass (about 86%)
+    assert (labels[recognised] == y_test[1::2][recognised]).float().mean() > 0.95
+    noise = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert not judge.judge(noise)[1].any()  # noise does not, though the classifier is sure
+    blank = -torch.ones(4, 1, 16, 16)
+    assert not judge.judge(blank)[1].any()

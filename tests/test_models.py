@@ -126,8 +126,9 @@ def test_vgg_initialisation_follows_torchvision():
 
 
 def test_model_list():
-    assert set(models.MODELS) >= {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
-                                  *BN_MODELS}  # other families add theirs
+    assert set(models.MODELS) == {"lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19",
+                                  *BN_MODELS, "googlenet", "vit_b_16", "vit_b_32", "vit_l_16",
+                                  "vit_tiny", "unet", "diffusion_unet"}
     with pytest.raises(TypeError):
         models.alexnet(not_an_argument=1)
 

@@ -7,8 +7,8 @@ vgg.py, resnet.py, googlenet.py, vit.py); a family's builders are listed in :dat
 ``vit_tiny`` (DeiT-Tiny widths, 32x32 inputs) has no torchvision builder: it is
 torchvision's ``VisionTransformer`` with those hyper-parameters.
 
-Still to come, in the same style: ``unet`` and ``diffusion_unet``. Until then,
-:func:`dlcv_fast.convert` runs torchvision's versions of these on dlcv_fast's layers.
+``unet`` (segmentation) and ``diffusion_unet`` (the DDPM denoiser, ``model(x, timesteps)``)
+have no torchvision counterpart (unet.py, diffusion_unet.py).
 """
 
 from dlcv_fast.models.alexnet import AlexNet, alexnet
@@ -18,6 +18,8 @@ from dlcv_fast.models.vgg import (VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, 
                                   vgg19_bn)
 from dlcv_fast.models.googlenet import GoogLeNet, googlenet
 from dlcv_fast.models.vit import VisionTransformer, vit_b_16, vit_b_32, vit_l_16, vit_tiny
+from dlcv_fast.models.unet import UNet, unet
+from dlcv_fast.models.diffusion_unet import DiffusionUNet, diffusion_unet
 
 # name -> builder, for the command line (profile) and the tests.
 MODELS = {
@@ -48,3 +50,8 @@ __all__ = ["MODELS", "AlexNet", "LeNet5", "ResNet", "VGG", "alexnet", "lenet5", 
            "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 __all__ += ["GoogLeNet", "VisionTransformer", "googlenet", "vit_b_16", "vit_b_32", "vit_l_16",
             "vit_tiny"]
+__all__ += ["DiffusionUNet", "UNet", "diffusion_unet", "unet"]
+
+# UNets (no torchvision counterpart): segmentation, and the DDPM denoiser (model(x, t)).
+MODELS["unet"] = unet
+MODELS["diffusion_unet"] = diffusion_unet
