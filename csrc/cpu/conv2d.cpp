@@ -246,8 +246,25 @@ at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
 }
 
 // Output rows per forward task: columns of about kTileBytes, so that they are still in
-// the core's L2 cache when the GEMM reads them back.
+// the core's L2 cache when the GEMM reads them back, but at least kTilePixels pixels: a
+// GEMM of fewer rows re-reads the weight (2.4 MB at 256 channels 3x3) for too little work.
 constexpr int64_t kTileBytes = int64_t{512} << 10;
+constexpr int64_t kTilePixels = 256;
+
+inline int64_t tile_rows(const Conv2dShape& s, int64_t k, int64_t element_size, int64_t rows) {
+  const int64_t by_bytes = kTileBytes / std::max<int64_t>(s.ow * k * element_size, 1);
+  const int64_t by_pixels = (kTilePixels + s.ow - 1) / std::max<int64_t>(s.ow, 1);
+  const int64_t per = std::clamp<int64_t>(std::max(by_bytes, by_pixels), 1,
+                                          std::max<int64_t>(rows, 1));
+  const int64_t tiles = (rows + per - 1) / per;
+  return std::max<int64_t>((rows + tiles - 1) / std::max<int64_t>(tiles, 1), 1);  // even tiles
+}
+
+// A pointwise convolution has no columns to keep in cache: its tasks run in turn on the
+// calling thread, each GEMM on every thread.
+inline int64_t task_grain(const Conv2dShape& s, int64_t tasks) {
+  return is_pointwise(s) ? std::max<int64_t>(tasks, 1) : 1;
+}
 
 // Tasks own (image, block of output rows) and build the block's columns and multiply them on
 // their own thread, as forward_nhwc does (below).
@@ -255,14 +272,12 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
   const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = wm.size(1), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
-  const int64_t per = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(s.ow * k *
-                                                                         x.element_size(), 1),
-                                          1, std::max<int64_t>(s.oh, 1));
+  const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
   const int64_t blocks = (s.oh + per - 1) / per;
   const at::Tensor w = wm.detach(), xd = x.detach();  // plain tensors, as in forward_nhwc
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
-  at::parallel_for(0, s.n * blocks, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, s.n * blocks, task_grain(s, s.n * blocks), [&](int64_t tb, int64_t te) {
     at::Tensor cols = pointwise ? at::Tensor() : at::empty({k, per * s.ow}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = t / blocks, i0 = t % blocks * per, i1 = std::min(s.oh, i0 + per);
@@ -298,9 +313,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
   const int64_t og = s.o_per_group(), k = wm.size(1), out_rows = s.n * s.oh;
   const bool pointwise = is_pointwise(s);
-  const int64_t per = std::clamp<int64_t>(kTileBytes / std::max<int64_t>(s.ow * k *
-                                                                         x.element_size(), 1),
-                                          1, std::max<int64_t>(out_rows, 1));
+  const int64_t per = tile_rows(s, k, x.element_size(), out_rows);
   const int64_t tasks = (out_rows + per - 1) / per;
   // Plain tensors: worker threads do not inherit the caller's dispatch state (below autograd).
   const at::Tensor w = wm.detach(), xd = x.detach();
@@ -309,7 +322,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
   at::Tensor y_all = y.permute({0, 2, 3, 1}).view({out_rows * s.ow, s.o});
   const at::Tensor x_all = pointwise ? xd.permute({0, 2, 3, 1}).reshape({out_rows * s.ow, s.c})
                                      : at::Tensor();
-  at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, tasks, task_grain(s, tasks), [&](int64_t tb, int64_t te) {
     at::Tensor cols = pointwise ? at::Tensor() : at::empty({per * s.ow, k}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = t * per, r1 = std::min(out_rows, r0 + per), rows = (r1 - r0) * s.ow;
