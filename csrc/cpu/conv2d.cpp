@@ -252,6 +252,7 @@ constexpr int64_t kTileBytes = int64_t{512} << 10;
 constexpr int64_t kTilePixels = 256;
 
 inline int64_t tile_rows(const Conv2dShape& s, int64_t k, int64_t element_size, int64_t rows) {
+  if (is_pointwise(s)) return std::max<int64_t>(rows, 1);  // no columns: the longest GEMM
   const int64_t by_bytes = kTileBytes / std::max<int64_t>(s.ow * k * element_size, 1);
   const int64_t by_pixels = (kTilePixels + s.ow - 1) / std::max<int64_t>(s.ow, 1);
   const int64_t per = std::clamp<int64_t>(std::max(by_bytes, by_pixels), 1,
@@ -260,8 +261,8 @@ inline int64_t tile_rows(const Conv2dShape& s, int64_t k, int64_t element_size, 
   return std::max<int64_t>((rows + tiles - 1) / std::max<int64_t>(tiles, 1), 1);  // even tiles
 }
 
-// A pointwise convolution has no columns to keep in cache: its tasks run in turn on the
-// calling thread, each GEMM on every thread.
+// A pointwise convolution has no columns to keep in cache: one tile (NCHW: one per image)
+// whose tasks run in turn on the calling thread, each GEMM on every thread.
 inline int64_t task_grain(const Conv2dShape& s, int64_t tasks) {
   return is_pointwise(s) ? std::max<int64_t>(tasks, 1) : 1;
 }
