@@ -80,19 +80,26 @@ def test_timestep_forms_and_tables(backend_device, kind):
             assert_close(out, reference(kind, x, noise, tt, table), torch.float32)
 
 
-def test_float32_arithmetic_for_half_samples(backend_device):
-    """One rounding at the end: the half result is the float64 formula rounded to half, up
-    to one unit in the last place (the diffusers formula rounds the coefficients to half
-    first)."""
+@pytest.mark.parametrize("seed", [0, 209])
+def test_float32_arithmetic_for_half_samples(backend_device, seed):
+    """One rounding to half at the end of float32 arithmetic: the half result is the float64
+    formula within one unit in the last place of half, plus the float32 error of the two
+    products and their sum (a few float32 units of |sqrt(a) x| + |sqrt(1 - a) noise|, which
+    matters only where the terms cancel to below half's normal range: seed 209 has such an
+    element). The diffusers formula rounds the coefficients to half first and misses by
+    far more."""
     backend, device = backend_device
-    x = torch.randn(64, 4, 8, 8, device=device).half()
-    noise = torch.randn_like(x)
-    t = torch.randint(0, 1000, (64,), device=device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, 8, 8, generator=g).half().to(device)
+    noise = torch.randn(64, 4, 8, 8, generator=g).half().to(device)
+    t = torch.randint(0, 1000, (64,), generator=g).to(device)
     table = alphas_cumprod().to(device)
     out = dlcv_fast.add_noise(x, noise, t, table)
     exact = reference("add_noise", x, noise, t, table)
+    terms = reference("add_noise", x.abs(), noise.abs(), t, table)  # |sqrt(a) x| + |...|
     ulp = torch.finfo(torch.float16).eps * exact.abs().clamp(min=2**-14)
-    assert ((out.double() - exact).abs() <= ulp).all()
+    float32_error = 4 * torch.finfo(torch.float32).eps * terms
+    assert ((out.double() - exact).abs() <= ulp + float32_error).all()
 
 
 @pytest.mark.parametrize("kind", ["add_noise", "get_velocity"])
