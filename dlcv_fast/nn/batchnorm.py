@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from dlcv_fast import backend
+from dlcv_fast.nn._activation import checked_activation, repr_with_activation
 from dlcv_fast.ops import batch_norm as bn_ops
 from dlcv_fast.ops.batch_norm import batch_norm
 
@@ -30,14 +31,10 @@ def _factor_and_buffers(m: torch.nn.modules.batchnorm._BatchNorm):
 class _Forward:
     def __init__(self, *args, activation: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if activation not in (None, "relu"):
-            raise ValueError(f"{type(self).__name__}: activation must be None or 'relu', but "
-                             f"got {activation!r}")
-        self.activation = activation
+        self.activation = checked_activation(type(self).__name__, activation)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + f", activation={self.activation!r}" if self.activation else s
+        return repr_with_activation(super().extra_repr(), self.activation)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

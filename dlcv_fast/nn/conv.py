@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlcv_fast.ops.conv2d import ACTIVATIONS, conv2d
+from dlcv_fast.nn._activation import checked_activation, repr_with_activation
+from dlcv_fast.ops.conv2d import conv2d
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -21,14 +22,10 @@ class Conv2d(torch.nn.Conv2d):
 
     def __init__(self, *args, activation: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Conv2d: activation must be None or 'relu', but got "
-                             f"{activation!r}")
-        self.activation = activation
+        self.activation = checked_activation("Conv2d", activation)
 
     def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s + f", activation={self.activation!r}" if self.activation else s
+        return repr_with_activation(super().extra_repr(), self.activation)
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
