@@ -117,6 +117,8 @@ def resolve(op: str, x: torch.Tensor) -> str:
     """The concrete backend (``cuda``, ``triton`` or ``cpu``) that runs ``op`` on ``x``,
     or :class:`BackendError` saying why the chosen one cannot."""
     name = _State.name
+    if x.is_cpu and (name == "auto" or name == "cpu"):  # the common case, decided quickly
+        return "cpu"
     if name == "auto":
         if x.device.type == "cpu":
             name = "cpu"

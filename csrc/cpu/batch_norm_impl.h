@@ -10,8 +10,9 @@
 //
 // NCHW: one channel per task, its statistics, then its normalisation (or, backward, its sums
 // then its gradient), so the second visit of a channel often comes from the cache.
-// channels_last: rows split among tasks, per-task per-channel accumulators merged in task
-// order (deterministic for a given thread count), then a parallel elementwise pass.
+// channels_last: rows split among tasks, each walking its rows in memory order into
+// per-channel accumulators, merged in task order (deterministic for a given thread count),
+// then a parallel elementwise pass.
 
 #include "common.h"
 #include "../batch_norm_shape.h"
@@ -149,41 +150,70 @@ inline int64_t row_tasks(int64_t rows, int64_t channels) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(rows, by_work)));
 }
 
-// Block of nb rows of C channels: per channel the first-pass mean m, and the sum d and the
-// sum of squares q of the deviations from it. A vector of L channels at a time, its
-// accumulators in registers across the rows.
+// Brings n rows of C values at p into the cache (nothing for n <= 0).
 template <typename T>
-void block_moments(const T* __restrict__ xb, int64_t nb, int64_t C, T* __restrict__ m,
-                   T* __restrict__ d, T* __restrict__ q) {
+inline void prefetch_rows(const T* p, int64_t n, int64_t C) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t k = 0; k < n * C; k += kLine) __builtin_prefetch(p + k);
+}
+
+// Block of nb rows of C channels: per channel the first-pass mean m, and the sum d and the
+// sum of squares q of the deviations from it. Both passes walk the rows in memory order, four
+// rows per visit of the per-channel accumulators (which stay in L1): walking down one channel's
+// column, accumulators in registers, missed the cache on every row of a cold block, and one
+// row per visit made the loop store-bound. The second pass reads the block from L2 and
+// prefetches the first `ahead` rows after it, so that memory keeps streaming meanwhile.
+// Measured on 8x128x28x28, cold caches, one thread: 0.69 ms -> 0.49 ms (a sum: 0.29 ms).
+template <typename T>
+void block_moments(const T* __restrict__ xb, int64_t nb, int64_t C, int64_t ahead,
+                   T* __restrict__ m, T* __restrict__ d, T* __restrict__ q) {
   using S = Lanes<T>;
   constexpr int L = S::L;
-  int64_t c0 = 0;
-  for (; c0 + L <= C; c0 += L) {
-    typename S::V s = S::splat(0);
-    for (int64_t i = 0; i < nb; ++i) s += S::load(xb + i * C + c0);
-    const auto vm = s / S::splat(T(nb));
-    typename S::V vd = S::splat(0), vq = S::splat(0);
-    for (int64_t i = 0; i < nb; ++i) {
-      const auto v = S::load(xb + i * C + c0) - vm;
-      vd += v;
-      vq += v * v;
+  const int64_t cv = C - C % L;  // channels on vector lanes; the rest one at a time
+  std::fill(m, m + C, T(0));
+  std::fill(d, d + C, T(0));
+  std::fill(q, q + C, T(0));
+  int64_t i = 0;
+  for (; i + 4 <= nb; i += 4) {
+    const T* __restrict__ x0 = xb + i * C;
+    for (int64_t c = 0; c < cv; c += L) {
+      const auto s = (S::load(x0 + c) + S::load(x0 + C + c)) +
+                     (S::load(x0 + 2 * C + c) + S::load(x0 + 3 * C + c));
+      S::store(m + c, S::load(m + c) + s);
     }
-    S::store(m + c0, vm);
-    S::store(d + c0, vd);
-    S::store(q + c0, vq);
   }
-  for (int64_t c = c0; c < C; ++c) {
-    T s = 0;
-    for (int64_t i = 0; i < nb; ++i) s += xb[i * C + c];
-    m[c] = s / T(nb);
-    T vd = 0, vq = 0;
-    for (int64_t i = 0; i < nb; ++i) {
-      const T v = xb[i * C + c] - m[c];
-      vd += v;
-      vq += v * v;
+  for (; i < nb; ++i) {
+    for (int64_t c = 0; c < cv; c += L) S::store(m + c, S::load(m + c) + S::load(xb + i * C + c));
+  }
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t c = cv; c < C; ++c) m[c] += xb[r * C + c];
+  }
+  for (int64_t c = 0; c < C; ++c) m[c] /= T(nb);
+  i = 0;
+  for (; i + 4 <= nb; i += 4) {
+    const T* __restrict__ x0 = xb + i * C;
+    prefetch_rows(x0 + nb * C, std::min<int64_t>(4, ahead - i), C);
+    for (int64_t c = 0; c < cv; c += L) {
+      const auto vm = S::load(m + c);
+      const auto t0 = S::load(x0 + c) - vm, t1 = S::load(x0 + C + c) - vm;
+      const auto t2 = S::load(x0 + 2 * C + c) - vm, t3 = S::load(x0 + 3 * C + c) - vm;
+      S::store(d + c, S::load(d + c) + ((t0 + t1) + (t2 + t3)));
+      S::store(q + c, S::load(q + c) + ((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)));
     }
-    d[c] = vd;
-    q[c] = vq;
+  }
+  for (; i < nb; ++i) {
+    for (int64_t c = 0; c < cv; c += L) {
+      const auto t = S::load(xb + i * C + c) - S::load(m + c);
+      S::store(d + c, S::load(d + c) + t);
+      S::store(q + c, S::load(q + c) + t * t);
+    }
+  }
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t c = cv; c < C; ++c) {
+      const T t = xb[r * C + c] - m[c];
+      d[c] += t;
+      q[c] += t * t;
+    }
   }
 }
 
@@ -207,7 +237,7 @@ void rows_moments(const T* x, const BatchNormShape& s, std::vector<double>& mean
       int64_t n = 0;
       for (int64_t r = r0; r < r1; r += block_rows(C)) {
         const int64_t nb = std::min(block_rows(C), r1 - r);
-        block_moments(x + r * C, nb, C, pm, pd, pq);
+        block_moments(x + r * C, nb, C, std::min(nb, r1 - r - nb), pm, pd, pq);
         const int64_t total = n + nb;
         const double fb = double(nb) / double(total), fab = double(n) * fb;
         for (int64_t c = 0; c < C; ++c) {
@@ -403,39 +433,52 @@ void channel_sums(const T* dy, const T* x, int64_t c, T mean, T scale, T bias,
   }
 }
 
-// Block of nb rows: per channel the sums of g and g * (x - mean), a vector of L channels at a
-// time with its accumulators in registers across the rows.
+// Block of nb rows: per channel the sums of g and g * (x - mean), where g is dy masked by the
+// ReLU's derivative when Relu. Rows in memory order, four at a time, into accumulators in L1,
+// as in block_moments (8x128x28x28, cold, one thread: 0.93 ms with the column walk, 0.79 ms).
 template <typename T, bool Relu>
 void block_sums(const T* __restrict__ gb, const T* __restrict__ xb, int64_t nb, int64_t C,
                 const T* __restrict__ mean, const T* __restrict__ scale, const T* __restrict__ bias,
                 T* __restrict__ sa, T* __restrict__ sb) {
   using S = Lanes<T>;
   constexpr int L = S::L;
+  const int64_t cv = C - C % L;  // channels on vector lanes; the rest one at a time
   const auto zero = S::splat(0);
-  int64_t c0 = 0;
-  for (; c0 + L <= C; c0 += L) {
-    const auto vm = S::load(mean + c0), vk = S::load(scale + c0), vb = S::load(bias + c0);
-    typename S::V a = zero, b = zero;
-    for (int64_t i = 0; i < nb; ++i) {
-      const auto xm = S::load(xb + i * C + c0) - vm;
-      auto g = S::load(gb + i * C + c0);
-      if constexpr (Relu) g = (xm * vk + vb > zero) ? g : zero;
-      a += g;
-      b += g * xm;
+  std::fill(sa, sa + C, T(0));
+  std::fill(sb, sb + C, T(0));
+  // The masked gradient and x - mean of row r at channels [c, c + L).
+  const auto term = [&](int64_t r, int64_t c, typename S::V& g, typename S::V& xm) {
+    xm = S::load(xb + r * C + c) - S::load(mean + c);
+    g = S::load(gb + r * C + c);
+    if constexpr (Relu) g = (xm * S::load(scale + c) + S::load(bias + c) > zero) ? g : zero;
+  };
+  int64_t i = 0;
+  for (; i + 4 <= nb; i += 4) {
+    for (int64_t c = 0; c < cv; c += L) {
+      typename S::V g0, g1, g2, g3, t0, t1, t2, t3;
+      term(i, c, g0, t0);
+      term(i + 1, c, g1, t1);
+      term(i + 2, c, g2, t2);
+      term(i + 3, c, g3, t3);
+      S::store(sa + c, S::load(sa + c) + ((g0 + g1) + (g2 + g3)));
+      S::store(sb + c, S::load(sb + c) + ((g0 * t0 + g1 * t1) + (g2 * t2 + g3 * t3)));
     }
-    S::store(sa + c0, a);
-    S::store(sb + c0, b);
   }
-  for (int64_t c = c0; c < C; ++c) {
-    T a = 0, b = 0;
-    for (int64_t i = 0; i < nb; ++i) {
-      const T xm = xb[i * C + c] - mean[c];
-      const T g = (!Relu || xm * scale[c] + bias[c] > T(0)) ? gb[i * C + c] : T(0);
-      a += g;
-      b += g * xm;
+  for (; i < nb; ++i) {
+    for (int64_t c = 0; c < cv; c += L) {
+      typename S::V g, t;
+      term(i, c, g, t);
+      S::store(sa + c, S::load(sa + c) + g);
+      S::store(sb + c, S::load(sb + c) + g * t);
     }
-    sa[c] = a;
-    sb[c] = b;
+  }
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t c = cv; c < C; ++c) {
+      const T xm = xb[r * C + c] - mean[c];
+      const T g = (!Relu || xm * scale[c] + bias[c] > T(0)) ? gb[r * C + c] : T(0);
+      sa[c] += g;
+      sb[c] += g * xm;
+    }
   }
 }
 
