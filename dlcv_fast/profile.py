@@ -85,10 +85,11 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name in models.MODELS:
-        if image_size is not None and name.startswith("vit_"):
-            kwargs["image_size"] = image_size  # the position embeddings depend on it
+        if image_size is not None and name.startswith(("vit_", "diffusion_unet")):
+            kwargs["image_size"] = image_size  # position embeddings, attention placement
         model = models.MODELS[name](**kwargs)
-        channels, size = (1, 32) if name == "lenet5" else (3, 32 if name == "vit_tiny" else 224)
+        channels, size = {"lenet5": (1, 32), "vit_tiny": (3, 32),
+                          "diffusion_unet": (1, 16)}.get(name, (3, 224))
         return model, channels, image_size or size, "built from dlcv_fast layers"
     import torchvision
 
@@ -105,9 +106,20 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
     return model, 3, image_size or size, str(summary)
 
 
+def extra_inputs(model: nn.Module, batch: int, device: torch.device) -> tuple:
+    """The inputs after the images that the model's forward takes: a diffusion UNet's
+    timesteps (random, in the range of a 1000-step schedule); none for the others."""
+    from dlcv_fast.models import DiffusionUNet
+
+    if isinstance(model, DiffusionUNet):
+        return (torch.randint(0, 1000, (batch,), device=device),)
+    return ()
+
+
 def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
-            budget_s: float = 0.2) -> tuple[list[LayerRow], float, float]:
-    """(rows, model ms on dlcv_fast, model ms on torch) for one forward pass on ``x``."""
+            budget_s: float = 0.2, extra: tuple = ()) -> tuple[list[LayerRow], float, float]:
+    """(rows, model ms on dlcv_fast, model ms on torch) for one forward pass
+    ``model(x, *extra)``."""
     from tqdm import tqdm
 
     device = x.device
@@ -124,7 +136,7 @@ def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
         hooks.append(m.register_forward_hook(hook, with_kwargs=True))
     model.eval()
     with torch.no_grad():
-        model(x)
+        model(x, *extra)
     for h in hooks:
         h.remove()
 
@@ -142,9 +154,9 @@ def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
             key = args[1] if len(args) > 1 and isinstance(m, nn.MultiheadAttention) else None
             op, flops, moved = layer_cost(m, inp, out, key)
             rows.append(LayerRow(name, op, tuple(inp.shape), ms, torch_ms, flops, moved))
-        ms = bench.median_ms(lambda: model(x), device, 4 * budget_s)
+        ms = bench.median_ms(lambda: model(x, *extra), device, 4 * budget_s)
         reference = torch_model(model)
-        torch_ms = bench.median_ms(lambda: reference(x), device, 4 * budget_s)
+        torch_ms = bench.median_ms(lambda: reference(x, *extra), device, 4 * budget_s)
         del reference
     return rows, ms, torch_ms
 
@@ -219,7 +231,8 @@ def main(model_name: str, batch: int, dtype: torch.dtype, image_size: int | None
           f"{str(dtype).removeprefix('torch.')}, forward, eval mode")
     print(f"{env['device']}; torch {env['torch']}; commit {env['commit']}; {env['date']}")
     print(summary)
-    rows, ms, torch_ms = profile(model, x, progress=progress, budget_s=budget_s)
+    rows, ms, torch_ms = profile(model, x, progress=progress, budget_s=budget_s,
+                                 extra=extra_inputs(model, batch, device))
     print(format_table(rows, ms, torch_ms))
     path = out or f"demo_output/profile-{model_name}-b{batch}.png"
     plot(rows, path, f"{model_name}, batch {batch}, {str(dtype).removeprefix('torch.')}, "

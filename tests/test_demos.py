@@ -66,6 +66,19 @@ def test_profile_rows_of_a_dlcv_fast_model():
     assert "total of these layers" in table
 
 
+def test_profile_a_model_with_timesteps():
+    model, channels, size, _ = profile.build_model("diffusion_unet", image_size=8)
+    assert (channels, size) == (1, 8)
+    x = torch.randn(2, channels, size, size)
+    extra = profile.extra_inputs(model, 2, x.device)
+    assert len(extra) == 1 and extra[0].shape == (2,) and extra[0].dtype == torch.int64
+    rows, ms, torch_ms = profile.profile(model, x, progress=False, budget_s=0.005, extra=extra)
+    ops = {r.op for r in rows}
+    assert {"conv2d", "attention"} <= ops, ops
+    assert rows[0].shape == (2, 1, 8, 8) and ms > 0 and torch_ms > 0
+    assert profile.extra_inputs(models.lenet5(), 2, x.device) == ()
+
+
 def test_diffuse_quick_trains_samples_and_writes_the_grid(tmp_path):
     png = tmp_path / "samples.png"
     # One thread: on cores that other jobs share, two threads stall on each other in the
