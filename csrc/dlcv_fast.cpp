@@ -21,6 +21,10 @@ auto op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_op(const at::Tensor& self, at::IntArrayRef k,
                                                  at::IntArrayRef s, at::IntArrayRef p,
                                                  at::IntArrayRef d, bool ceil_mode) {
@@ -181,6 +185,113 @@ std::tuple<at::Tensor, at::Tensor> noise_backward_autograd(const at::Tensor& gra
   return {out[0], out[1]};
 }
 
+// --- conv2d ------------------------------------------------------------------------------
+
+at::Tensor conv2d_op(const at::Tensor& input, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                     bool relu) {
+  static const auto op = op_handle<decltype(dlcv_fast::conv2d)>("dlcv_fast::conv2d");
+  return op.call(input, weight, bias, stride, padding, dilation, groups, relu);
+}
+
+at::Tensor conv2d_backward_input_op(const at::Tensor& grad_output, const at::Tensor& input,
+                                    const at::Tensor& weight, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups) {
+  static const auto op = op_handle<decltype(dlcv_fast::conv2d_backward_input)>(
+      "dlcv_fast::conv2d_backward_input");
+  return op.call(grad_output, input, weight, stride, padding, dilation, groups);
+}
+
+at::Tensor conv2d_backward_weight_op(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const at::Tensor& weight, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups) {
+  static const auto op = op_handle<decltype(dlcv_fast::conv2d_backward_weight)>(
+      "dlcv_fast::conv2d_backward_weight");
+  return op.call(grad_output, input, weight, stride, padding, dilation, groups);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward_op(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& output, bool bias) {
+  static const auto op = op_handle<decltype(dlcv_fast::conv2d_bias_relu_backward)>(
+      "dlcv_fast::conv2d_bias_relu_backward");
+  return op.call(grad_output, output, bias);
+}
+
+// Differentiable in input, weight and bias (given as a list of 0 or 1 tensors, as
+// autograd::Function takes no undefined tensor). The backward is the dgrad, wgrad and
+// bias/ReLU ops, whose own derivatives (double backward) are registered from Python
+// (dlcv_fast/ops/conv2d.py). Without create_graph they are called below autograd, which
+// skips that Python layer: autograd in C++ keeps a call's overhead near PyTorch's own.
+class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, at::TensorList bias,
+                               at::IntArrayRef stride, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, int64_t groups, bool relu) {
+    const bool has_bias = !bias.empty();
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = conv2d_op(input, weight, has_bias ? std::optional<at::Tensor>(bias[0]) : std::nullopt,
+                      stride, padding, dilation, groups, relu);
+    }
+    ctx->save_for_backward({input, weight, relu ? out : at::Tensor()});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_bias"] = has_bias;
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    // Gradient slots: input, weight, the bias if given, then the 5 other arguments.
+    variable_list result(2 + static_cast<size_t>(has_bias) + 5);
+    const bool need_input = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(2);
+    if (!grads[0].defined()) return result;
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
+    at::Tensor g = grads[0];
+    if (relu || need_bias) {
+      auto [masked, summed] = conv2d_bias_relu_backward_op(
+          grads[0], relu ? optional(saved[2]) : std::nullopt, need_bias);
+      if (relu) g = masked;
+      if (need_bias) result[2] = summed;
+    }
+    if (need_input) {
+      result[0] = conv2d_backward_input_op(g, saved[0], saved[1], stride, padding, dilation,
+                                           groups);
+    }
+    if (need_weight) {
+      result[1] = conv2d_backward_weight_op(g, saved[0], saved[1], stride, padding, dilation,
+                                            groups);
+    }
+    return result;
+  }
+};
+
+at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           bool relu) {
+  std::vector<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) b.push_back(*bias);
+  return Conv2dFunction::apply(input, weight, at::TensorList(b), stride, padding, dilation,
+                               groups, relu)[0];
+}
+
 // --- batch norm --------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_op(
@@ -199,10 +310,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
   static const auto op =
       op_handle<decltype(dlcv_fast::batch_norm_backward)>("dlcv_fast::batch_norm_backward");
   return op.call(grad_output, input, weight, bias, save_mean, save_invstd, training, relu, mask);
-}
-
-std::optional<at::Tensor> optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
 // Differentiable in input, weight and bias; the running statistics are updated in place and
@@ -418,6 +525,7 @@ TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
   m.impl("add_noise", &add_noise_autograd);
   m.impl("get_velocity", &get_velocity_autograd);
   m.impl("noise_backward", &noise_backward_autograd);
+  m.impl("conv2d", &conv2d_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
   m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }

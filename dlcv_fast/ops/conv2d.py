@@ -366,9 +366,12 @@ def _bias_relu_backward_backward_with(ops: _Ops):
     return backward
 
 
+# dlcv_fast::conv2d has its autograd in C++ (csrc/dlcv_fast.cpp, the same formula as
+# _backward_with): registered from Python, it cost about 50 us more per call.
+torch.library.register_autograd(_TRITON.forward.default, _backward_with(_TRITON),
+                                setup_context=_setup_context)
 for _ops in (_CPP, _TRITON):
     for _op, _backward, _setup in (
-            (_ops.forward, _backward_with, _setup_context),
             (_ops.backward_input, _backward_input_backward_with, _setup_backward_context),
             (_ops.backward_weight, _backward_weight_backward_with, _setup_backward_context),
             (_ops.bias_relu_backward, _bias_relu_backward_backward_with,
