@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <array>
+#include <cmath>
 #include <limits>
 #include <optional>
 
@@ -91,11 +92,17 @@ void check_param(const char* op, const char* name, const at::Tensor& t, const at
                     t.sizes());
 }
 
+// t in dtype, t itself when it already is: a call through the dispatcher, even one that
+// changes nothing, costs microseconds, and tens of them when the caches are cold.
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 at::Tensor param(const char* op, const char* name, const std::optional<at::Tensor>& t,
                  const at::Tensor& input, const Dense& d) {
   if (!t.has_value() || !t->defined()) return {};
   check_param(op, name, *t, input, d.channels());
-  return t->to(d.acc).contiguous();
+  return as_type(*t, d.acc).contiguous();
 }
 
 // Statistics handed in (mean, invstd, sums): the accumulation type, shape (C,).
@@ -135,8 +142,16 @@ at::Tensor per_channel(const Dense& d) {
   return at::empty({d.channels()}, d.x.options().dtype(d.acc));
 }
 
+// f(T{}) with T the C++ type of the accumulation type (float32 or float64). Per-channel
+// arithmetic of CPU tensors runs in plain loops: for C values they cost less than the
+// machinery of the ATen ops.
+template <typename F>
+void with_acc(at::ScalarType acc, F&& f) {
+  acc == at::kDouble ? f(double{}) : f(float{});
+}
+
 at::Tensor back_to(const at::Tensor& t, const at::Tensor& input) {
-  return t.scalar_type() == input.scalar_type() ? t : t.to(input.scalar_type());
+  return as_type(t, input.scalar_type());
 }
 
 #ifdef DLCV_FAST_WITH_CUDA
@@ -197,8 +212,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
   at::Tensor y = new_output(d.x);
   at::Tensor mean = per_channel(d), invstd = per_channel(d);
   if (!training) {
-    mean.copy_(*running_mean);
-    invstd.copy_(at::rsqrt(running_var->to(d.acc) + eps));
+    const at::Tensor rm = as_type(*running_mean, d.acc).contiguous();
+    const at::Tensor rv = as_type(*running_var, d.acc).contiguous();
+    if (input.is_cpu()) {
+      with_acc(d.acc, [&](auto tag) {
+        using T = decltype(tag);
+        for (int64_t c = 0; c < d.channels(); ++c) {
+          mean.mutable_data_ptr<T>()[c] = rm.const_data_ptr<T>()[c];
+          invstd.mutable_data_ptr<T>()[c] = T(1) / std::sqrt(rv.const_data_ptr<T>()[c] + T(eps));
+        }
+      });
+    } else {
+      mean.copy_(rm);
+      invstd.copy_(at::rsqrt(rv + eps));
+    }
     if (s.numel() > 0) {
       run(op, d, [&] { cpu::batch_norm_elemt(d.dtype(), ptr(d.x), p, ptr(mean), ptr(invstd), mut(y), s); },
           [&](void*, auto stream) {
@@ -215,8 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
     // Working copies of the running statistics in the accumulation type, written back after.
     at::Tensor rm, rv;
     if (has_rm) {
-      rm = running_mean->to(d.acc).contiguous();
-      rv = running_var->to(d.acc).contiguous();
+      rm = as_type(*running_mean, d.acc).contiguous();
+      rv = as_type(*running_var, d.acc).contiguous();
     }
     run(op, d,
         [&] {
@@ -306,13 +333,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   // Gradients of absent or unwanted outputs are empty (0,) tensors.
   const auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor gx = want_dx ? (d.cpu_16bit ? back_to(dx, input) : dx) : none();
-  at::Tensor gw = output_mask[1]
-                      ? (sum_dy_xmu * invstd).to(w.defined() ? weight->scalar_type()
-                                                             : input.scalar_type())
-                      : none();
-  at::Tensor gb = output_mask[2]
-                      ? sum_dy.to(b.defined() ? bias->scalar_type() : input.scalar_type())
-                      : none();
+  at::Tensor gw = none(), gb = none();
+  if (output_mask[1]) {
+    // grad_weight = sum(dy * (x - mean)) * invstd, per channel.
+    if (input.is_cpu()) {
+      gw = at::empty_like(sum_dy_xmu);
+      with_acc(d.acc, [&](auto tag) {
+        using T = decltype(tag);
+        const T* a = sum_dy_xmu.const_data_ptr<T>();
+        const T* k = invstd.const_data_ptr<T>();
+        T* out = gw.mutable_data_ptr<T>();
+        for (int64_t c = 0; c < d.channels(); ++c) out[c] = a[c] * k[c];
+      });
+    } else {
+      gw = sum_dy_xmu * invstd;
+    }
+    gw = as_type(gw, w.defined() ? weight->scalar_type() : input.scalar_type());
+  }
+  if (output_mask[2]) gb = as_type(sum_dy, b.defined() ? bias->scalar_type() : input.scalar_type());
   return {gx, gw, gb};
 }
 
