@@ -217,9 +217,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
     if (input.is_cpu()) {
       with_acc(d.acc, [&](auto tag) {
         using T = decltype(tag);
+        const T* m = rm.const_data_ptr<T>();
+        const T* v = rv.const_data_ptr<T>();
+        T* mo = mean.mutable_data_ptr<T>();
+        T* io = invstd.mutable_data_ptr<T>();
         for (int64_t c = 0; c < d.channels(); ++c) {
-          mean.mutable_data_ptr<T>()[c] = rm.const_data_ptr<T>()[c];
-          invstd.mutable_data_ptr<T>()[c] = T(1) / std::sqrt(rv.const_data_ptr<T>()[c] + T(eps));
+          mo[c] = m[c];
+          io[c] = T(1) / std::sqrt(v[c] + T(eps));
         }
       });
     } else {
@@ -333,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   // Gradients of absent or unwanted outputs are empty (0,) tensors.
   const auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor gx = want_dx ? (d.cpu_16bit ? back_to(dx, input) : dx) : none();
-  at::Tensor gw = none(), gb = none();
+  at::Tensor gw = output_mask[1] ? at::Tensor() : none();
   if (output_mask[1]) {
     // grad_weight = sum(dy * (x - mean)) * invstd, per channel.
     if (input.is_cpu()) {
@@ -350,7 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     }
     gw = as_type(gw, w.defined() ? weight->scalar_type() : input.scalar_type());
   }
-  if (output_mask[2]) gb = as_type(sum_dy, b.defined() ? bias->scalar_type() : input.scalar_type());
+  at::Tensor gb = output_mask[2]
+                      ? as_type(sum_dy, b.defined() ? bias->scalar_type() : input.scalar_type())
+                      : none();
   return {gx, gw, gb};
 }
 

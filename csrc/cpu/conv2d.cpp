@@ -275,8 +275,6 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
                   at::Tensor& y, const Conv2dShape& s, bool relu) {
   const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = wm.size(1), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
-  const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
-  const int64_t blocks = (s.oh + per - 1) / per;
   const at::Tensor w = wm.detach(), xd = x.detach();  // plain tensors, as in forward_nhwc
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
@@ -293,6 +291,8 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
     if (relu) out.clamp_min_(0);
     return;
   }
+  const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
+  const int64_t blocks = (s.oh + per - 1) / per;
   at::parallel_for(0, s.n * blocks, task_grain(s, s.n * blocks), [&](int64_t tb, int64_t te) {
     at::Tensor cols = pointwise ? at::Tensor() : at::empty({k, per * s.ow}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
