@@ -21,6 +21,23 @@ auto op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// Whether a call must go through its autograd::Function: grad mode on and a tensor that
+// requires grad, or a forward-mode tangent (which Function::apply rejects with its message).
+// Otherwise the op is called below autograd directly: Function::apply builds its graph node
+// and wraps the outputs even when nothing is recorded, about 90 us a call on a cold CPU
+// cache, as much as a small kernel.
+bool needs_autograd(const at::Tensor& t, bool grad_mode) {
+  return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(0).defined());
+}
+bool needs_autograd(const std::optional<at::Tensor>& t, bool grad_mode) {
+  return t.has_value() && needs_autograd(*t, grad_mode);
+}
+template <typename... Ts>
+bool needs_autograd(const Ts&... ts) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  return (needs_autograd(ts, grad_mode) || ...);
+}
+
 std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -99,6 +116,10 @@ class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBack
 std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& self, at::IntArrayRef k,
                                                        at::IntArrayRef s, at::IntArrayRef p,
                                                        at::IntArrayRef d, bool ceil_mode) {
+  if (!needs_autograd(self)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return max_pool2d_op(self, k, s, p, d, ceil_mode);
+  }
   auto out = MaxPool2dFunction::apply(self, k, s, p, d, ceil_mode);
   return {out[0], out[1]};
 }
@@ -107,6 +128,10 @@ at::Tensor max_pool2d_backward_autograd(const at::Tensor& grad_output, const at:
                                         const at::Tensor& indices, at::IntArrayRef k,
                                         at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
                                         bool ceil_mode) {
+  if (!needs_autograd(grad_output, self, indices)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return max_pool2d_backward_op(grad_output, self, indices, k, s, p, d, ceil_mode);
+  }
   return MaxPool2dBackwardFunction::apply(grad_output, self, indices, k, s, p, d, ceil_mode);
 }
 
@@ -169,11 +194,19 @@ class NoiseBackwardFunction : public torch::autograd::Function<NoiseBackwardFunc
 
 at::Tensor add_noise_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
                               const at::Tensor& table) {
+  if (!needs_autograd(x, e, t, table)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return noise_op(false, x, e, t, table);
+  }
   return NoiseFunction<false>::apply(x, e, t, table);
 }
 
 at::Tensor get_velocity_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
                                  const at::Tensor& table) {
+  if (!needs_autograd(x, e, t, table)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return noise_op(true, x, e, t, table);
+  }
   return NoiseFunction<true>::apply(x, e, t, table);
 }
 
@@ -181,6 +214,10 @@ std::tuple<at::Tensor, at::Tensor> noise_backward_autograd(const at::Tensor& gra
                                                            const at::Tensor& t,
                                                            const at::Tensor& table,
                                                            bool velocity) {
+  if (!needs_autograd(grad, t, table)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return noise_backward_op(grad, t, table, velocity);
+  }
   auto out = NoiseBackwardFunction::apply(grad, t, table, velocity);
   return {out[0], out[1]};
 }
@@ -286,6 +323,10 @@ at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            bool relu) {
+  if (!needs_autograd(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return conv2d_op(input, weight, bias, stride, padding, dilation, groups, relu);
+  }
   std::vector<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b.push_back(*bias);
   return Conv2dFunction::apply(input, weight, at::TensorList(b), stride, padding, dilation,
@@ -312,9 +353,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
   return op.call(grad_output, input, weight, bias, save_mean, save_invstd, training, relu, mask);
 }
 
-// Differentiable in input, weight and bias; the running statistics are updated in place and
-// their version counters bumped, as an in-place op's would be. autograd::Function takes no
-// undefined tensor, so the affine parameters given come as a list of 0, 1 or 2 tensors.
+// The running statistics are updated in place: their version counters are bumped, as an
+// in-place op's would be.
+void bump_running_stats(const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var) {
+  for (const auto& t : {running_mean, running_var}) {
+    if (t.has_value() && t->defined()) torch::autograd::impl::bump_version(*t);
+  }
+}
+
+// Differentiable in input, weight and bias. autograd::Function takes no undefined tensor, so
+// the affine parameters given come as a list of 0, 1 or 2 tensors.
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
@@ -331,11 +380,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
           batch_norm_op(input, optional(weight), optional(bias), running_mean, running_var,
                         training, momentum, eps, relu);
     }
-    if (training) {
-      for (const auto& t : {running_mean, running_var}) {
-        if (t.has_value() && t->defined()) torch::autograd::impl::bump_version(*t);
-      }
-    }
+    if (training) bump_running_stats(running_mean, running_var);
     ctx->save_for_backward({input, weight, bias, mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
@@ -419,6 +464,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double momentum, double eps,
     bool relu) {
+  if (!needs_autograd(input, weight, bias, running_mean, running_var)) {
+    at::Tensor out, mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out, mean, invstd) = batch_norm_op(input, weight, bias, running_mean, running_var,
+                                                  training, momentum, eps, relu);
+    }
+    if (training) bump_running_stats(running_mean, running_var);
+    return {out, mean, invstd};
+  }
   const bool has_weight = weight.has_value() && weight->defined();
   const bool has_bias = bias.has_value() && bias->defined();
   std::vector<at::Tensor> affine;
@@ -433,6 +488,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, bool training, bool relu, std::array<bool, 3> mask) {
+  if (!needs_autograd(grad_output, input, weight, bias, save_mean, save_invstd)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return batch_norm_backward_op(grad_output, input, weight, bias, save_mean, save_invstd,
+                                  training, relu, mask);
+  }
   auto out = BatchNormBackwardFunction::apply(grad_output, input, weight, bias, save_mean,
                                               save_invstd, training, relu, mask);
   return {out[0], out[1], out[2]};

@@ -1,0 +1,73 @@
+"""The C++ ops skip their autograd::Function when nothing is recorded (no input requires
+grad, or grad mode is off). That path must give the same values, no graph, the running
+statistics' version bumps, and still refuse forward-mode AD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import dlcv_fast
+
+
+def _table():
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
+
+
+def _cases():
+    """(name, fn of the differentiable input, that input)."""
+    g = torch.Generator().manual_seed(0)
+    x4 = torch.randn(2, 3, 9, 9, generator=g)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    b = torch.randn(4, generator=g)
+    noise = torch.randn(2, 3, 9, 9, generator=g)
+    t = torch.tensor([5, 900])
+    table = _table()
+    gamma, beta = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    return [
+        ("conv2d", lambda x: dlcv_fast.conv2d(x, w, b, padding=1, activation="relu"), x4),
+        ("max_pool2d", lambda x: dlcv_fast.max_pool2d(x, 3, 2, 1), x4),
+        ("batch_norm", lambda x: dlcv_fast.batch_norm(
+            x, torch.zeros(3), torch.ones(3), gamma, beta, True), x4),
+        ("add_noise", lambda x: dlcv_fast.add_noise(x, noise, t, table), x4),
+        ("get_velocity", lambda x: dlcv_fast.get_velocity(x, noise, t, table), x4),
+    ]
+
+
+@pytest.mark.parametrize("name,fn,x", _cases(), ids=[c[0] for c in _cases()])
+def test_same_values_with_and_without_a_graph(name, fn, x):
+    plain = fn(x)
+    assert plain.grad_fn is None and not plain.requires_grad
+    leaf = x.clone().requires_grad_()
+    with torch.no_grad():
+        under_no_grad = fn(leaf)
+    assert under_no_grad.grad_fn is None and not under_no_grad.requires_grad
+    recorded = fn(leaf)
+    assert recorded.grad_fn is not None
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(under_no_grad, plain, rtol=0, atol=0)
+    recorded.sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_batch_norm_training_bumps_running_stat_versions(grad_mode):
+    x = torch.randn(4, 3, 5, 5)
+    ours_mean, ours_var = torch.zeros(3), torch.ones(3)
+    torch_mean, torch_var = torch.zeros(3), torch.ones(3)
+    with torch.set_grad_enabled(grad_mode):
+        dlcv_fast.batch_norm(x, ours_mean, ours_var, training=True)
+        torch.nn.functional.batch_norm(x, torch_mean, torch_var, training=True)
+    # Updated in place, so bumped as an in-place op's would be (torch's CPU kernel does not).
+    assert ours_mean._version > 0 and ours_var._version > 0
+    torch.testing.assert_close(ours_mean, torch_mean)
+    torch.testing.assert_close(ours_var, torch_var)
+
+
+@pytest.mark.parametrize("name,fn,x", _cases(), ids=[c[0] for c in _cases()])
+def test_forward_mode_ad_is_refused_not_dropped(name, fn, x):
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            fn(dual)
