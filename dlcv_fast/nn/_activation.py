@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dlcv_fast.ops.conv2d import ACTIVATIONS
+from dlcv_fast.ops._common import relu_flag
 
 
 def checked_activation(layer: str, activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{layer}: activation must be None or 'relu', but got {activation!r}")
+    relu_flag(layer, activation)
     return activation
 
 

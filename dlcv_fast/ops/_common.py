@@ -30,6 +30,13 @@ def empty_output(
     return out
 
 
+def relu_flag(op: str, activation) -> bool:
+    """The ``activation`` keyword of the ops and layers (None or ``"relu"``) as a flag."""
+    if activation is None or activation == "relu":
+        return activation is not None
+    raise ValueError(f"{op}: activation must be None or 'relu', but got {activation!r}")
+
+
 def pool_output_size(size, kernel: int, stride: int, pad: int, dilation: int, ceil_mode: bool):
     """torch.nn.functional.max_pool2d's output length along one dimension:
     floor((size + 2p - d(k-1) - 1) / s) + 1, rounded up instead with ceil_mode, where a

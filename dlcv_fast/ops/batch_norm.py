@@ -36,6 +36,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops._common import relu_flag
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF = (torch.float16, torch.bfloat16)
@@ -499,14 +500,6 @@ def parts(name: str):
 
 # --- the functional entry point -------------------------------------------------------------
 
-def relu_flag(activation) -> bool:
-    if activation is None:
-        return False
-    if activation == "relu":
-        return True
-    raise ValueError(f"batch_norm: activation must be None or 'relu', but got {activation!r}")
-
-
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -538,13 +531,13 @@ def batch_norm(
         activation: None or ``"relu"``: ``relu(batch_norm(...))`` in the same pass over
             memory, forward and backward.
 
-    Differentiable in input, weight and bias, in training and evaluation mode (no double
-    backward). Statistics are float32 (float64 for float64 input) and stay exact for inputs
-    with a large mean.
+    Differentiable in input, weight and bias, in training and evaluation mode, twice
+    (double backward). Statistics are float32 (float64 for float64 input) and stay exact
+    for inputs with a large mean.
     """
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, but got {type(input).__name__}")
-    relu = relu_flag(activation)
+    relu = relu_flag("batch_norm", activation)
     training = bool(training)
     # The ops check the rest. This wrapper stays short: on small layers its Python time is a
     # visible part of the step.

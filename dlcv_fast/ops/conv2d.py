@@ -26,10 +26,9 @@ from torch import Tensor
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from dlcv_fast import backend
-from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of
+from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, relu_flag
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-ACTIVATIONS = (None, "relu")
 
 
 def _ints(op: str, name: str, value, n: int = 2) -> list[int]:
@@ -419,8 +418,7 @@ def conv2d(
             raise TypeError(f"{op}: {name} must be a Tensor, but got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"{op}: bias must be a Tensor or None, but got {type(bias).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be None or 'relu', but got {activation!r}")
+    relu = relu_flag(op, activation)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"{op}: groups must be an int, but got {groups!r}")
     if input.dim() not in (3, 4):
@@ -432,7 +430,7 @@ def conv2d(
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
     ops = _TRITON if backend.resolve(op, x) == "triton" else _CPP
-    y = ops.forward(x, weight, bias, s, p, d, groups, activation == "relu")
+    y = ops.forward(x, weight, bias, s, p, d, groups, relu)
     return y if batched else y.squeeze(0)
 
 
