@@ -558,7 +558,9 @@ TORCH_LIBRARY(dlcv_fast, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
+// The entry points dispatch on the device themselves (csrc/*.cpp): one table serves CPU and
+// CUDA.
+static void impl_kernels(torch::Library& m) {
   m.impl("max_pool2d", &dlcv_fast::max_pool2d);
   m.impl("max_pool2d_backward", &dlcv_fast::max_pool2d_backward);
   m.impl("add_noise", &dlcv_fast::add_noise);
@@ -578,6 +580,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) {
   m.impl("sdpa", &dlcv_fast::sdpa);
   m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
 }
+
+TORCH_LIBRARY_IMPL(dlcv_fast, CPU, m) { impl_kernels(m); }
 
 TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
   m.impl("max_pool2d", &max_pool2d_autograd);
@@ -591,26 +595,7 @@ TORCH_LIBRARY_IMPL(dlcv_fast, Autograd, m) {
 }
 
 #ifdef DLCV_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) {
-  m.impl("max_pool2d", &dlcv_fast::max_pool2d);
-  m.impl("max_pool2d_backward", &dlcv_fast::max_pool2d_backward);
-  m.impl("add_noise", &dlcv_fast::add_noise);
-  m.impl("get_velocity", &dlcv_fast::get_velocity);
-  m.impl("noise_backward", &dlcv_fast::noise_backward);
-  m.impl("scheduler_step", &dlcv_fast::scheduler_step);
-  m.impl("conv2d", &dlcv_fast::conv2d);
-  m.impl("conv2d_backward_input", &dlcv_fast::conv2d_backward_input);
-  m.impl("conv2d_backward_weight", &dlcv_fast::conv2d_backward_weight);
-  m.impl("conv2d_bias_relu_backward", &dlcv_fast::conv2d_bias_relu_backward);
-  m.impl("batch_norm", &dlcv_fast::batch_norm);
-  m.impl("batch_norm_backward", &dlcv_fast::batch_norm_backward);
-  m.impl("batch_norm_stats", &dlcv_fast::batch_norm_stats);
-  m.impl("batch_norm_elemt", &dlcv_fast::batch_norm_elemt);
-  m.impl("batch_norm_backward_reduce", &dlcv_fast::batch_norm_backward_reduce);
-  m.impl("batch_norm_backward_elemt", &dlcv_fast::batch_norm_backward_elemt);
-  m.impl("sdpa", &dlcv_fast::sdpa);
-  m.impl("sdpa_backward", &dlcv_fast::sdpa_backward);
-}
+TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) { impl_kernels(m); }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
