@@ -17,7 +17,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,22 +58,55 @@ _CPU_FLUSH_BYTES = 256 << 20  # larger than any CPU's last-level cache
 def median_ms(fn: Callable[[], object], device: torch.device, budget_s: float = 0.5) -> float:
     """Median time of fn() in milliseconds, with cold caches: on a GPU the L2 is flushed
     before each run (do_bench), on the CPU a buffer larger than the caches is written."""
+    return median_ms_many([fn], device, budget_s)[0]
+
+
+def median_ms_many(fns: Sequence[Callable[[], object]], device: torch.device,
+                   budget_s: float = 0.5) -> list[float]:
+    """median_ms of each of fns. On the CPU they run in turns, one run of each per round, so
+    that whatever else the machine does (other processes, page faults of fresh outputs,
+    frequency changes) falls on all of them alike: timed one after the other, the same
+    PyTorch op moved by up to 3x between runs of the benchmark on a shared 2-core machine."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, budget_s * 200),
-                                             return_mode="median"))
+        return [float(triton.testing.do_bench(fn, warmup=25, rep=max(100, budget_s * 200),
+                                              return_mode="median")) for fn in fns]
     flush = torch.empty(_CPU_FLUSH_BYTES // 4, dtype=torch.float32)
-    for _ in range(3):  # warm-up, also of the allocator
-        fn()
-    times = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
-        flush.zero_()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for fn in fns:
+        for _ in range(3):  # warm-up, also of the allocator
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    deadline = time.perf_counter() + budget_s * len(fns)
+    while len(times[0]) < 5 or (time.perf_counter() < deadline and len(times[0]) < 50):
+        for fn, runs in zip(fns, times):
+            flush.zero_()
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(runs) for runs in times]
+
+
+def against_torch(device: torch.device, torch_fn: Callable[[], object],
+                  ours: dict[str, Callable[[], object]],
+                  budget_s: float = 0.5) -> tuple[float, dict[str, float]]:
+    """(PyTorch's median ms, {backend: median ms}), measured together (median_ms_many)."""
+    times = median_ms_many([torch_fn, *ours.values()], device, budget_s)
+    return times[0], dict(zip(ours, times[1:]))
+
+
+def within(context: Callable[[], object], fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run inside a new ``context()`` each time."""
+    def run():
+        with context():
+            return fn()
+
+    return run
+
+
+def in_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, run with dlcv_fast's layers on ``backend``."""
+    return within(lambda: dlcv_fast.use_backend(backend), fn)
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -127,28 +160,29 @@ def bench_max_pool2d(device: torch.device, dtypes, batch: int, backends, layers=
                 args = ([k, k], [s, s], [p, p], [1, 1], False)
                 ref_out, ref_idx = F.max_pool2d(x, k, s, p, return_indices=True)
                 grad = torch.randn_like(ref_out)
-                torch_fwd = median_ms(lambda: F.max_pool2d(x, k, s, p), device)
-                torch_bwd = median_ms(
-                    lambda: torch.ops.aten.max_pool2d_with_indices_backward(
-                        grad, x, *args[:4], False, ref_idx), device)
                 e = x.element_size()
                 fwd_bytes = x.numel() * e + ref_out.numel() * (e + 8)
                 bwd_bytes = ref_out.numel() * (e + 8) + x.numel() * e
                 common = dict(op="max_pool2d", case=name, shape=tuple(x.shape),
                               dtype=str(dtype).removeprefix("torch."), layout=layout)
+                fwds, bwds = {}, {}
                 for backend in backends:
-                    fwd = _forward_op(backend)
-                    bwd = _backward_op(backend)
+                    fwd, bwd = _forward_op(backend), _backward_op(backend)
                     out, idx = fwd(x, *args)
                     if not (torch.equal(out, ref_out) and torch.equal(idx, ref_idx)):
                         raise AssertionError(f"max_pool2d {backend} disagrees with PyTorch on "
                                              f"{name} {dtype} {layout}")
+                    fwds[backend] = lambda fwd=fwd: fwd(x, *args)
+                    bwds[backend] = lambda bwd=bwd, idx=idx: bwd(grad, x, idx, *args)
+                torch_fwd, fwd_ms = against_torch(device, lambda: F.max_pool2d(x, k, s, p), fwds)
+                torch_bwd, bwd_ms = against_torch(
+                    device, lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+                        grad, x, *args[:4], False, ref_idx), bwds)
+                for backend in backends:
                     yield Result(**common, direction="forward", backend=backend,
-                                 ms=median_ms(lambda: fwd(x, *args), device),
-                                 torch_ms=torch_fwd, bytes=fwd_bytes)
+                                 ms=fwd_ms[backend], torch_ms=torch_fwd, bytes=fwd_bytes)
                     yield Result(**common, direction="backward", backend=backend,
-                                 ms=median_ms(lambda: bwd(grad, x, idx, *args), device),
-                                 torch_ms=torch_bwd, bytes=bwd_bytes)
+                                 ms=bwd_ms[backend], torch_ms=torch_bwd, bytes=bwd_bytes)
 
 
 def _forward_op(backend: str):
@@ -195,13 +229,15 @@ def _noise_bench(op: str):
                 x = torch.randn(shape, device=device, dtype=dtype)
                 noise = torch.randn_like(x)
                 t = torch.randint(0, 1000, (shape[0],), device=device)
-                torch_ms = median_ms(lambda: torch_noise_formula(op, x, noise, t, table), device)
+                fns = {b: getattr(torch.ops.dlcv_fast, op + ("_triton" if b == "triton" else ""))
+                       for b in backends}
+                torch_ms, ms = against_torch(
+                    device, lambda: torch_noise_formula(op, x, noise, t, table),
+                    {b: (lambda fn=fn: fn(x, noise, t, table)) for b, fn in fns.items()})
                 for backend in backends:
-                    fn = getattr(torch.ops.dlcv_fast, op + ("_triton" if backend == "triton" else ""))
                     yield Result(op=op, case=name, shape=tuple(shape),
                                  dtype=str(dtype).removeprefix("torch."), layout="nchw",
-                                 direction="forward", backend=backend,
-                                 ms=median_ms(lambda: fn(x, noise, t, table), device),
+                                 direction="forward", backend=backend, ms=ms[backend],
                                  torch_ms=torch_ms, bytes=3 * x.numel() * x.element_size())
 
     return bench
@@ -246,16 +282,16 @@ def _step_bench(op: str):
                 m = torch.randn(shape, device=device, dtype=dtype)
                 s = torch.randn_like(m)
                 z = torch.randn_like(m)
-                torch_ms = median_ms(
-                    lambda: torch_step_formula(op, m, s, z, table, t, prev_t), device)
                 moved = (5 if op == "ddpm_step" else 4) * m.numel() * m.element_size()
+                torch_ms, ms = against_torch(
+                    device, lambda: torch_step_formula(op, m, s, z, table, t, prev_t),
+                    {b: in_backend(b, lambda: fused_step(op, m, s, z, table, t, prev_t))
+                     for b in backends})
                 for backend in backends:
-                    with dlcv_fast.use_backend(backend):
-                        ms = median_ms(lambda: fused_step(op, m, s, z, table, t, prev_t), device)
                     yield Result(op=op, case=name, shape=tuple(shape),
                                  dtype=str(dtype).removeprefix("torch."), layout="nchw",
-                                 direction="forward", backend=backend, ms=ms, torch_ms=torch_ms,
-                                 bytes=moved)
+                                 direction="forward", backend=backend, ms=ms[backend],
+                                 torch_ms=torch_ms, bytes=moved)
 
     return bench
 
@@ -318,15 +354,16 @@ def bench_conv2d(device: torch.device, dtypes, batch: int, backends, layers=None
                 flops = 2 * ref.numel() * c * k * k
                 e = x.element_size()
                 moved = (x.numel() + weight.numel() + ref.numel()) * e
-                torch_ms = {
-                    "forward": median_ms(lambda: F.conv2d(x, weight, None, s, p), device),
-                    "backward": median_ms(lambda: torch.ops.aten.convolution_backward(
+                torch_fns = {
+                    "forward": lambda: F.conv2d(x, weight, None, s, p),
+                    "backward": lambda: torch.ops.aten.convolution_backward(
                         gy, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
-                        [True, True, False]), device),
-                    "fused": median_ms(lambda: F.conv2d(x, weight, bias, s, p).relu(), device),
+                        [True, True, False]),
+                    "fused": lambda: F.conv2d(x, weight, bias, s, p).relu(),
                 }
                 common = dict(op="conv2d", case=name, shape=tuple(x.shape),
                               dtype=str(dtype).removeprefix("torch."), layout=layout)
+                runs: dict[str, dict[str, Callable[[], object]]] = {d: {} for d in torch_fns}
                 for backend in backends:
                     suffix = "_triton" if backend == "triton" else ""
                     fwd = getattr(torch.ops.dlcv_fast, "conv2d" + suffix)
@@ -335,16 +372,16 @@ def bench_conv2d(device: torch.device, dtypes, batch: int, backends, layers=None
                     if not _close_enough(fwd(x, weight, None, *params, False), ref):
                         raise AssertionError(f"conv2d {backend} disagrees with PyTorch on "
                                              f"{name} {dtype} {layout}")
-                    runs = {
-                        "forward": (lambda: fwd(x, weight, None, *params, False), flops),
-                        "backward": (lambda: (dgrad(gy, x, weight, *params),
-                                              wgrad(gy, x, weight, *params)), 2 * flops),
-                        "fused": (lambda: fwd(x, weight, bias, *params, True), flops),
-                    }
-                    for direction, (fn, n_flops) in runs.items():
+                    runs["forward"][backend] = lambda fwd=fwd: fwd(x, weight, None, *params, False)
+                    runs["backward"][backend] = lambda dgrad=dgrad, wgrad=wgrad: (
+                        dgrad(gy, x, weight, *params), wgrad(gy, x, weight, *params))
+                    runs["fused"][backend] = lambda fwd=fwd: fwd(x, weight, bias, *params, True)
+                for direction, torch_fn in torch_fns.items():
+                    torch_ms, ms = against_torch(device, torch_fn, runs[direction])
+                    for backend in backends:
                         yield Result(**common, direction=direction, backend=backend,
-                                     ms=median_ms(fn, device), torch_ms=torch_ms[direction],
-                                     bytes=moved, flops=n_flops)
+                                     ms=ms[backend], torch_ms=torch_ms, bytes=moved,
+                                     flops=2 * flops if direction == "backward" else flops)
 # --- batch_norm ------------------------------------------------------------------------------
 
 # (layer, C, H, W): the distinct batch-norm shapes of torchvision's ResNet-50 at 224 x 224.
@@ -409,20 +446,21 @@ def bench_batch_norm(device: torch.device, dtypes, batch: int, backends, layers=
                               bytes=moved)
                 for direction, ref_fn, fn in (("fwd+bwd", torch_bn, ours),
                                               ("fwd+bwd+relu", torch_bn_relu, ours_relu)):
-                    torch_ms = median_ms(_bn_train_step(ref_fn, x, weight, bias, rm, rv, g),
-                                         device)
                     for backend in backends:
                         with dlcv_fast.use_backend(backend):
                             want = ref_fn(x, rm.clone(), rv.clone(), weight, bias)
                             got = fn(x, rm.clone(), rv.clone(), weight, bias)
-                            tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-                            if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
-                                raise AssertionError(f"batch_norm {backend} disagrees with "
-                                                     f"PyTorch on {name} {dtype} {layout}")
-                            ms = median_ms(_bn_train_step(fn, x, weight, bias, rm, rv, g),
-                                           device)
-                        yield Result(**common, direction=direction, backend=backend, ms=ms,
-                                     torch_ms=torch_ms)
+                        tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+                        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+                            raise AssertionError(f"batch_norm {backend} disagrees with "
+                                                 f"PyTorch on {name} {dtype} {layout}")
+                    torch_ms, ms = against_torch(
+                        device, _bn_train_step(ref_fn, x, weight, bias, rm, rv, g),
+                        {b: in_backend(b, _bn_train_step(fn, x, weight, bias, rm, rv, g))
+                         for b in backends})
+                    for backend in backends:
+                        yield Result(**common, direction=direction, backend=backend,
+                                     ms=ms[backend], torch_ms=torch_ms)
 # --- scaled_dot_product_attention ------------------------------------------------------------
 
 def _attention_cases(device: torch.device):
@@ -461,32 +499,33 @@ def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Itera
             flops = 4 * B * H * L * L * D // (2 if causal else 1)
             moved = 4 * B * H * L * D * q.element_size()
             case = f"L{L}-D{D}{'-causal' if causal else ''}"
+            scale = D ** -0.5
             for label, ctx in _torch_sdpa_variants(device, dtype):
                 with ctx():
                     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                    torch_fwd = median_ms(
-                        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                        device)
-                    torch_bwd = median_ms(lambda: torch.autograd.grad(
-                        ref, (q, k, v), grad, retain_graph=True), device)
                 common = dict(op="scaled_dot_product_attention", case=case, shape=(B, H, L, D),
                               dtype=str(dtype).removeprefix("torch."), layout=label)
+                fwds, bwds = {}, {}
                 for backend in backends:
                     op = _FORWARD[backend]
-                    scale = D ** -0.5
                     out = op(q, k, v, None, 0.0, causal, scale, 0)[0]
                     err = (out - ref).abs().max().item()
                     if err > (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4):
                         raise AssertionError(f"attention {backend} disagrees with PyTorch on "
                                              f"{case} {dtype}: {err}")
+                    fwds[backend] = lambda op=op: op(q, k, v, None, 0.0, causal, scale, 0)
+                    bwds[backend] = lambda out=out: torch.autograd.grad(
+                        out, (q, k, v), grad, retain_graph=True)
+                torch_fwd, fwd_ms = against_torch(device, within(
+                    ctx, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), fwds)
+                torch_bwd, bwd_ms = against_torch(device, lambda: torch.autograd.grad(
+                    ref, (q, k, v), grad, retain_graph=True), bwds)
+                for backend in backends:
                     yield Result(**common, direction="forward", backend=backend,
-                                 ms=median_ms(lambda: op(q, k, v, None, 0.0, causal, scale, 0),
-                                              device),
-                                 torch_ms=torch_fwd, bytes=moved, flops=flops)
+                                 ms=fwd_ms[backend], torch_ms=torch_fwd, bytes=moved, flops=flops)
                     yield Result(**common, direction="backward", backend=backend,
-                                 ms=median_ms(lambda: torch.autograd.grad(
-                                     out, (q, k, v), grad, retain_graph=True), device),
-                                 torch_ms=torch_bwd, bytes=2 * moved, flops=flops * 5 // 2)
+                                 ms=bwd_ms[backend], torch_ms=torch_bwd, bytes=2 * moved,
+                                 flops=flops * 5 // 2)
 
 
 # --- whole models ------------------------------------------------------------------------------
@@ -558,20 +597,18 @@ def bench_models(device: torch.device, dtypes, batch: int, backends, cases=None,
             with FlopCounterMode(display=False) as counter:
                 _model_step(theirs, x, target, False)()
             flops = counter.get_total_flops()
-            theirs_step = _model_step(theirs, x, target, train_step)
-            torch_ms = median_ms(theirs_step, device, budget_s)
-            del theirs_step, theirs
             params = sum(p.numel() for p in ours.parameters()) * x.element_size()
-            common = dict(op="models", case=name, shape=tuple(x.shape),
-                          dtype=str(dtype).removeprefix("torch."), layout=layout,
-                          direction=kind, torch_ms=torch_ms, flops=flops,
-                          bytes=x.numel() * x.element_size() + 3 * params)
+            torch_ms, ms = against_torch(
+                device, _model_step(theirs, x, target, train_step),
+                {b: in_backend(b, _model_step(ours, x, target, train_step)) for b in backends},
+                budget_s)
+            del theirs, ours
             for backend in backends:
-                step = _model_step(ours, x, target, train_step)
-                with dlcv_fast.backend.use_backend(backend):
-                    ms = median_ms(step, device, budget_s)
-                yield Result(**common, backend=backend, ms=ms)
-            del ours
+                yield Result(op="models", case=name, shape=tuple(x.shape),
+                             dtype=str(dtype).removeprefix("torch."), layout=layout,
+                             direction=kind, torch_ms=torch_ms, flops=flops,
+                             bytes=x.numel() * x.element_size() + 3 * params, backend=backend,
+                             ms=ms[backend])
 
 
 BENCHMARKS = {

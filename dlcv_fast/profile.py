@@ -148,15 +148,15 @@ def profile(model: nn.Module, x: torch.Tensor, progress: bool = True,
                 continue
             args, kwargs, out = recorded[name]
             ref = torch_equivalent(m)
-            ms = bench.median_ms(lambda: m(*args, **kwargs), device, budget_s)
-            torch_ms = bench.median_ms(lambda: ref(*args, **kwargs), device, budget_s)
+            ms, torch_ms = bench.median_ms_many(
+                [lambda: m(*args, **kwargs), lambda: ref(*args, **kwargs)], device, budget_s)
             inp = args[0]
             key = args[1] if len(args) > 1 and isinstance(m, nn.MultiheadAttention) else None
             op, flops, moved = layer_cost(m, inp, out, key)
             rows.append(LayerRow(name, op, tuple(inp.shape), ms, torch_ms, flops, moved))
-        ms = bench.median_ms(lambda: model(x, *extra), device, 4 * budget_s)
         reference = torch_model(model)
-        torch_ms = bench.median_ms(lambda: reference(x, *extra), device, 4 * budget_s)
+        ms, torch_ms = bench.median_ms_many(
+            [lambda: model(x, *extra), lambda: reference(x, *extra)], device, 4 * budget_s)
         del reference
     return rows, ms, torch_ms
 

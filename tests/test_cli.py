@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -50,3 +51,17 @@ def test_model_benchmark_times_both_models():
     # ResNet-18 at 32x32: about 74 MFLOP an image forward, twice that backward; 2 images.
     assert all(3e8 < r.flops < 6e8 and r.ms > 0 and r.torch_ms > 0 for r in rows)
     assert all(r.direction == "train step" and r.shape == (2, 3, 32, 32) for r in rows)
+
+
+def test_cpu_timings_run_in_turns():
+    """median_ms_many times its functions in rounds, one run of each per round, so that a
+    disturbance of the machine falls on all of them alike; one median each, in order."""
+    from dlcv_fast import bench
+
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(2e-3))]
+    medians = bench.median_ms_many(fns, torch.device("cpu"), budget_s=0.01)
+    timed = calls[6:]  # after three warm-up runs of each
+    assert calls[:6] == ["a"] * 3 + ["b"] * 3
+    assert len(timed) >= 10 and timed == ["a", "b"] * (len(timed) // 2)
+    assert len(medians) == 2 and medians[1] >= 2.0 > medians[0]
