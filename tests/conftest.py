@@ -88,3 +88,16 @@ def backend_dtype_cases() -> list:
         for b, d in BACKEND_DEVICES
         for t in dtypes_for(b, d)
     ]
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets the CPU kernels can run with here (dlcv_fast._C.set_cpu_isa)."""
+    isas = []
+    for isa in ("base", "avx2", "avx512"):
+        try:
+            dlcv_fast._C.set_cpu_isa(isa)
+            isas.append(isa)
+        except ValueError:
+            pass
+    dlcv_fast._C.set_cpu_isa("auto")
+    return isas

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKEND_DEVICES, assert_close, backend_dtype_cases, dtypes_for
+from conftest import (BACKEND_DEVICES, assert_close, backend_dtype_cases, dtypes_for,
+                      supported_isas)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -148,19 +149,7 @@ def _format_of(x):
     return torch._prims_common.suggest_memory_format(x) if x.dim() == 4 else torch.contiguous_format
 
 
-def _supported_isas():
-    isas = []
-    for isa in ("base", "avx2", "avx512"):
-        try:
-            dlcv_fast._C.set_cpu_isa(isa)
-            isas.append(isa)
-        except ValueError:
-            pass
-    dlcv_fast._C.set_cpu_isa("auto")
-    return isas
-
-
-@pytest.mark.parametrize("isa", _supported_isas())
+@pytest.mark.parametrize("isa", supported_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_cpu_instruction_set(isa, dtype):
     """The CPU forward kernels exist once per instruction set; each must match PyTorch."""

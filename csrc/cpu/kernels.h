@@ -44,6 +44,18 @@ void scheduler_step(DType dtype, const void* model_output, const void* sample, c
                     const void* variance, const double* thresholds, void* prev, void* x0,
                     const StepParams& params);
 
+// The diffusion kernels above per instruction set (diffusion_impl.h).
+#define DLCV_DIFFUSION_DECLS                                                                  \
+  void noise_combine(DType, bool, NoiseKind, const void*, const void*, const int64_t*,        \
+                     const void*, void*, const NoiseShape&);                                  \
+  void noise_combine_backward(DType, bool, NoiseKind, const void*, const int64_t*,           \
+                              const void*, void*, void*, const NoiseShape&);                  \
+  void scheduler_step(DType, const void*, const void*, const void*, const void*,             \
+                      const double*, void*, void*, const StepParams&);
+namespace base { DLCV_DIFFUSION_DECLS }
+namespace avx2 { DLCV_DIFFUSION_DECLS }
+namespace avx512 { DLCV_DIFFUSION_DECLS }
+
 // Batch normalisation (batch_norm_shape.h), as its CUDA counterparts; per-channel arrays in
 // the input's type. Training forward: batch statistics (save_mean, save_invstd =
 // 1 / sqrt(var + eps)), running statistics (nullable) updated with momentum and the unbiased
