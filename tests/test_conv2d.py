@@ -37,6 +37,10 @@ CASES = [
     ("same-even-kernel", (2, 4, 7, 8), 4, (4, 2), 1, "same", 1, 1),
     ("same-dilated", (1, 3, 9, 7), 5, 3, 1, "same", (2, 3), 1),
     ("kernel-fills-input", (1, 2, 5, 5), 3, 5, 1, 0, 1, 1),
+    # Stride 1 takes dgrad as a convolution padded by d * (k - 1) - p: a channel multiplier,
+    # and a padding beyond the kernel's reach (where that would be negative).
+    ("depthwise-mult2-s1", (2, 4, 9, 7), 8, 3, 1, 1, 1, 4),
+    ("pad-beyond-kernel", (2, 3, 6, 5), 4, (3, 1), 1, (3, 1), 1, 1),
     # Long enough reductions (N*OH*OW, K) for the GPU kernels' split-K wgrad, and channel
     # counts per group that are multiples of 8 and 16 for their vector and tap-major paths.
     ("c16-3x3-s2-long", (4, 16, 33, 31), 24, 3, 2, 1, 1, 1),
