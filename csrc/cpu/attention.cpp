@@ -15,13 +15,7 @@ void attention_forward(DType dtype, const AttentionParams& p, const void* q, con
                        const void* v, const void* mask, void* out, void* lse) {
   TORCH_CHECK(dtype == DType::Float32 || dtype == DType::Float64,
               "scaled_dot_product_attention (cpu kernel): float32 or float64 expected");
-  switch (active_isa()) {
-#if DLCV_CPU_X86
-    case Isa::Avx512: return avx512::attention_forward(dtype, p, q, k, v, mask, out, lse);
-    case Isa::Avx2: return avx2::attention_forward(dtype, p, q, k, v, mask, out, lse);
-#endif
-    default: return base::attention_forward(dtype, p, q, k, v, mask, out, lse);
-  }
+  DLCV_CPU_DISPATCH(attention_forward, dtype, p, q, k, v, mask, out, lse);
 }
 
 void attention_backward(DType dtype, const AttentionParams& p, const void* dout, const void* q,
@@ -29,16 +23,8 @@ void attention_backward(DType dtype, const AttentionParams& p, const void* dout,
                         const void* mask, void* delta, void* dq, void* dk, void* dv) {
   TORCH_CHECK(dtype == DType::Float32 || dtype == DType::Float64,
               "scaled_dot_product_attention_backward (cpu kernel): float32 or float64 expected");
-  switch (active_isa()) {
-#if DLCV_CPU_X86
-    case Isa::Avx512:
-      return avx512::attention_backward(dtype, p, dout, q, k, v, out, lse, mask, delta, dq, dk, dv);
-    case Isa::Avx2:
-      return avx2::attention_backward(dtype, p, dout, q, k, v, out, lse, mask, delta, dq, dk, dv);
-#endif
-    default:
-      return base::attention_backward(dtype, p, dout, q, k, v, out, lse, mask, delta, dq, dk, dv);
-  }
+  DLCV_CPU_DISPATCH(attention_backward, dtype, p, dout, q, k, v, out, lse, mask, delta, dq, dk,
+                    dv);
 }
 
 }  // namespace dlcv_fast::cpu

@@ -26,11 +26,7 @@
 #include "common.h"
 #include "../attention_params.h"
 
-#if defined(DLCV_CPU_TARGET_PRAGMA) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-DLCV_CPU_TARGET_PRAGMA
-#define DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_begin.h"
 
 namespace dlcv_fast::cpu::DLCV_CPU_ISA {
 namespace {
@@ -628,7 +624,4 @@ void attention_backward(DType dtype, const AttentionParams& p, const void* dout,
 
 }  // namespace dlcv_fast::cpu::DLCV_CPU_ISA
 
-#ifdef DLCV_CPU_POP_OPTIONS
-#pragma GCC pop_options
-#undef DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_end.h"

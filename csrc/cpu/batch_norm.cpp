@@ -11,58 +11,45 @@
 #undef DLCV_CPU_ISA
 #undef DLCV_CPU_VECTOR_BYTES
 
-// Calls NAMESPACE::name(args...) for the active instruction set.
-#if DLCV_CPU_X86
-#define DLCV_BN_DISPATCH(name, ...)                                 \
-  switch (active_isa()) {                                           \
-    case Isa::Avx512: return avx512::name(__VA_ARGS__);             \
-    case Isa::Avx2: return avx2::name(__VA_ARGS__);                 \
-    case Isa::Base: break;                                          \
-  }                                                                 \
-  return base::name(__VA_ARGS__)
-#else
-#define DLCV_BN_DISPATCH(name, ...) return base::name(__VA_ARGS__)
-#endif
-
 namespace dlcv_fast::cpu {
 
 void batch_norm_forward_train(DType dtype, const void* x, const BatchNormParams& p,
                               void* running_mean, void* running_var, void* save_mean,
                               void* save_invstd, void* y, const BatchNormShape& s,
                               double momentum, double eps) {
-  DLCV_BN_DISPATCH(batch_norm_forward_train, dtype, x, p, running_mean, running_var, save_mean,
-                   save_invstd, y, s, momentum, eps);
+  DLCV_CPU_DISPATCH(batch_norm_forward_train, dtype, x, p, running_mean, running_var, save_mean,
+                    save_invstd, y, s, momentum, eps);
 }
 
 void batch_norm_stats(DType dtype, const void* x, void* mean, void* var, const BatchNormShape& s) {
-  DLCV_BN_DISPATCH(batch_norm_stats, dtype, x, mean, var, s);
+  DLCV_CPU_DISPATCH(batch_norm_stats, dtype, x, mean, var, s);
 }
 
 void batch_norm_elemt(DType dtype, const void* x, const BatchNormParams& p, const void* mean,
                       const void* invstd, void* y, const BatchNormShape& s) {
-  DLCV_BN_DISPATCH(batch_norm_elemt, dtype, x, p, mean, invstd, y, s);
+  DLCV_CPU_DISPATCH(batch_norm_elemt, dtype, x, p, mean, invstd, y, s);
 }
 
 void batch_norm_backward_reduce(DType dtype, const void* dy, const void* x,
                                 const BatchNormParams& p, const void* mean, const void* invstd,
                                 void* sum_dy, void* sum_dy_xmu, const BatchNormShape& s) {
-  DLCV_BN_DISPATCH(batch_norm_backward_reduce, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
-                   s);
+  DLCV_CPU_DISPATCH(batch_norm_backward_reduce, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
+                    s);
 }
 
 void batch_norm_backward_elemt(DType dtype, const void* dy, const void* x,
                                const BatchNormParams& p, const void* mean, const void* invstd,
                                const void* sum_dy, const void* sum_dy_xmu, int64_t count,
                                void* dx, const BatchNormShape& s) {
-  DLCV_BN_DISPATCH(batch_norm_backward_elemt, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
-                   count, dx, s);
+  DLCV_CPU_DISPATCH(batch_norm_backward_elemt, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
+                    count, dx, s);
 }
 
 void batch_norm_backward_train(DType dtype, const void* dy, const void* x,
                                const BatchNormParams& p, const void* mean, const void* invstd,
                                void* sum_dy, void* sum_dy_xmu, void* dx, const BatchNormShape& s) {
-  DLCV_BN_DISPATCH(batch_norm_backward_train, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
-                   dx, s);
+  DLCV_CPU_DISPATCH(batch_norm_backward_train, dtype, dy, x, p, mean, invstd, sum_dy, sum_dy_xmu,
+                    dx, s);
 }
 
 }  // namespace dlcv_fast::cpu

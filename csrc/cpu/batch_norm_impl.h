@@ -17,11 +17,7 @@
 #include "common.h"
 #include "../batch_norm_shape.h"
 
-#if defined(DLCV_CPU_TARGET_PRAGMA) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-DLCV_CPU_TARGET_PRAGMA
-#define DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_begin.h"
 
 namespace dlcv_fast::cpu::DLCV_CPU_ISA {
 namespace {
@@ -726,7 +722,4 @@ void batch_norm_backward_train(DType dtype, const void* dy, const void* x,
 
 }  // namespace dlcv_fast::cpu::DLCV_CPU_ISA
 
-#ifdef DLCV_CPU_POP_OPTIONS
-#pragma GCC pop_options
-#undef DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_end.h"

@@ -9,37 +9,24 @@
 #include "diffusion_impl.h"
 #undef DLCV_CPU_ISA
 
-// Calls NAMESPACE::name(args...) for the active instruction set.
-#if DLCV_CPU_X86
-#define DLCV_DIFFUSION_DISPATCH(name, ...)              \
-  switch (active_isa()) {                               \
-    case Isa::Avx512: return avx512::name(__VA_ARGS__); \
-    case Isa::Avx2: return avx2::name(__VA_ARGS__);     \
-    case Isa::Base: break;                              \
-  }                                                     \
-  return base::name(__VA_ARGS__)
-#else
-#define DLCV_DIFFUSION_DISPATCH(name, ...) return base::name(__VA_ARGS__)
-#endif
-
 namespace dlcv_fast::cpu {
 
 void noise_combine(DType dtype, bool table_double, NoiseKind kind, const void* x, const void* e,
                    const int64_t* timesteps, const void* table, void* out, const NoiseShape& s) {
-  DLCV_DIFFUSION_DISPATCH(noise_combine, dtype, table_double, kind, x, e, timesteps, table, out,
-                          s);
+  DLCV_CPU_DISPATCH(noise_combine, dtype, table_double, kind, x, e, timesteps, table, out,
+                    s);
 }
 
 void noise_combine_backward(DType dtype, bool table_double, NoiseKind kind, const void* grad,
                             const int64_t* timesteps, const void* table, void* grad_x,
                             void* grad_e, const NoiseShape& s) {
-  DLCV_DIFFUSION_DISPATCH(noise_combine_backward, dtype, table_double, kind, grad, timesteps,
-                          table, grad_x, grad_e, s);
+  DLCV_CPU_DISPATCH(noise_combine_backward, dtype, table_double, kind, grad, timesteps,
+                    table, grad_x, grad_e, s);
 }
 
 void scheduler_step(DType dtype, const void* m, const void* s, const void* z, const void* v,
                     const double* th, void* prev, void* x0, const StepParams& p) {
-  DLCV_DIFFUSION_DISPATCH(scheduler_step, dtype, m, s, z, v, th, prev, x0, p);
+  DLCV_CPU_DISPATCH(scheduler_step, dtype, m, s, z, v, th, prev, x0, p);
 }
 
 }  // namespace dlcv_fast::cpu

@@ -13,11 +13,7 @@
 #include "../noise_shape.h"
 #include "../step_params.h"
 
-#if defined(DLCV_CPU_TARGET_PRAGMA) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-DLCV_CPU_TARGET_PRAGMA
-#define DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_begin.h"
 
 namespace dlcv_fast::cpu::DLCV_CPU_ISA {
 namespace {
@@ -158,7 +154,4 @@ void scheduler_step(DType dtype, const void* m, const void* s, const void* z, co
 
 }  // namespace dlcv_fast::cpu::DLCV_CPU_ISA
 
-#ifdef DLCV_CPU_POP_OPTIONS
-#pragma GCC pop_options
-#undef DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_end.h"

@@ -24,3 +24,17 @@ void set_isa(const std::string& name);
 std::string isa_name(Isa isa);
 
 }  // namespace dlcv_fast::cpu
+
+// `return NS::name(args...)` for the namespace of the active instruction set (base, avx2,
+// avx512: each kernel's *_impl.h compiled once per set).
+#if DLCV_CPU_X86
+#define DLCV_CPU_DISPATCH(name, ...)                                      \
+  switch (::dlcv_fast::cpu::active_isa()) {                               \
+    case ::dlcv_fast::cpu::Isa::Avx512: return avx512::name(__VA_ARGS__); \
+    case ::dlcv_fast::cpu::Isa::Avx2: return avx2::name(__VA_ARGS__);     \
+    case ::dlcv_fast::cpu::Isa::Base: break;                              \
+  }                                                                       \
+  return base::name(__VA_ARGS__)
+#else
+#define DLCV_CPU_DISPATCH(name, ...) return base::name(__VA_ARGS__)
+#endif

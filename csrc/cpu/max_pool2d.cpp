@@ -106,13 +106,7 @@ void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void
                         int64_t* indices, const Pool2dShape& shape) {
   TORCH_CHECK(dtype == DType::Float32 || dtype == DType::Float64,
               "max_pool2d (cpu kernel): float32 or float64 expected");
-  switch (active_isa()) {
-#if DLCV_CPU_X86
-    case Isa::Avx512: return avx512::max_pool2d_forward(dtype, channels_last, input, output, indices, shape);
-    case Isa::Avx2: return avx2::max_pool2d_forward(dtype, channels_last, input, output, indices, shape);
-#endif
-    default: return base::max_pool2d_forward(dtype, channels_last, input, output, indices, shape);
-  }
+  DLCV_CPU_DISPATCH(max_pool2d_forward, dtype, channels_last, input, output, indices, shape);
 }
 
 void max_pool2d_backward(DType dtype, bool channels_last, const void* grad_output,

@@ -8,11 +8,7 @@
 
 #include "common.h"
 
-#if defined(DLCV_CPU_TARGET_PRAGMA) && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-DLCV_CPU_TARGET_PRAGMA
-#define DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_begin.h"
 
 namespace dlcv_fast::cpu::DLCV_CPU_ISA {
 namespace {
@@ -212,7 +208,4 @@ void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void
 
 }  // namespace dlcv_fast::cpu::DLCV_CPU_ISA
 
-#ifdef DLCV_CPU_POP_OPTIONS
-#pragma GCC pop_options
-#undef DLCV_CPU_POP_OPTIONS
-#endif
+#include "isa_end.h"
