@@ -24,8 +24,8 @@ auto op_handle(const char* name) {
 // Whether a call must go through its autograd::Function: grad mode on and a tensor that
 // requires grad, or a forward-mode tangent (which Function::apply rejects with its message).
 // Otherwise the op is called below autograd directly: Function::apply builds its graph node
-// and wraps the outputs even when nothing is recorded, about 90 us a call on a cold CPU
-// cache, as much as a small kernel.
+// and wraps the outputs even when nothing is recorded (about 20 us of a tiny add_noise's
+// 185 us on a cold CPU cache).
 bool needs_autograd(const at::Tensor& t, bool grad_mode) {
   return t.defined() && ((grad_mode && t.requires_grad()) || t._fw_grad(0).defined());
 }

@@ -7,7 +7,6 @@
 #include <ATen/ops/stack.h>
 
 #include <algorithm>
-
 #include <limits>
 
 #include "checks.h"
@@ -40,8 +39,8 @@ at::Tensor checked_timesteps(const char* op, const at::Tensor& timesteps, int64_
   if (t.numel() == 0) return t;
   int64_t lo = 0, hi = 0;
   if (t.is_cpu()) {
-    // A loop over the (few) timesteps: the ATen reductions below cost about 150 us per
-    // call on a cold CPU cache, a third of the kernel's time on a 4 MB sample.
+    // A loop over the (few) timesteps: the ATen reductions it replaces (five ops) cost over
+    // 100 us per call on a cold CPU cache, a fifth of the kernel's time on a 4 MB sample.
     const int64_t* v = t.const_data_ptr<int64_t>();
     lo = hi = v[0];
     for (int64_t i = 1; i < t.numel(); ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]);

@@ -535,8 +535,10 @@ void conv2d_backward_input(const at::Tensor& gy, const at::Tensor& w, at::Tensor
   if (s.stride_h == 1 && s.stride_w == 1 && !is_pointwise(s) && top >= 0 && left >= 0 &&
       w.numel() <= gy.numel()) {
     const int64_t g = s.groups, og = s.o_per_group(), cg = s.c_per_group();
-    const at::Tensor flipped =
-        w.view({g, og, cg, s.kh, s.kw}).transpose(1, 2).flip({3, 4}).reshape({s.c, og, s.kh, s.kw});
+    const at::Tensor flipped = w.view({g, og, cg, s.kh, s.kw})
+                                   .transpose(1, 2)
+                                   .flip({3, 4})
+                                   .reshape({s.c, og, s.kh, s.kw});
     const Conv2dShape t{s.n, s.o, s.oh, s.ow, s.c, s.kh, s.kw, s.h, s.w, g,
                         1, 1, top, left, s.dil_h, s.dil_w};
     conv2d_forward(gy, flipped, std::nullopt, gx, t, false);
