@@ -15,8 +15,10 @@ from conftest import assert_close, backend_dtype_cases
 
 import dlcv_fast
 
-# Odd sizes, a single channel, one value per channel in eval, rows of C (2-D), 3-D to 5-D.
-SHAPES = [(5, 3), (4, 3, 7), (2, 3, 5, 7), (1, 1, 4, 4), (3, 5, 1, 1), (2, 3, 2, 3, 5)]
+# Odd sizes, a single channel, one value per channel in eval, rows of C (2-D), 3-D to 5-D, and
+# 37 channels of 35 values: whole vectors of the CPU kernels and a remainder, in either layout.
+SHAPES = [(5, 3), (4, 3, 7), (2, 3, 5, 7), (1, 1, 4, 4), (3, 5, 1, 1), (2, 3, 2, 3, 5),
+          (3, 37, 5, 7)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 SMALL = {"triton"}  # interpreted Triton: fewer cases
 
@@ -90,7 +92,7 @@ def test_forward_matches_torch(backend, device, dtype, training, relu):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
 def test_gradients_match_torch(backend, device, dtype, training, relu):
-    shapes = [(6, 3), (2, 3, 5, 7), (2, 4, 3, 2, 3)]
+    shapes = [(6, 3), (2, 3, 5, 7), (2, 4, 3, 2, 3), (3, 37, 5, 7)]
     if backend in SMALL:
         shapes = shapes[:2]
     for i, shape in enumerate(shapes):

@@ -5,8 +5,9 @@
 // Statistics: each block of values (NCHW: a run of at most kBlock values of one plane, or
 // several small planes; channels_last: a few rows) gets its mean and squared deviations in
 // two passes over cache-resident data, shifted by the block's first-pass mean and corrected
-// by the deviations' sum; blocks are merged with Chan's formula in float64. A large common offset (values near 1e4 with unit
-// variance) therefore costs no accuracy beyond the inputs' own rounding.
+// by the deviations' sum; blocks are merged with Chan's formula in float64. A large common
+// offset (values near 1e4 with unit variance) therefore costs no accuracy beyond the inputs'
+// own rounding.
 //
 // NCHW: one channel per task, its statistics, then its normalisation (or, backward, its sums
 // then its gradient), so the second visit of a channel often comes from the cache.
@@ -25,23 +26,14 @@ namespace {
 // Values per block of the two-pass moments: 16 KiB of float32, well inside L1.
 constexpr int64_t kBlock = 4096;
 
-template <typename T>
-struct Lanes {
-  static constexpr int L = DLCV_CPU_VECTOR_BYTES / sizeof(T);
-  typedef T V __attribute__((vector_size(DLCV_CPU_VECTOR_BYTES)));
-  static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
-  static V splat(T x) { return V{} + x; }
-  static T sum(V v) {
-    T s = 0;
-    for (int j = 0; j < L; ++j) s += v[j];
-    return s;
-  }
-};
+#include "vec.h"
+
+// z, or max(z, 0) when Relu, for a scalar or a vector; NaN passes, as in torch.relu.
+template <bool Relu, typename V>
+inline V relu_if(V z) {
+  if constexpr (Relu) return z < V{} ? V{} : z;
+  return z;
+}
 
 // Count, mean and m2 (sum of squared deviations), merged with Chan's formula.
 struct Moments {
@@ -275,10 +267,13 @@ inline void affine(const BatchNormParams& p, int64_t c, T invstd, T& scale, T& b
 template <typename T, bool Relu>
 void normalize_run(const T* __restrict__ x, T* __restrict__ y, int64_t n, T mean, T scale,
                    T bias) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T z = (x[i] - mean) * scale + bias;
-    y[i] = Relu ? (z < T(0) ? T(0) : z) : z;  // NaN passes, as in torch.relu
+  using S = Lanes<T>;
+  const auto vm = S::splat(mean), vk = S::splat(scale), vb = S::splat(bias);
+  int64_t i = 0;
+  for (; i + S::L <= n; i += S::L) {
+    S::stream(y + i, relu_if<Relu>((S::load(x + i) - vm) * vk + vb));
   }
+  for (; i < n; ++i) y[i] = relu_if<Relu>((x[i] - mean) * scale + bias);
 }
 
 template <typename T, bool Relu>
@@ -298,13 +293,16 @@ void normalize_rows(const T* x, T* y, const T* mean, const T* scale, const T* bi
     const T* __restrict__ m = mean;
     const T* __restrict__ k = scale;
     const T* __restrict__ b = bias;
+    using S = Lanes<T>;
+    const int64_t cv = C - C % S::L;  // channels on vector lanes; the rest one at a time
     for (int64_t r = begin; r < end; ++r) {
       const T* __restrict__ xr = x + r * C;
       T* __restrict__ yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const T z = (xr[c] - m[c]) * k[c] + b[c];
-        yr[c] = Relu ? (z < T(0) ? T(0) : z) : z;
+      for (int64_t c = 0; c < cv; c += S::L) {
+        S::stream(yr + c, relu_if<Relu>((S::load(xr + c) - S::load(m + c)) * S::load(k + c) +
+                                        S::load(b + c)));
       }
+      for (int64_t c = cv; c < C; ++c) yr[c] = relu_if<Relu>((xr[c] - m[c]) * k[c] + b[c]);
     }
   });
 }
@@ -514,15 +512,29 @@ void rows_sums(const T* dy, const T* x, const T* mean, const T* scale, const T* 
   }
 }
 
-// dx = k * g - kx * (x - mean) - k0 per channel (training), or k * g (evaluation: kx = k0 = 0).
+// dx = k * g - kx * (x - mean) - k0 per channel (training), or k * g (evaluation: kx = k0 = 0),
+// where g is dy masked by the ReLU's derivative when Relu; for a scalar or a vector.
+template <bool Relu, bool Train, typename V>
+inline V grad_of(V dy, V x, V mean, V scale, V bias, V k, V kx, V k0) {
+  const V xm = x - mean;
+  V g = dy;
+  if constexpr (Relu) g = xm * scale + bias > V{} ? dy : V{};
+  if constexpr (Train) return k * g - kx * xm - k0;
+  return k * g;
+}
+
 template <typename T, bool Relu, bool Train>
 void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t n,
               T mean, T scale, T bias, T k, T kx, T k0) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T xm = x[i] - mean;
-    const T g = (!Relu || xm * scale + bias > T(0)) ? dy[i] : T(0);
-    dx[i] = Train ? k * g - kx * xm - k0 : k * g;
+  using S = Lanes<T>;
+  const auto vm = S::splat(mean), vs = S::splat(scale), vb = S::splat(bias);
+  const auto vk = S::splat(k), vkx = S::splat(kx), vk0 = S::splat(k0);
+  int64_t i = 0;
+  for (; i + S::L <= n; i += S::L) {
+    S::stream(dx + i, grad_of<Relu, Train>(S::load(dy + i), S::load(x + i), vm, vs, vb, vk, vkx,
+                                           vk0));
   }
+  for (; i < n; ++i) dx[i] = grad_of<Relu, Train>(dy[i], x[i], mean, scale, bias, k, kx, k0);
 }
 
 // Per-channel coefficients of dx: k = w * invstd, kx = k * invstd^2 * sum_dy_xmu / M,
@@ -550,14 +562,19 @@ void grad_rows(const T* dy, const T* x, T* dx, const T* mean, const T* scale, co
     const T* __restrict__ pk = k;
     const T* __restrict__ pkx = kx;
     const T* __restrict__ pk0 = k0;
+    using S = Lanes<T>;
+    const int64_t cv = C - C % S::L;
     for (int64_t r = begin; r < end; ++r) {
       const T* __restrict__ xr = x + r * C;
       const T* __restrict__ gr = dy + r * C;
       T* __restrict__ out = dx + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const T xm = xr[c] - m[c];
-        const T g = (!Relu || xm * sc[c] + bi[c] > T(0)) ? gr[c] : T(0);
-        out[c] = Train ? pk[c] * g - pkx[c] * xm - pk0[c] : pk[c] * g;
+      for (int64_t c = 0; c < cv; c += S::L) {
+        S::stream(out + c, grad_of<Relu, Train>(S::load(gr + c), S::load(xr + c), S::load(m + c),
+                                                S::load(sc + c), S::load(bi + c), S::load(pk + c),
+                                                S::load(pkx + c), S::load(pk0 + c)));
+      }
+      for (int64_t c = cv; c < C; ++c) {
+        out[c] = grad_of<Relu, Train>(gr[c], xr[c], m[c], sc[c], bi[c], pk[c], pkx[c], pk0[c]);
       }
     }
   });
