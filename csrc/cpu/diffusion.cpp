@@ -6,8 +6,10 @@
 #include "kernels.h"
 
 #define DLCV_CPU_ISA base
+#define DLCV_CPU_VECTOR_BYTES 16
 #include "diffusion_impl.h"
 #undef DLCV_CPU_ISA
+#undef DLCV_CPU_VECTOR_BYTES
 
 namespace dlcv_fast::cpu {
 

@@ -3,6 +3,7 @@
 
 #if DLCV_CPU_X86
 #define DLCV_CPU_ISA avx512
+#define DLCV_CPU_VECTOR_BYTES 64
 #define DLCV_CPU_TARGET_PRAGMA _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq\")")
 #include "diffusion_impl.h"
 #endif

@@ -1,6 +1,6 @@
 // The diffusion ops' CPU kernels, compiled once per CPU instruction set: the including file
-// defines DLCV_CPU_ISA (the namespace) and, for an extension of x86-64,
-// DLCV_CPU_TARGET_PRAGMA. No include guard, on purpose.
+// defines DLCV_CPU_ISA (the namespace), DLCV_CPU_VECTOR_BYTES and, for an extension of
+// x86-64, DLCV_CPU_TARGET_PRAGMA. No include guard, on purpose.
 //
 // - noise_combine (noise_shape.h): one pass, the coefficients of each sample computed once,
 //   the inner loop a plain a*x + b*y.
@@ -17,6 +17,8 @@
 
 namespace dlcv_fast::cpu::DLCV_CPU_ISA {
 namespace {
+
+#include "vec.h"
 
 // (cx, ce) of out = cx * x + ce * e for the sample at timestep t, computed in the wider of
 // the table's type and T (a float64 table keeps 1 - a accurate near t = 0).
@@ -45,27 +47,38 @@ void for_each_sample_run(NoiseKind kind, const int64_t* timesteps, const Tab* ta
   });
 }
 
+// Outputs are written with Lanes::stream (vec.h). With the compiler's full-width stores,
+// add_noise of 64x4x64x64 (caches flushed, Zen 4, two cores) took 0.62-0.66 ms in the AVX-512
+// build and 1.08-1.17 ms in the AVX2 build, against 0.57-0.63 ms in the 16-byte baseline.
 template <typename T, typename Tab>
 void combine(NoiseKind kind, const T* x, const T* e, const int64_t* t, const Tab* table, T* out,
              const NoiseShape& s) {
+  using S = Lanes<T>;
   for_each_sample_run<T>(kind, t, table, s, [&](int64_t first, int64_t last, T cx, T ce) {
-    const T* __restrict__ xr = x;  // the output aliases no input: one vector loop, no checks
-    const T* __restrict__ er = e;
-    T* __restrict__ o = out;
-    for (int64_t i = first; i < last; ++i) o[i] = cx * xr[i] + ce * er[i];
+    const auto vx = S::splat(cx), ve = S::splat(ce);
+    int64_t i = first;
+    for (; i + S::L <= last; i += S::L) {
+      S::stream(out + i, vx * S::load(x + i) + ve * S::load(e + i));
+    }
+    for (; i < last; ++i) out[i] = cx * x[i] + ce * e[i];
   });
 }
 
 template <typename T, typename Tab>
 void combine_backward(NoiseKind kind, const T* g, const int64_t* t, const Tab* table, T* gx, T* ge,
                       const NoiseShape& s) {
+  using S = Lanes<T>;
   for_each_sample_run<T>(kind, t, table, s, [&](int64_t first, int64_t last, T cx, T ce) {
-    const T* __restrict__ gr = g;
-    T* __restrict__ gxr = gx;
-    T* __restrict__ ger = ge;
-    for (int64_t i = first; i < last; ++i) {
-      gxr[i] = cx * gr[i];
-      ger[i] = ce * gr[i];
+    const auto vx = S::splat(cx), ve = S::splat(ce);
+    int64_t i = first;
+    for (; i + S::L <= last; i += S::L) {
+      const auto v = S::load(g + i);
+      S::stream(gx + i, vx * v);
+      S::stream(ge + i, ve * v);
+    }
+    for (; i < last; ++i) {
+      gx[i] = cx * g[i];
+      ge[i] = ce * g[i];
     }
   });
 }
