@@ -23,6 +23,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <cstring>
@@ -425,6 +426,58 @@ void backward_input_nhwc(const at::Tensor& gy, const at::Tensor& wm, at::Tensor&
   }
 }
 
+// acc (O, K) += the weight gradient, K in weight_matrix's order, tile by tile: each thread
+// builds the columns of the forward's tiles (a few output rows, cache-sized) and multiplies
+// them into its own (O, K) matrix, and the matrices are added in thread order after. Columns
+// of whole images went to memory and back: ResNet-50's 64-channel 3x3 layer at 56x56 and
+// batch 2 took 1.6x-2.2x PyTorch's time that way.
+void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
+                           const Conv2dShape& s, bool nhwc) {
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = acc.size(1), p = s.oh * s.ow;
+  // NHWC tiles run across images (row = n * OH + i); NCHW tiles stay within one image.
+  const int64_t rows = nhwc ? s.n * s.oh : s.oh;
+  const int64_t per = tile_rows(s, k, x.element_size(), rows);
+  const int64_t blocks = (rows + per - 1) / per, tasks = nhwc ? blocks : s.n * blocks;
+  const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, tasks);
+  // Plain tensors: worker threads do not inherit the caller's dispatch state (below autograd).
+  const at::Tensor xd = x.detach(), gyd = gy.detach(), accd = acc.detach();
+  const at::Tensor gy_rows = nhwc ? gyd.permute({0, 2, 3, 1}).view({s.n * p, s.o}) : at::Tensor();
+  std::vector<at::Tensor> parts(threads);
+  at::parallel_for(0, threads, 1, [&](int64_t hb, int64_t he) {
+    for (int64_t h = hb; h < he; ++h) {
+      at::Tensor part = at::zeros_like(accd);
+      at::Tensor cols = nhwc ? at::empty({per * s.ow, k}, xd.options())
+                             : at::empty({k, per * s.ow}, xd.options());
+      for (int64_t t = tasks * h / threads; t < tasks * (h + 1) / threads; ++t) {
+        const int64_t n = nhwc ? 0 : t / blocks, r0 = t % blocks * per;
+        const int64_t r1 = std::min(rows, r0 + per), pixels = (r1 - r0) * s.ow;
+        for (int64_t g = 0; g < s.groups; ++g) {
+          at::Tensor part_g = part.narrow(0, g * og, og);
+          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
+            if (nhwc) {
+              im2col_nhwc_rows(xd.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
+                               s, r0, r1, g * cg);
+            } else {
+              im2col_nchw_rows(xd[n].const_data_ptr<scalar_t>(),
+                               cols.mutable_data_ptr<scalar_t>(), s, g * cg, r0, r1);
+            }
+          });
+          if (nhwc) {
+            const at::Tensor gyt = gy_rows.narrow(0, r0 * s.ow, pixels).narrow(1, g * og, og);
+            part_g.addmm_(gyt.t(), cols.narrow(0, 0, pixels));
+          } else {
+            const at::Tensor gyt = gyd[n].view({s.o, p}).narrow(0, g * og, og)
+                                       .narrow(1, r0 * s.ow, pixels);
+            part_g.addmm_(gyt, cols.view(-1).narrow(0, 0, k * pixels).view({k, pixels}).t());
+          }
+        }
+      }
+      parts[h] = std::move(part);
+    }
+  });
+  for (const at::Tensor& part : parts) acc.add_(part);
+}
+
 // acc (O, K) += the weight gradient, K in weight_matrix's order.
 void backward_weight_nchw(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
                           const Conv2dShape& s) {
@@ -560,11 +613,18 @@ void conv2d_backward_weight(const at::Tensor& gy, const at::Tensor& x, at::Tenso
   const at::Tensor xc = computable(x, fmt);
   const at::Tensor gyc = computable(gy, fmt);
   at::Tensor acc = at::zeros({s.o, s.c_per_group() * s.kh * s.kw}, xc.options());
-  if (nhwc) {
+  // Tiles where the threads' (O, K) matrices cost less than columns of whole images.
+  const bool tiled = !is_pointwise(s) && at::get_num_threads() * s.o < s.n * s.oh * s.ow;
+  if (tiled) {
+    backward_weight_tiled(gyc, xc, acc, s, nhwc);
+  } else if (nhwc) {
     backward_weight_nhwc(gyc, xc, acc, s);
-    gw.copy_(acc.view({s.o, s.kh, s.kw, s.c_per_group()}).permute({0, 3, 1, 2}));
   } else {
     backward_weight_nchw(gyc, xc, acc, s);
+  }
+  if (nhwc) {
+    gw.copy_(acc.view({s.o, s.kh, s.kw, s.c_per_group()}).permute({0, 3, 1, 2}));
+  } else {
     gw.copy_(acc.view({s.o, s.c_per_group(), s.kh, s.kw}));
   }
 }
