@@ -210,3 +210,26 @@ def test_batch_norm_models_match_torchvision_in_train_and_eval(name):
     theirs.eval()
     with torch.no_grad():
         assert_close(ours(x), theirs(x))
+
+
+def test_resnet_relu_in_batch_norm_or_after_it():
+    """ResNet's ReLUs after bn1 and bn2 run in dlcv_fast's batch norm (activation='relu');
+    with another norm_layer, or a batch norm swapped in later, they run as the ReLU module,
+    and the outputs are torchvision's either way."""
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(weights=None, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = theirs(x)
+    fused = models.resnet18(num_classes=5).eval()
+    fused.load_state_dict(theirs.state_dict())
+    assert fused.bn1.activation == fused.layer1[0].bn1.activation == "relu"
+    assert fused.layer1[0].bn2.activation is None  # the ReLU after the residual sum stays
+    assert_close(fused(x), want)
+    plain = models.resnet18(num_classes=5, norm_layer=nn.BatchNorm2d).eval()
+    plain.load_state_dict(theirs.state_dict())
+    assert type(plain.layer1[0].bn1) is nn.BatchNorm2d
+    assert_close(plain(x), want)
+    swapped = nn.BatchNorm2d(64).eval()
+    swapped.load_state_dict(fused.layer1[0].bn1.state_dict())
+    fused.layer1[0].bn1 = swapped
+    assert_close(fused(x), want)
