@@ -7,7 +7,8 @@
 // The forward pass builds and multiplies the columns of a few output rows per task instead,
 // one GEMM per thread, so that the columns never leave the cache.
 // The backward passes are the transposed products: dgrad forms the column gradient and
-// scatters it back (col2im), wgrad multiplies the output gradient by the columns.
+// scatters it back (col2im), wgrad multiplies the output gradient by the columns (in the
+// forward's tiles, into one accumulator per thread, where those cost less than whole images).
 // A 1x1 convolution with stride 1 and no padding needs no columns: the input is one.
 
 #include "conv2d.h"
