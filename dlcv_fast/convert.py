@@ -141,21 +141,26 @@ register(nn.MultiheadAttention, dnn.MultiheadAttention,
          lambda m: _check_tensors("scaled_dot_product_attention", m))
 
 
+# The layers whose ReLU fuse_relus folds into them (activation='relu').
+_FUSABLE = (dnn.Conv2d, dnn.BatchNorm2d)
+
+
 class _FusedReLU(nn.ReLU):
-    """The place of a ReLU whose work the preceding Conv2d(activation='relu') does: passes
-    its input through. Keeps the ReLU's attributes so :func:`revert` restores it."""
+    """The place of a ReLU whose work the preceding layer (a Conv2d or BatchNorm2d with
+    activation='relu') does: passes its input through. Keeps the ReLU's attributes so
+    :func:`revert` restores it."""
 
     def forward(self, input):
         return input
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", fused into the preceding Conv2d"
+        return super().extra_repr() + ", fused into the preceding layer"
 
 
 @dataclasses.dataclass
 class Summary:
     """What :func:`convert` did: ``converted`` counts swapped layers by torch type name,
-    ``fused`` the Conv2d+ReLU pairs, ``left`` lists (name, type, reason) of the layers that
+    ``fused`` the Conv2d+ReLU and BatchNorm2d+ReLU pairs, ``left`` lists (name, type, reason) of the layers that
     stay on torch."""
 
     converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -166,7 +171,7 @@ class Summary:
         lines = ["converted to dlcv_fast:"]
         lines += [f"  {n:>4} x {t}" for t, n in sorted(self.converted.items())] or ["  none"]
         if self.fused:
-            lines.append(f"  {self.fused:>4} x Conv2d+ReLU fused")
+            lines.append(f"  {self.fused:>4} x Conv2d/BatchNorm2d+ReLU fused")
         lines.append("left on torch:")
         groups = collections.Counter((t, r) for _, t, r in self.left)
         lines += [f"  {n:>4} x {t}: {r}" for (t, r), n in sorted(groups.items())] or ["  none"]
@@ -196,10 +201,9 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
     """Swaps, in place, every layer of ``model`` that dlcv_fast can run for its dlcv_fast
     counterpart (registered types: ``REGISTRY``), sharing parameters and buffers.
 
-    ``fuse_relu=True`` also folds a ReLU that directly follows a Conv2d in an
-    ``nn.Sequential`` into the convolution (``activation='relu'``), unless either has
-    hooks; the ReLU's place holds a pass-through that :func:`revert` turns back into it.
-    The state_dict is the same either way.
+    ``fuse_relu=True`` also folds a ReLU that directly follows a Conv2d or BatchNorm2d in
+    an ``nn.Sequential`` into that layer (:func:`fuse_relus`). The state_dict is the same
+    either way.
 
     Returns a :class:`Summary`; ``str(summary)`` is a readable table.
     """
@@ -251,11 +255,18 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
 
     visit(model, "", None, "")
     if fuse_relu:
-        uses = _uses(model)
-        for module in model.modules():
-            if isinstance(module, nn.Sequential):
-                summary.fused += _fuse_in(module, uses)
+        summary.fused = fuse_relus(model)
     return summary
+
+
+def fuse_relus(model: nn.Module) -> int:
+    """Folds, in place, each ReLU that directly follows a dlcv_fast Conv2d or BatchNorm2d in
+    an ``nn.Sequential`` of ``model`` into that layer (``activation='relu'``: one pass over
+    memory each way instead of two), unless either has hooks or is used in more than one
+    place. The ReLU's place holds a pass-through, so state_dict keys stay; :func:`revert`
+    turns it back. Returns the number of pairs fused."""
+    uses = _uses(model)
+    return sum(_fuse_in(m, uses) for m in model.modules() if isinstance(m, nn.Sequential))
 
 
 def _uses(model: nn.Module) -> collections.Counter:
@@ -286,15 +297,15 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def _fuse_in(seq: nn.Sequential, uses: collections.Counter) -> int:
-    """Fuses the Conv2d+ReLU pairs of one Sequential; a layer used in more than one place
+    """Fuses the layer+ReLU pairs of one Sequential; a layer used in more than one place
     (a shared ReLU, say) or with hooks is left alone, since its output would change."""
     n = 0
     mods = list(seq._modules.values())
-    for conv, relu in zip(mods, mods[1:]):
-        if (type(conv) is dnn.Conv2d and conv.activation is None and type(relu) is nn.ReLU
-                and uses[id(conv)] == 1 and uses[id(relu)] == 1
-                and not _has_hooks(conv) and not _has_hooks(relu)):
-            conv.activation = "relu"
+    for layer, relu in zip(mods, mods[1:]):
+        if (type(layer) in _FUSABLE and layer.activation is None and type(relu) is nn.ReLU
+                and uses[id(layer)] == 1 and uses[id(relu)] == 1
+                and not _has_hooks(layer) and not _has_hooks(relu)):
+            layer.activation = "relu"
             relu.__class__ = _FusedReLU
             n += 1
     return n
@@ -310,9 +321,9 @@ def revert(model: nn.Module) -> collections.Counter:
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):
             mods = list(seq._modules.values())
-            for conv, relu in zip(mods, mods[1:]):
-                if isinstance(relu, _FusedReLU) and isinstance(conv, dnn.Conv2d):
-                    conv.activation = None
+            for layer, relu in zip(mods, mods[1:]):
+                if isinstance(relu, _FusedReLU) and isinstance(layer, _FUSABLE):
+                    layer.activation = None
                     relu.__class__ = nn.ReLU
     done: dict[int, nn.Module] = {}
 
@@ -353,5 +364,5 @@ def torch_equivalent(module: nn.Module) -> nn.Module:
     return nn.Sequential(twin, nn.ReLU()) if relu else twin
 
 
-__all__ = ["REGISTRY", "Entry", "Summary", "Unsupported", "convert", "register", "revert",
-           "torch_equivalent"]
+__all__ = ["REGISTRY", "Entry", "Summary", "Unsupported", "convert", "fuse_relus", "register",
+           "revert", "torch_equivalent"]

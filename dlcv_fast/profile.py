@@ -74,7 +74,8 @@ def layer_cost(m: nn.Module, x: torch.Tensor, y: torch.Tensor,
         return op, _conv_flops(m, x, y), moved
     if isinstance(m, dnn.MaxPool2d):
         return "max_pool2d", 0.0, moved
-    return type(m).__name__, 0.0, moved
+    relu = "+relu" if getattr(m, "activation", None) == "relu" else ""
+    return type(m).__name__ + relu, 0.0, moved
 
 
 def build_model(name: str, image_size: int | None = None, num_classes: int | None = None

@@ -109,6 +109,29 @@ def test_fusion_skips_hooked_layers_and_non_sequential():
     assert dlcv_fast.convert(shared, fuse_relu=True).fused == 0
 
 
+def test_batch_norm_relu_fusion_and_revert():
+    """A ReLU after a BatchNorm2d folds into it as after a Conv2d; revert restores both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 7, 7)
+    before_types, before_repr = _types(model), repr(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_train = model(x)  # updates the running statistics
+    model.eval()
+    expected_eval = model(x)
+    model.load_state_dict(state)
+    assert dlcv_fast.convert(model, fuse_relu=True).fused == 1
+    assert model[0].activation is None and model[1].activation == "relu"
+    assert "fused into the preceding layer" in repr(model[2])
+    model.train()
+    assert_close(model(x), expected_train)
+    model.eval()
+    assert_close(model(x), expected_eval)
+    model.train()
+    assert dlcv_fast.revert(model) == collections.Counter({"Conv2d": 2, "BatchNorm2d": 1})
+    assert _types(model) == before_types and repr(model) == before_repr
+
+
 def test_torch_equivalent_shares_parameters():
     conv = nn.Conv2d(3, 4, 3)
     dlcv_fast.convert(nn.Sequential(conv))
