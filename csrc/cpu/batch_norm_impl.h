@@ -267,13 +267,11 @@ inline void affine(const BatchNormParams& p, int64_t c, T invstd, T& scale, T& b
 template <typename T, bool Relu>
 void normalize_run(const T* __restrict__ x, T* __restrict__ y, int64_t n, T mean, T scale,
                    T bias) {
-  using S = Lanes<T>;
-  const auto vm = S::splat(mean), vk = S::splat(scale), vb = S::splat(bias);
-  int64_t i = 0;
-  for (; i + S::L <= n; i += S::L) {
-    S::stream(y + i, relu_if<Relu>((S::load(x + i) - vm) * vk + vb));
-  }
-  for (; i < n; ++i) y[i] = relu_if<Relu>((x[i] - mean) * scale + bias);
+  for_lanes<T>(0, n, [&](int64_t i, auto lanes) {
+    using S = decltype(lanes);
+    S::stream(y + i, relu_if<Relu>((S::load(x + i) - S::splat(mean)) * S::splat(scale) +
+                                   S::splat(bias)));
+  });
 }
 
 template <typename T, bool Relu>
@@ -293,16 +291,14 @@ void normalize_rows(const T* x, T* y, const T* mean, const T* scale, const T* bi
     const T* __restrict__ m = mean;
     const T* __restrict__ k = scale;
     const T* __restrict__ b = bias;
-    using S = Lanes<T>;
-    const int64_t cv = C - C % S::L;  // channels on vector lanes; the rest one at a time
     for (int64_t r = begin; r < end; ++r) {
       const T* __restrict__ xr = x + r * C;
       T* __restrict__ yr = y + r * C;
-      for (int64_t c = 0; c < cv; c += S::L) {
+      for_lanes<T>(0, C, [&](int64_t c, auto lanes) {
+        using S = decltype(lanes);
         S::stream(yr + c, relu_if<Relu>((S::load(xr + c) - S::load(m + c)) * S::load(k + c) +
                                         S::load(b + c)));
-      }
-      for (int64_t c = cv; c < C; ++c) yr[c] = relu_if<Relu>((xr[c] - m[c]) * k[c] + b[c]);
+      });
     }
   });
 }
@@ -526,15 +522,12 @@ inline V grad_of(V dy, V x, V mean, V scale, V bias, V k, V kx, V k0) {
 template <typename T, bool Relu, bool Train>
 void grad_run(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, int64_t n,
               T mean, T scale, T bias, T k, T kx, T k0) {
-  using S = Lanes<T>;
-  const auto vm = S::splat(mean), vs = S::splat(scale), vb = S::splat(bias);
-  const auto vk = S::splat(k), vkx = S::splat(kx), vk0 = S::splat(k0);
-  int64_t i = 0;
-  for (; i + S::L <= n; i += S::L) {
-    S::stream(dx + i, grad_of<Relu, Train>(S::load(dy + i), S::load(x + i), vm, vs, vb, vk, vkx,
-                                           vk0));
-  }
-  for (; i < n; ++i) dx[i] = grad_of<Relu, Train>(dy[i], x[i], mean, scale, bias, k, kx, k0);
+  for_lanes<T>(0, n, [&](int64_t i, auto lanes) {
+    using S = decltype(lanes);
+    S::stream(dx + i, grad_of<Relu, Train>(S::load(dy + i), S::load(x + i), S::splat(mean),
+                                           S::splat(scale), S::splat(bias), S::splat(k),
+                                           S::splat(kx), S::splat(k0)));
+  });
 }
 
 // Per-channel coefficients of dx: k = w * invstd, kx = k * invstd^2 * sum_dy_xmu / M,
@@ -562,20 +555,16 @@ void grad_rows(const T* dy, const T* x, T* dx, const T* mean, const T* scale, co
     const T* __restrict__ pk = k;
     const T* __restrict__ pkx = kx;
     const T* __restrict__ pk0 = k0;
-    using S = Lanes<T>;
-    const int64_t cv = C - C % S::L;
     for (int64_t r = begin; r < end; ++r) {
       const T* __restrict__ xr = x + r * C;
       const T* __restrict__ gr = dy + r * C;
       T* __restrict__ out = dx + r * C;
-      for (int64_t c = 0; c < cv; c += S::L) {
+      for_lanes<T>(0, C, [&](int64_t c, auto lanes) {
+        using S = decltype(lanes);
         S::stream(out + c, grad_of<Relu, Train>(S::load(gr + c), S::load(xr + c), S::load(m + c),
                                                 S::load(sc + c), S::load(bi + c), S::load(pk + c),
                                                 S::load(pkx + c), S::load(pk0 + c)));
-      }
-      for (int64_t c = cv; c < C; ++c) {
-        out[c] = grad_of<Relu, Train>(gr[c], xr[c], m[c], sc[c], bi[c], pk[c], pkx[c], pk0[c]);
-      }
+      });
     }
   });
 }

@@ -249,6 +249,25 @@ at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
   return cols.narrow(0, 0, rows);
 }
 
+// The columns of one tile, output rows [r0, r1) of group g, built in cols: NCHW rows of
+// image n, (K x pixels) packed; NHWC rows n * OH + i across images, (pixels x K).
+at::Tensor tile_columns(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s, bool nhwc,
+                        int64_t n, int64_t r0, int64_t r1, int64_t g) {
+  const int64_t c0 = g * s.c_per_group(), pixels = (r1 - r0) * s.ow;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+    if (nhwc) {
+      im2col_nhwc_rows(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, r0,
+                       r1, c0);
+    } else {
+      im2col_nchw_rows(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
+                       c0, r0, r1);
+    }
+  });
+  if (nhwc) return cols.narrow(0, 0, pixels);
+  const int64_t k = cols.size(0);
+  return cols.view(-1).narrow(0, 0, k * pixels).view({k, pixels});
+}
+
 // Output rows per forward task: columns of about kTileBytes, so that they are still in
 // the core's L2 cache when the GEMM reads them back, but at least kTilePixels pixels: a
 // GEMM of fewer rows re-reads the weight (2.4 MB at 256 channels 3x3) for too little work.
@@ -306,11 +325,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
         if (pointwise) {
           in = xd[n].view({s.c, p}).narrow(0, g * cg, cg).narrow(1, p0, pb);
         } else {
-          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
-            im2col_nchw_rows(xd[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
-                             s, g * cg, i0, i1);
-          });
-          in = cols.view(-1).narrow(0, 0, k * pb).view({k, pb});  // rows of pb, packed
+          in = tile_columns(xd, cols, s, false, n, i0, i1, g);
         }
         const at::Tensor wg = w.narrow(0, g * og, og);
         if (b.has_value()) {
@@ -351,11 +366,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
         if (pointwise) {
           in = x_all.narrow(0, r0 * s.ow, rows).narrow(1, g * s.c_per_group(), s.c_per_group());
         } else {
-          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
-            im2col_nhwc_rows(xd.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
-                             r0, r1, g * s.c_per_group());
-          });
-          in = cols.narrow(0, 0, rows);
+          in = tile_columns(xd, cols, s, true, 0, r0, r1, g);
         }
         const at::Tensor wt = w.narrow(0, g * og, og).t();
         if (b.has_value()) {
@@ -434,7 +445,7 @@ void backward_input_nhwc(const at::Tensor& gy, const at::Tensor& wm, at::Tensor&
 // batch 2 took 1.6x-2.2x PyTorch's time that way.
 void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
                            const Conv2dShape& s, bool nhwc) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = acc.size(1), p = s.oh * s.ow;
+  const int64_t og = s.o_per_group(), k = acc.size(1), p = s.oh * s.ow;
   // NHWC tiles run across images (row = n * OH + i); NCHW tiles stay within one image.
   const int64_t rows = nhwc ? s.n * s.oh : s.oh;
   const int64_t per = tile_rows(s, k, x.element_size(), rows);
@@ -454,22 +465,14 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
         const int64_t r1 = std::min(rows, r0 + per), pixels = (r1 - r0) * s.ow;
         for (int64_t g = 0; g < s.groups; ++g) {
           at::Tensor part_g = part.narrow(0, g * og, og);
-          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
-            if (nhwc) {
-              im2col_nhwc_rows(xd.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
-                               s, r0, r1, g * cg);
-            } else {
-              im2col_nchw_rows(xd[n].const_data_ptr<scalar_t>(),
-                               cols.mutable_data_ptr<scalar_t>(), s, g * cg, r0, r1);
-            }
-          });
+          const at::Tensor in = tile_columns(xd, cols, s, nhwc, n, r0, r1, g);
           if (nhwc) {
             const at::Tensor gyt = gy_rows.narrow(0, r0 * s.ow, pixels).narrow(1, g * og, og);
-            part_g.addmm_(gyt.t(), cols.narrow(0, 0, pixels));
+            part_g.addmm_(gyt.t(), in);
           } else {
             const at::Tensor gyt = gyd[n].view({s.o, p}).narrow(0, g * og, og)
                                        .narrow(1, r0 * s.ow, pixels);
-            part_g.addmm_(gyt, cols.view(-1).narrow(0, 0, k * pixels).view({k, pixels}).t());
+            part_g.addmm_(gyt, in.t());
           }
         }
       }

@@ -53,33 +53,24 @@ void for_each_sample_run(NoiseKind kind, const int64_t* timesteps, const Tab* ta
 template <typename T, typename Tab>
 void combine(NoiseKind kind, const T* x, const T* e, const int64_t* t, const Tab* table, T* out,
              const NoiseShape& s) {
-  using S = Lanes<T>;
   for_each_sample_run<T>(kind, t, table, s, [&](int64_t first, int64_t last, T cx, T ce) {
-    const auto vx = S::splat(cx), ve = S::splat(ce);
-    int64_t i = first;
-    for (; i + S::L <= last; i += S::L) {
-      S::stream(out + i, vx * S::load(x + i) + ve * S::load(e + i));
-    }
-    for (; i < last; ++i) out[i] = cx * x[i] + ce * e[i];
+    for_lanes<T>(first, last, [&](int64_t i, auto lanes) {
+      using S = decltype(lanes);
+      S::stream(out + i, S::splat(cx) * S::load(x + i) + S::splat(ce) * S::load(e + i));
+    });
   });
 }
 
 template <typename T, typename Tab>
 void combine_backward(NoiseKind kind, const T* g, const int64_t* t, const Tab* table, T* gx, T* ge,
                       const NoiseShape& s) {
-  using S = Lanes<T>;
   for_each_sample_run<T>(kind, t, table, s, [&](int64_t first, int64_t last, T cx, T ce) {
-    const auto vx = S::splat(cx), ve = S::splat(ce);
-    int64_t i = first;
-    for (; i + S::L <= last; i += S::L) {
+    for_lanes<T>(first, last, [&](int64_t i, auto lanes) {
+      using S = decltype(lanes);
       const auto v = S::load(g + i);
-      S::stream(gx + i, vx * v);
-      S::stream(ge + i, ve * v);
-    }
-    for (; i < last; ++i) {
-      gx[i] = cx * g[i];
-      ge[i] = ce * g[i];
-    }
+      S::stream(gx + i, S::splat(cx) * v);
+      S::stream(ge + i, S::splat(ce) * v);
+    });
   });
 }
 

@@ -31,3 +31,23 @@ struct Lanes {
     return s;
   }
 };
+
+// Lanes' interface on one value: the remainder of a vector loop (for_lanes).
+template <typename T>
+struct One {
+  static constexpr int L = 1;
+  using V = T;
+  static T load(const T* p) { return *p; }
+  static void store(T* p, T v) { *p = v; }
+  static void stream(T* p, T v) { *p = v; }
+  static T splat(T x) { return x; }
+};
+
+// f(i, Lanes<T>{}) at each whole vector of [first, last), then f(i, One<T>{}) at each value
+// left: one body, written with S = decltype(the second argument), for a loop and its tail.
+template <typename T, typename F>
+inline void for_lanes(int64_t first, int64_t last, F&& f) {
+  int64_t i = first;
+  for (; i + Lanes<T>::L <= last; i += Lanes<T>::L) f(i, Lanes<T>{});
+  for (; i < last; ++i) f(i, One<T>{});
+}
