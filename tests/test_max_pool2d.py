@@ -222,6 +222,21 @@ def test_window_wholly_in_padding(backend_device, layout):
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_one_with_huge_dilation(backend_device, layout):
+    """A dilation near 2**31 is legal where the kernel is 1 (it moves no tap); the loop's
+    step past the only tap must not wrap a 32-bit index."""
+    _, device = backend_device
+    config = ((2, 4, 3, 5), (1, 2), (1, 2), 0, (2**31 - 1, 1), False)
+    x = make_input(config[0], torch.float32, device, layout).requires_grad_()
+    ref_out, ref_idx = torch_pool(x, config, return_indices=True)
+    out, idx = ours(x, config, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    assert torch.equal(grad.double(), reference_grad(x, config, grad_out))
+
+
 def test_backward_is_deterministic(backend_device):
     _, device = backend_device
     x = make_input((2, 8, 31, 29), torch.float32, device, values="ties").requires_grad_()

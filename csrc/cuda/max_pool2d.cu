@@ -205,10 +205,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A bound on every offset and window coordinate the kernels compute.
+// A bound on every offset and window coordinate the kernels compute, including the tap
+// one dilation past a window's last, where a loop stops (with kernel 1 and a dilation
+// near 2^31 it would wrap a 32-bit index).
 int64_t largest_offset(const Pool2dShape& s) {
   const auto span = [](int64_t in, int64_t out, int64_t k, int64_t st, int64_t p, int64_t d) {
-    return in + 2 * p + (k - 1) * d + out * st;
+    return in + 2 * p + k * d + out * st;
   };
   int64_t largest = s.input_numel() > s.output_numel() ? s.input_numel() : s.output_numel();
   const int64_t h = span(s.in_h, s.out_h, s.kernel_h, s.stride_h, s.pad_h, s.dilation_h);
