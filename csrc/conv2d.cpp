@@ -89,21 +89,10 @@ bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 bool is_depthwise(const Conv2dShape& s) { return s.groups == s.c && s.c_per_group() == 1; }
 
-// Why the depthwise kernels cannot run a geometry (they index in 28 bits), or null.
-const char* depthwise_unsupported(const Conv2dShape& s) {
-  constexpr int64_t kLimit = int64_t{1} << 28;
-  const int64_t values[] = {s.n, s.c, s.o, s.kh * s.kw, s.h + s.pad_h, s.w + s.pad_w,
-                            s.oh * s.stride_h, s.ow * s.stride_w, (s.kh - 1) * s.dil_h + 1,
-                            (s.kw - 1) * s.dil_w + 1, s.stride_h, s.stride_w};
-  for (int64_t v : values) {
-    if (v >= kLimit) return "an image, kernel, padding or stride dimension of 2^28 or more";
-  }
-  return nullptr;
-}
-
 // Raises a ValueError naming the limit a convolution exceeds, before any launch.
 void check_cuda_limits(const char* op, const Conv2dShape& s) {
-  const char* why = is_depthwise(s) ? depthwise_unsupported(s) : cuda::conv2d_unsupported(s);
+  const char* why =
+      is_depthwise(s) ? cuda::conv2d_depthwise_unsupported(s) : cuda::conv2d_unsupported(s);
   TORCH_CHECK_VALUE(why == nullptr, op, " (cuda): this convolution is beyond the kernels' "
                     "limits: ", why);
 }
@@ -283,6 +272,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward(
     return {g, grad_bias};
   }
 #ifdef DLCV_FAST_WITH_CUDA
+  const char* why = cuda::conv2d_bias_relu_unsupported(s);
+  TORCH_CHECK_VALUE(why == nullptr, op, " (cuda): this output is beyond the kernel's limits: ",
+                    why);
   launch_cuda(op, gy, [&](cudaStream_t stream) {
     return cuda::conv2d_bias_relu_backward(
         kernel_dtype(gy.scalar_type()), gy.data_ptr(), strides_of(gy),

@@ -789,6 +789,13 @@ bool geometry_fits(const Conv2dShape& s) {
 const char* conv2d_unsupported(const Conv2dShape& s) {
   if (s.groups > 65535) return "more than 65535 groups (one grid dimension per group)";
   if (!geometry_fits(s)) return "an image, kernel, padding or GEMM dimension of 2^28 or more";
+  // A GEMM's N tiles run along gridDim.y (at most 65535): N is O/groups (forward), C/groups
+  // (dgrad) or C/groups * KH * KW (wgrad), and every tile config has kN = 64.
+  constexpr int64_t kMaxN = int64_t{65535} * 64;
+  if (s.o_per_group() > kMaxN || s.c_per_group() * s.kh * s.kw > kMaxN) {
+    return "more than 4194240 output channels, or input channels x kernel taps, per group "
+           "(one grid row per 64)";
+  }
   return nullptr;
 }
 
@@ -1081,9 +1088,7 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
                                      void* g_out, void* grad_bias, const Conv2dShape& s,
                                      cudaStream_t stream) {
   if (s.o == 0 || (g_out == nullptr && grad_bias == nullptr)) return cudaSuccess;
-  if (s.o > std::numeric_limits<int32_t>::max() || s.oh * s.ow >= (int64_t{1} << 30)) {
-    return cudaErrorInvalidValue;
-  }
+  if (conv2d_bias_relu_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   bias_relu_backward<T><<<static_cast<unsigned>(s.o), kBiasThreads, 0, stream>>>(
       static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
       static_cast<T*>(grad_bias), s.n * s.oh * s.ow, PixelDiv(s.oh, s.ow));
@@ -1091,6 +1096,12 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
 }
 
 }  // namespace
+
+const char* conv2d_bias_relu_unsupported(const Conv2dShape& s) {
+  if (s.o > std::numeric_limits<int32_t>::max()) return "more than 2^31 - 1 output channels";
+  if (s.oh * s.ow >= (int64_t{1} << 30)) return "an output of 2^30 or more pixels per channel";
+  return nullptr;
+}
 
 cudaError_t conv2d_forward(DType dtype, const void* x, Strides4 xs, const void* w, Strides4 ws,
                            const void* bias, void* y, Strides4 ys, const Conv2dShape& shape,

@@ -253,21 +253,6 @@ __global__ void __launch_bounds__(kLanes * kRows)
 
 // ---- host side -----------------------------------------------------------------------------
 
-// Sizes within int range with room for the index arithmetic of the kernels (i * sh etc.).
-bool dw_geometry_ok(const Conv2dShape& s) {
-  constexpr int64_t kLimit = int64_t{1} << 28;
-  if (s.groups != s.c || s.c <= 0 || s.o % s.c != 0) return false;
-  const int64_t values[] = {s.n, s.c, s.o, s.h + s.pad_h, s.w + s.pad_w,
-                            s.oh * s.stride_h, s.ow * s.stride_w, s.kh * s.kw,
-                            (s.kh - 1) * s.dil_h + 1, (s.kw - 1) * s.dil_w + 1,
-                            s.pad_h + 1, s.pad_w + 1, s.stride_h, s.stride_w, s.dil_h, s.dil_w};
-  for (int64_t v : values) {
-    if (v < 0 || v >= kLimit) return false;
-  }
-  return s.stride_h > 0 && s.stride_w > 0 && s.dil_h > 0 && s.dil_w > 0 && s.oh >= 0 &&
-         s.ow >= 0 && s.h >= 0 && s.w >= 0 && s.kh >= 0 && s.kw >= 0;
-}
-
 DwGeo dw_geo(const Conv2dShape& s) {
   return {int(s.n), int(s.c), int(s.h), int(s.w), int(s.o), int(s.kh), int(s.kw), int(s.oh),
           int(s.ow), int(s.o / s.c), int(s.stride_h), int(s.stride_w), int(s.pad_h),
@@ -288,7 +273,7 @@ template <typename T>
 cudaError_t dw_forward_typed(const void* x, Strides4 xs, const void* w, Strides4 ws,
                              const void* bias, void* y, Strides4 ys, const Conv2dShape& s,
                              bool relu, cudaStream_t stream) {
-  if (!dw_geometry_ok(s)) return cudaErrorInvalidValue;
+  if (conv2d_depthwise_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   const int64_t total = s.n * s.o * s.oh * s.ow;
   if (total == 0) return cudaSuccess;
   const int64_t largest = std::max({total, dw_extent(xs, s.n, s.c, s.h, s.w),
@@ -316,7 +301,7 @@ template <typename T>
 cudaError_t dw_backward_input_typed(const void* gy, Strides4 gys, const void* w, Strides4 ws,
                                     void* gx, Strides4 gxs, const Conv2dShape& s,
                                     cudaStream_t stream) {
-  if (!dw_geometry_ok(s)) return cudaErrorInvalidValue;
+  if (conv2d_depthwise_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   const int64_t total = s.n * s.c * s.h * s.w;
   if (total == 0) return cudaSuccess;
   const int64_t largest = std::max({total, dw_extent(gys, s.n, s.o, s.oh, s.ow),
@@ -343,7 +328,7 @@ template <typename T>
 cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x, Strides4 xs,
                                      void* gw, Strides4 gws, const Conv2dShape& s,
                                      cudaStream_t stream) {
-  if (!dw_geometry_ok(s)) return cudaErrorInvalidValue;
+  if (conv2d_depthwise_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   const int64_t taps = s.kh * s.kw;
   if (s.o == 0 || taps == 0) return cudaSuccess;
   const int64_t largest = std::max({s.n * s.o * s.oh * s.ow, dw_extent(gys, s.n, s.o, s.oh, s.ow),
@@ -378,6 +363,28 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
 }
 
 }  // namespace
+
+// Sizes within int range with room for the index arithmetic of the kernels (i * sh etc.),
+// and a wgrad grid (at most one block per output channel and tap) within 2^31 - 1 blocks.
+const char* conv2d_depthwise_unsupported(const Conv2dShape& s) {
+  constexpr int64_t kLimit = int64_t{1} << 28;
+  if (s.groups != s.c || s.c <= 0 || s.o % s.c != 0) {
+    return "not a depthwise convolution (groups == C, O a multiple of C)";
+  }
+  const int64_t values[] = {s.n, s.c, s.o, s.h + s.pad_h, s.w + s.pad_w,
+                            s.oh * s.stride_h, s.ow * s.stride_w, s.kh * s.kw,
+                            (s.kh - 1) * s.dil_h + 1, (s.kw - 1) * s.dil_w + 1,
+                            s.pad_h + 1, s.pad_w + 1, s.stride_h, s.stride_w, s.dil_h, s.dil_w};
+  for (int64_t v : values) {
+    if (v < 0 || v >= kLimit) {
+      return "an image, kernel, padding, stride or dilation dimension of 2^28 or more";
+    }
+  }
+  if (s.o * s.kh * s.kw > std::numeric_limits<int32_t>::max()) {
+    return "output channels x kernel taps of 2^31 or more (one wgrad block each)";
+  }
+  return nullptr;
+}
 
 cudaError_t conv2d_depthwise_forward(DType dtype, const void* x, Strides4 xs, const void* w,
                                      Strides4 ws, const void* bias, void* y, Strides4 ys,

@@ -78,6 +78,8 @@ cudaError_t conv2d_backward_weight(DType dtype, const void* gy, Strides4 gys, co
 cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys, const void* y,
                                       Strides4 ys, void* g_out, void* grad_bias,
                                       const Conv2dShape& shape, cudaStream_t stream);
+// Why conv2d_bias_relu_backward cannot run this output shape (n, o, oh, ow), or null.
+const char* conv2d_bias_relu_unsupported(const Conv2dShape& shape);
 
 // Depthwise convolution (groups == C, one input channel per group, O = multiplier * C) by
 // direct kernels (conv2d_depthwise.cu): the GEMM above would use one column of its tiles.
@@ -91,6 +93,8 @@ cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides
 cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
                                              const void* x, Strides4 xs, void* gw, Strides4 gws,
                                              const Conv2dShape& shape, cudaStream_t stream);
+// Why the depthwise kernels cannot run this geometry (an index or grid limit), or null.
+const char* conv2d_depthwise_unsupported(const Conv2dShape& shape);
 // Batch normalisation (batch_norm_shape.h). Per-channel arrays in the accumulation type
 // (float; double for float64 inputs). The reductions write per-split partial results to
 // `workspace`, which holds batch_norm_workspace_bytes(dtype, shape) bytes.
