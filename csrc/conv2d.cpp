@@ -85,7 +85,6 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
 
 bool is_depthwise(const Conv2dShape& s) { return s.groups == s.c && s.c_per_group() == 1; }
 
@@ -127,6 +126,10 @@ void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& like,
 
 }  // namespace
 
+// With the operator named: the unnamed query raises once conv and RNN settings differ
+// (e.g. after torch.backends.cudnn.conv.fp32_precision = "ieee").
+bool conv_allows_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
+
 at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
@@ -161,7 +164,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
     }
     return cuda::conv2d_forward(t, input.data_ptr(), strides_of(input), wk.data_ptr(),
                                 strides_of(wk), bp, y.data_ptr(), strides_of(y), s, relu,
-                                allow_tf32(), stream);
+                                conv_allows_tf32(), stream);
   });
   return y;
 #else
@@ -195,7 +198,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
     }
     return cuda::conv2d_backward_input(t, gy.data_ptr(), strides_of(gy), wk.data_ptr(),
                                        strides_of(wk), gx.data_ptr(), strides_of(gx), s,
-                                       allow_tf32(), stream);
+                                       conv_allows_tf32(), stream);
   });
   return gx;
 #else
@@ -235,7 +238,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   launch_cuda(op, input, [&](cudaStream_t stream) {
     return cuda::conv2d_backward_weight(t, gy.data_ptr(), strides_of(gy), input.data_ptr(),
                                         strides_of(input), gw.data_ptr(), strides_of(gw),
-                                        workspace.data_ptr<float>(), s, allow_tf32(), stream);
+                                        workspace.data_ptr<float>(), s, conv_allows_tf32(), stream);
   });
   return gw;
 #else

@@ -601,6 +601,8 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) { impl_kernels(m); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlcv_fast's CPU and CUDA kernels (the ops are also under torch.ops.dlcv_fast)";
   m.def("cuda_built", &dlcv_fast::cuda_built, "whether this build holds the CUDA kernels");
+  m.def("conv_allows_tf32", &dlcv_fast::conv_allows_tf32,
+        "whether float32 convolutions may use TF32 (torch.backends.cudnn.conv.fp32_precision)");
   m.def("cpu_isa", [] { return dlcv_fast::cpu::isa_name(dlcv_fast::cpu::active_isa()); },
         "the instruction set the CPU kernels run with: base, avx2 or avx512");
   m.def("set_cpu_isa", &dlcv_fast::cpu::set_isa, py::arg("name"),

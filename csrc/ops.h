@@ -116,4 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
 // Whether this build holds the CUDA kernels.
 bool cuda_built();
 
+// Whether float32 convolutions may use TF32, as PyTorch's own convolution reads it:
+// torch.backends.cudnn.conv.fp32_precision, inheriting from the broader settings.
+bool conv_allows_tf32();
+
 }  // namespace dlcv_fast

@@ -115,12 +115,13 @@ _CONV_CASES = [
 def _check_conv2d(backend: str, device: str, dtype: torch.dtype) -> Row:
     """Output and the three gradients (conv + bias + ReLU) against float64 PyTorch, as the
     largest error relative to the largest value; float32 without TF32."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    conv = torch.backends.cudnn.conv
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee"
     try:
         return _check_conv2d_cases(backend, device, dtype)
     finally:
-        torch.backends.cudnn.allow_tf32 = previous
+        conv.fp32_precision = previous
 
 
 def _check_conv2d_cases(backend: str, device: str, dtype: torch.dtype) -> Row:

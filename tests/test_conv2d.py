@@ -405,9 +405,54 @@ def test_dtype_and_bias_errors(backend_device):
         dlcv_fast.conv2d(x, w.to("meta"))
 
 
+@pytest.fixture
+def _fp32_settings():
+    """Restores PyTorch's float32-precision settings (conv, cuDNN-wide and global)."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, cudnn.fp32_precision,
+             torch.backends.fp32_precision)
+    yield
+    (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, cudnn.fp32_precision,
+     torch.backends.fp32_precision) = saved
+
+
+def _set_tf32(api: str, allow: bool) -> None:
+    if api == "legacy":
+        torch.backends.cudnn.allow_tf32 = allow
+    else:
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if allow else "ieee"
+
+
+@pytest.mark.usefixtures("_fp32_settings")
+def test_tf32_setting_read_as_pytorch_reads_it(backend_device):
+    """Both of PyTorch's APIs, and the new one's inheritance ("none" defers to cuDNN's, then
+    the global setting). After conv.fp32_precision = "ieee" the legacy flag cannot be read
+    at all (conv and RNN differ), which once made every Triton convolution raise."""
+    from dlcv_fast.ops.conv2d import _allow_tf32
+
+    cudnn = torch.backends.cudnn
+    for api in ("legacy", "fp32_precision"):
+        for allow in (False, True):
+            _set_tf32(api, allow)
+            assert _allow_tf32() is allow, (api, allow)
+    cudnn.conv.fp32_precision = "none"
+    cudnn.fp32_precision = "tf32"
+    assert _allow_tf32() is True
+    cudnn.fp32_precision = "none"
+    assert _allow_tf32() is False
+    cudnn.conv.fp32_precision = "ieee"
+    with pytest.raises(RuntimeError):
+        _ = cudnn.allow_tf32
+    _, device = backend_device
+    x, w = torch.randn(1, 2, 5, 5, device=device), torch.randn(3, 2, 3, 3, device=device)
+    torch.testing.assert_close(dlcv_fast.conv2d(x, w), F.conv2d(x, w))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.usefixtures("_fp32_settings")
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_tf32_follows_cudnn_flag(backend):
+def test_tf32_follows_cudnn_flag(backend, api):
     if backend == "cuda" and not dlcv_fast.cuda_built():
         pytest.skip("built without CUDA kernels")
     x = torch.randn(4, 64, 16, 16, device="cuda", requires_grad=True)
@@ -417,8 +462,8 @@ def test_tf32_follows_cudnn_flag(backend):
     y64 = F.conv2d(x64, w64, padding=1)
     exact = (y64, *torch.autograd.grad(y64, (x64, w64), gy.double()))
     errors = {}
-    for allow in (False, True):  # the fixture restores the flag
-        torch.backends.cudnn.allow_tf32 = allow
+    for allow in (False, True):  # the fixtures restore the settings
+        _set_tf32(api, allow)
         with dlcv_fast.use_backend(backend):
             y = dlcv_fast.conv2d(x, w, padding=1)
             got = (y, *torch.autograd.grad(y, (x, w), gy))

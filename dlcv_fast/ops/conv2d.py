@@ -26,6 +26,7 @@ from torch import Tensor
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from dlcv_fast import backend
+from dlcv_fast._ext import _C
 from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, relu_flag
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -184,7 +185,8 @@ torch.library.register_fake("dlcv_fast::conv2d_bias_relu_backward")(_bias_relu_b
 # --- the Triton backend ---------------------------------------------------------------------
 
 def _allow_tf32() -> bool:
-    return bool(torch.backends.cudnn.allow_tf32)
+    # PyTorch's own reading; torch.backends.cudnn.allow_tf32 raises once conv and RNN differ.
+    return _C.conv_allows_tf32()
 
 
 @torch.library.custom_op("dlcv_fast::conv2d_triton", mutates_args=())
@@ -396,8 +398,9 @@ def conv2d(
     Args:
         input: (N, C, H, W) or unbatched (C, H, W); NCHW, channels_last or any strides
             (the output takes the input's memory format). float32, float16 or bfloat16 on
-            a GPU (float32 accumulation; float32 uses TF32 tensor cores when
-            ``torch.backends.cudnn.allow_tf32`` is set, as PyTorch's convolution does);
+            a GPU (float32 accumulation; float32 uses TF32 tensor cores where PyTorch's
+            convolution does: ``torch.backends.cudnn.conv.fp32_precision``, or the legacy
+            ``torch.backends.cudnn.allow_tf32``);
             float32 or float64 on the CPU (16-bit inputs computed in float32).
         weight: (out_channels, in_channels / groups, kH, kW), same dtype and device.
         bias: optional (out_channels,).
