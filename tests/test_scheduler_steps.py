@@ -147,6 +147,24 @@ def test_ddim_step(backend, device, dtype):
         assert_close(out.prev_sample.cpu(), want_prev, dtype, msg=what)
 
 
+@pytest.mark.parametrize(("clip", "thresh"), [(True, False), (False, True)])
+def test_nan_passes_through_clipping(backend_device, clip, thresh):
+    """A diverged model's NaN stays NaN through clip_sample and thresholding (torch.clamp's
+    behaviour, and diffusers'), instead of becoming a plausible clipped value."""
+    backend, device = backend_device
+    s, m, noise = inputs((2, 3, 4, 5), device, torch.float32)
+    m[0, 1, 2, 3] = float("nan")
+    ab = table()
+    with dlcv_fast.use_backend(backend):
+        out = ddpm_step(m, 10, s, ab.to(device), prediction_type="sample", clip_sample=clip,
+                        clip_sample_range=0.5, thresholding=thresh, variance_noise=noise)
+    want_prev, want_x0 = reference_ddpm(m.cpu(), 10, s.cpu(), ab, 9, "sample", "fixed_small",
+                                        clip, 0.5, thresh, noise.cpu())
+    assert want_x0.isnan().any()
+    torch.testing.assert_close(out.pred_original_sample.cpu().double(), want_x0, equal_nan=True)
+    torch.testing.assert_close(out.prev_sample.cpu().double(), want_prev, equal_nan=True)
+
+
 def test_generator_makes_steps_reproducible(backend_device):
     _, device = backend_device
     ab = table().to(device)

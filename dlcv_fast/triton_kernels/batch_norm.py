@@ -150,7 +150,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, total, C
 
 @triton.jit
 def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, sum_dy_ptr,
-                       sum_dy_xmu_ptr, inv_count, total, C, inner,
+                       sum_dy_xmu_ptr, count, total, C, inner,
                        CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, TRAIN: tl.constexpr,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                        WIDE: tl.constexpr, BLOCK: tl.constexpr):
@@ -170,6 +170,8 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr
         invstd = tl.load(invstd_ptr + c, mask=live, other=0.0)
         sd = tl.load(sum_dy_ptr + c, mask=live, other=0.0)
         sdx = tl.load(sum_dy_xmu_ptr + c, mask=live, other=0.0)
+        # 1 / count in ACC here: a Python float argument reaches a compiled kernel as float32.
+        inv_count = 1.0 / tl.cast(count, ACC)
         r -= scale * (sd * inv_count + xm * invstd * invstd * sdx * inv_count)
     tl.store(dx_ptr + offs, r.to(dx_ptr.dtype.element_ty), mask=live)
 
@@ -267,7 +269,7 @@ def grad_input(dy, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: int
         with on_device_of(x):
             _grad_input_kernel[(triton.cdiv(total, BLOCK),)](
                 dy, x, dx, mean, invstd, _or(weight, mean), _or(bias, mean),
-                sum_dy if train else mean, sum_dy_xmu if train else mean, 1.0 / count, total, C,
+                sum_dy if train else mean, sum_dy_xmu if train else mean, count, total, C,
                 inner, CHANNELS_LAST=channels_last, RELU=relu, TRAIN=train,
                 HAS_W=weight is not None, HAS_B=bias is not None, ACC=_acc(x.dtype),
                 WIDE=_wide(x), BLOCK=BLOCK)
