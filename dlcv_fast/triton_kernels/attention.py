@@ -69,6 +69,16 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(ROWS, BLOCK: tl.constexpr):
+    """(batch * head, first row) of this program in a 1-D grid of batch * heads *
+    cdiv(ROWS, BLOCK) programs, one head's row blocks adjacent (they share its keys in L2).
+    A second grid axis would hold at most 65535 blocks: about a million rows of 16."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(ROWS, BLOCK)
+    return pid // blocks, (pid % blocks) * BLOCK
+
+
+@triton.jit
 def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2,
             MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr):
     """Scores in base 2, (rows, keys), -inf where masked, out of range or not causal."""
@@ -77,7 +87,7 @@ def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2
     visible = offs_n[None, :] < S
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
-    ptrs = M_ptr + mask_off + offs_m[:, None].to(tl.int64) * s_mi + offs_n[None, :] * s_mj
+    ptrs = M_ptr + mask_off + offs_m[:, None].to(tl.int64) * s_mi + offs_n[None, :].to(tl.int64) * s_mj
     if MASK == 1:
         visible = visible & (tl.load(ptrs, mask=live, other=0) != 0)
     if MASK == 2:
@@ -95,8 +105,7 @@ def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                     IEEE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(0)
-    start_m = tl.program_id(1) * BLOCK_M
+    bh, start_m = _program_tile(L, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -150,8 +159,8 @@ def _forward_kernel(Q, K, V, M_ptr, O, LSE,
 def _delta_kernel(DO, O, DELTA, L, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
                   ACC: tl.constexpr):
     """delta = rowsum(dO * out); dO and out dense (batch * heads, L, DV)."""
-    bh = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, start_m = _program_tile(L, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     live = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
     off = bh.to(tl.int64) * L * DV + offs_m[:, None].to(tl.int64) * DV + offs_dv[None, :]
@@ -179,8 +188,7 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
                  IEEE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bhk = tl.program_id(0)
-    start_n = tl.program_id(1) * BLOCK_N
+    bhk, start_n = _program_tile(S, BLOCK_N)
     b = bhk // HKV
     hk = bhk % HKV
     scale = tl.load(C)
@@ -248,8 +256,7 @@ def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
                IEEE: tl.constexpr, ACC: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    bh = tl.program_id(0)
-    start_m = tl.program_id(1) * BLOCK_M
+    bh, start_m = _program_tile(L, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -336,7 +343,7 @@ def forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed
     if out.numel() == 0:
         return out, lse
     c = _common(q, k, v, mask, dropout_p, scale, seed)
-    grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)  # noqa: E731
     with on_device_of(q):
         _forward_kernel[grid](
             q, k, v, c["m"], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -363,15 +370,15 @@ def backward(grad_out, q, k, v, out, lse, mask, dropout_p: float, is_causal: boo
                   ACC=c["acc"], BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
     with on_device_of(q):
         if B * H * L > 0:
-            _delta_kernel[(B * H, triton.cdiv(L, 16))](grad_out, out, delta, L, Dv, BLOCK_M=16,
+            _delta_kernel[(B * H * triton.cdiv(L, 16),)](grad_out, out, delta, L, Dv, BLOCK_M=16,
                                                         BLOCK_DV=_block(Dv), ACC=c["acc"])
         if B * Hkv * S > 0:
-            _dkdv_kernel[lambda meta: (B * Hkv, triton.cdiv(S, meta["BLOCK_N"]))](
+            _dkdv_kernel[lambda meta: (B * Hkv * triton.cdiv(S, meta["BLOCK_N"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dk, dv, *q.stride()[:3],
                 *k.stride()[:3], *v.stride()[:3], *c["m_strides"], H, Hkv, H // Hkv, L, S, D,
                 Dv, c["consts"], c["seed"], c["threshold"], **common)
         if B * H * L > 0:
-            _dq_kernel[lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))](
+            _dq_kernel[lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
                 *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
                 c["seed"], c["threshold"], **common)

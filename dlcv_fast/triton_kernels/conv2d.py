@@ -390,6 +390,8 @@ def _bias_relu_backward_kernel(
     p_lo = split * P_SPLIT
     p_hi = tl.minimum(P, p_lo + P_SPLIT)
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    if WIDE_INDEX:  # offs_o times an NCHW channel stride passes 2^31 in a huge image
+        offs_o = offs_o.to(tl.int64)
     o_ok = offs_o < O
     acc = tl.zeros([BLOCK_P, BLOCK_O], ACC)
     for p0 in range(p_lo, p_hi, BLOCK_P):
