@@ -23,7 +23,9 @@ differ from one another.)
 
 The backward pass is deterministic in every backend: each gradient element is computed by
 one program (dK / dV per key block, dQ per query block), never accumulated with atomics. (On
-the CPU the schedule, hence the last bits, depends on the thread count.)
+the CPU the schedule, hence the last bits, depends on the thread count; in Triton on the
+tiles the autotuner picked, so two processes that pick different tiles may differ in the
+last bits.)
 """
 
 from __future__ import annotations
