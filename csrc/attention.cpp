@@ -94,7 +94,8 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   p.causal = is_causal;
   p.scale = scale;
   p.dropout_p = dropout_p;
-  p.dropout_threshold = static_cast<uint32_t>(std::llround(dropout_p * 16777216.0));
+  // Half to even, as Python's round() in dropout_keep_mask and the Triton launcher.
+  p.dropout_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
   p.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
 
   const bool cpu_16bit = query.is_cpu() && (query.scalar_type() == at::kHalf ||

@@ -55,7 +55,7 @@ def make_mask(kind, B, H, L, S, dtype, device, g):
 
 def reference(q, k, v, mask, causal, scale=None, keep=None, dropout_p=0.0):
     """softmax(q k^T scale + mask) v in float64, GQA by repeating heads, with fully masked
-    rows giving zeros (dlcv_fast's choice); (out, lse)."""
+    rows giving zeros and masked weights exactly 0 (dlcv_fast's choices); (out, lse)."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[-3] // k.shape[-3]
     k = k.repeat_interleave(group, dim=-3)
@@ -68,8 +68,11 @@ def reference(q, k, v, mask, causal, scale=None, keep=None, dropout_p=0.0):
         L, S = s.shape[-2:]
         s = s.masked_fill(torch.ones(L, S, dtype=torch.bool, device=s.device).triu(1), -math.inf)
     dead = (s == -math.inf).all(-1, keepdim=True)
+    hidden = s == -math.inf
     s = torch.where(dead, 0.0, s)
-    w = torch.where(dead, 0.0, torch.softmax(s, -1))
+    # A masked weight is 0 even in a row that a NaN makes NaN (softmax alone gives NaN
+    # there): a masked key takes no part in the row, in the forward or the backward.
+    w = torch.where(dead | hidden, 0.0, torch.softmax(s, -1))
     lse = torch.where(dead.squeeze(-1), -math.inf, torch.logsumexp(s, -1))
     if keep is not None:
         w = w * keep / (1 - dropout_p)
@@ -152,6 +155,59 @@ def test_fully_masked_rows_give_zeros(backend, device, dtype):
         assert_close(out, ref, dtype)
         live = torch.isfinite(ref_lse)
         assert_close(lse[live], ref_lse[live], torch.float32 if dtype != torch.float64 else dtype)
+
+
+def _poison(case, q, k, mask):
+    """Puts a NaN (or +inf) where `case` says; returns the mask to use."""
+    if case == "nan_query":
+        q.data[0, 1, 4, 2] = math.nan  # row 4 of head 1
+    elif case == "nan_key":
+        k.data[1, 0, 7, 0] = math.nan  # key 7 of batch 1: every row that sees it
+    elif case == "nan_key_masked_out":
+        k.data[1, 0, 7, 0] = math.nan
+        mask = mask.clone()
+        mask[..., 7] = False  # no row sees key 7: nothing is NaN
+    elif case == "nan_additive_mask":
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        mask[0, 0, 5, 3] = math.nan
+    elif case == "inf_additive_mask":
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        mask[1, 0, 9, 2] = math.inf  # visible with causal too
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["nan_query", "nan_key", "nan_key_masked_out",
+                                  "nan_additive_mask", "inf_additive_mask"])
+def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal):
+    """A NaN among a row's visible scores (or a +inf score) makes that row's output, lse and
+    the gradients it feeds NaN, as softmax(q k^T + mask) v computed plainly gives; it must
+    not pass for a fully masked row and give zeros. A NaN where the mask hides it changes
+    nothing, and a masked key gets nothing from a NaN row (PyTorch's math backend makes its
+    weight NaN, hence its dv, but not its dk)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(4)
+    B, H, L, S, E = 2, 2, 11, 13, 16
+    q, k, v = make_qkv((B, H, H, L, S, E, E), torch.float32, device, g)
+    mask = _poison(case, q, k, torch.ones(B, 1, L, S, dtype=torch.bool, device=device))
+    with dlcv_fast.use_backend(backend):
+        out, lse = attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    m64 = mask if mask.dtype == torch.bool else mask.double()
+    ref, ref_lse = reference(q64, k64, v64, m64, causal)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
+    assert ref.isnan().any() == (case not in ("nan_key_masked_out",)), "the case tests nothing"
+    # lse of a row with a +inf score: +inf in the plain math, NaN here (either is not
+    # finite; NaN makes the backward's recomputed probabilities NaN, as the math's are).
+    assert torch.equal(lse.isfinite(), ref_lse.isfinite()), "lse"
+    for ours, want, what in [(out, ref, "out"), (lse, ref_lse, "lse"),
+                             *zip(grads, ref_grads, ("dq", "dk", "dv"))]:
+        if what != "lse":
+            assert torch.equal(ours.isnan(), want.isnan()), f"{what}: NaN where the math has none, or none where it has"
+        live = want.isfinite()
+        torch.testing.assert_close(ours[live].double(), want[live].detach(), rtol=1e-4, atol=1e-5,
+                                   msg=what)
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())

@@ -21,6 +21,8 @@
 // Inner loops run along a contiguous dimension (keys of a transposed K tile, or the head
 // dimension) so that the compiler vectorises them; arithmetic is in T (float or double).
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 
 #include "common.h"
@@ -410,10 +412,16 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
         scores(p, hd, i0, rows, j0, cols, s.data());
         for (int64_t r = 0; r < rows; ++r) {
           T* sr = s.data() + r * kK;
-          const T m_new = max_row(sr, m[r]);
-          if (m_new == neg_inf<T>()) {  // nothing visible yet: exp(-inf - -inf) would be NaN
-            for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
-            continue;
+          // max_row may drop a NaN score; then exp(NaN - m_new) makes l NaN, unless no
+          // other score is visible: such a row is NaN, not masked.
+          T m_new = max_row(sr, m[r]);
+          if (m_new == neg_inf<T>()) {
+            if (std::none_of(sr, sr + kK, [](T x) { return x != x; })) {
+              // nothing visible yet: exp(-inf - -inf) would be NaN
+              for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
+              continue;
+            }
+            m_new = std::numeric_limits<T>::quiet_NaN();
           }
           const T alpha = exp_nonpositive(m[r] - m_new);  // 0 while m was -inf
           for (int64_t c = 0; c < kK; ++c) sr[c] = exp_nonpositive(sr[c] - m_new);
@@ -430,16 +438,18 @@ void forward_impl(const AttentionParams& p, const T* q, const T* k, const T* v, 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         T* o = out + b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
-        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);  // fully masked row: zeros
+        // A fully masked row (l = 0) gives zeros and lse = -inf; a NaN l (a NaN or +inf
+        // score) gives NaN for both.
+        const T inv = l[r] == T(0) ? T(0) : T(1) / l[r];
         for (int64_t d = 0; d < Dv; ++d) o[d] = acc[r * Dv + d] * inv;
-        lse[bh * p.q_len + i] = l[r] > T(0) ? m[r] + std::log(l[r]) : neg_inf<T>();
+        lse[bh * p.q_len + i] = l[r] == T(0) ? neg_inf<T>() : m[r] + std::log(l[r]);
       }
     }
   });
 }
 
 // p = exp(s - lse) in place for rows [i0, i0 + rows); rows with lse = -inf (fully masked)
-// give 0.
+// give 0, and so do masked scores (s = -inf) in a row whose lse is NaN.
 template <typename T>
 void probabilities(const T* lse_rows, int64_t rows, T* s) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -447,6 +457,8 @@ void probabilities(const T* lse_rows, int64_t rows, T* s) {
     T* sr = s + r * kK;
     if (lr == neg_inf<T>()) {
       for (int64_t c = 0; c < kK; ++c) sr[c] = T(0);
+    } else if (lr != lr) {
+      for (int64_t c = 0; c < kK; ++c) sr[c] = sr[c] == neg_inf<T>() ? T(0) : lr;
     } else {
       for (int64_t c = 0; c < kK; ++c) sr[c] = exp_nonpositive(sr[c] - lr);
     }
@@ -454,7 +466,8 @@ void probabilities(const T* lse_rows, int64_t rows, T* s) {
 }
 
 // dp[r * kK + c] = dO_(i0 + r) . v_(j0 + c), then ds = p (dp z - delta), in place of dp.
-// p holds the probabilities without dropout.
+// p holds the probabilities without dropout. Where p = 0 (masked) ds is 0 even when the
+// row's delta is NaN: a masked score passes no gradient, as through masked_fill.
 template <typename T>
 void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, const T* delta,
                  int64_t i0, int64_t rows, int64_t j0, int64_t cols, const T* prob, T* ds) {
@@ -462,8 +475,13 @@ void score_grads(const AttentionParams& p, const Head<T>& hd, const T* dout, con
   tile_product(dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.v_dim, vt, ds);
   if (p.dropout_p > 0) apply_dropout(p, hd, i0, rows, j0, cols, ds);
   for (int64_t r = 0; r < rows; ++r) {
+    const T dr = delta[i0 + r];
+    if (dr != dr) {
+      for (int64_t c = 0; c < kK; ++c) ds[r * kK + c] = prob[r * kK + c] == T(0) ? T(0) : dr;
+      continue;
+    }
     for (int64_t c = 0; c < kK; ++c) {
-      ds[r * kK + c] = prob[r * kK + c] * (ds[r * kK + c] - delta[i0 + r]);
+      ds[r * kK + c] = prob[r * kK + c] * (ds[r * kK + c] - dr);
     }
   }
 }

@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int r = threadIdx.x; r < TILE; r += blockDim.x) {  // online softmax, one row each
       A* sr = ss + r * TILE;
       A m_new = m[r];
-      for (int c = 0; c < TILE; ++c) m_new = max(m_new, sr[c]);
+      // A NaN score makes the row NaN (fmax would drop it and give a finite row).
+      for (int c = 0; c < TILE; ++c) m_new = sr[c] > m_new || isnan(sr[c]) ? sr[c] : m_new;
       if (m_new == neg_inf<A>()) {  // nothing visible yet: keep m, l, acc
         for (int c = 0; c < TILE; ++c) sr[c] = A(0);
         alpha[r] = A(1);
@@ -158,13 +159,16 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int r = idx / Dv, d = idx % Dv;
     const int64_t i = i0 + r;
     if (i < p.q_len) {
-      const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);  // a fully masked row gives zeros
+      // A fully masked row (l = 0) gives zeros and lse = -inf, a NaN l NaN for both.
+      const A inv = l[r] == A(0) ? A(0) : A(1) / l[r];
       oh[i * p.o_stride[2] + d] = from_acc<T>(os[idx] * inv);
     }
   }
   for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
     const int64_t i = i0 + r;
-    if (i < p.q_len) lse[bh * p.q_len + i] = l[r] > A(0) ? m[r] + log_acc(l[r]) : neg_inf<A>();
+    if (i < p.q_len) {
+      lse[bh * p.q_len + i] = l[r] == A(0) ? neg_inf<A>() : m[r] + log_acc(l[r]);
+    }
   }
 }
 
@@ -258,7 +262,8 @@ __global__ void __launch_bounds__(kAttnThreads)
         }
         const A z = pr != A(0) ? dropout_factor<A>(p, static_cast<uint32_t>(bh), i, j) : A(0);
         ps[idx] = pr * z;
-        dss[idx] = pr * (dp * z - delta_s[r]);
+        // A masked score (p = 0) passes no gradient, even when the row's delta is NaN.
+        dss[idx] = pr == A(0) ? A(0) : pr * (dp * z - delta_s[r]);
       }
       __syncthreads();
       for (int idx = threadIdx.x; idx < TILE * Dv; idx += blockDim.x) {  // dV += (p z)^T dO

@@ -69,6 +69,13 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max for tl.reduce that keeps a NaN (tl.max drops it on a GPU): a NaN score must
+    reach its row's softmax."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _program_tile(ROWS, BLOCK: tl.constexpr):
     """(batch * head, first row) of this program in a 1-D grid of batch * heads *
     cdiv(ROWS, BLOCK) programs, one head's row blocks adjacent (they share its keys in L2).
@@ -132,7 +139,7 @@ def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                      mask=(offs_n[None, :] < S) & (offs_d[:, None] < D), other=0.0)
         s = _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2,
                     MASK, CAUSAL, IEEE, ACC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_nan), propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf = NaN
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
@@ -144,10 +151,12 @@ def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                     mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE).to(ACC)
         m_i = m_new
-    # A fully masked row (l = 0) gives zeros and lse = -inf.
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    # A fully masked row (l = 0) gives zeros and lse = -inf; a NaN l (a NaN or +inf score)
+    # NaN for both.
+    dead = l_i == 0
+    out = tl.where(dead[:, None], 0.0, acc / tl.where(dead, 1.0, l_i)[:, None])
+    lse = tl.where(dead, float("-inf"),
+                   (m_i + tl.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453)
     o_ptrs = (O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
               + offs_m[:, None].to(tl.int64) * s_ol + offs_dv[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty),
@@ -173,9 +182,17 @@ def _delta_kernel(DO, O, DELTA, L, DV, BLOCK_M: tl.constexpr, BLOCK_DV: tl.const
 
 @triton.jit
 def _probabilities(s, lse_log2):
-    """exp2(s - lse) with the row's lse in base 2; 0 in fully masked rows (lse = -inf)."""
+    """exp2(s - lse) with the row's lse in base 2; 0 in fully masked rows (lse = -inf) and
+    for masked scores, also in a row whose lse is NaN."""
     safe = tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)
-    return tl.exp2(s - safe)
+    return tl.where(s == float("-inf"), 0.0, tl.exp2(s - safe))
+
+
+@triton.jit
+def _score_grads(p, dp, delta):
+    """ds = p (dp - delta); 0 where p is (a masked score passes no gradient, even when the
+    row's delta is NaN)."""
+    return tl.where(p == 0, 0.0, p * (dp - delta[:, None]))
 
 
 @triton.autotune(configs=_configs(_BWD_TILES), key=["L", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL"])
@@ -234,7 +251,7 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
                              keep_scale, 0.0)
                 pz = p * z
                 dp = dp * z
-            ds = p * (dp - delta[:, None])
+            ds = _score_grads(p, dp, delta)
             dv += _dot(tl.trans(pz.to(do.dtype)), do, IEEE).to(ACC)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE).to(ACC)
     base = bhk.to(tl.int64) * S
@@ -295,7 +312,7 @@ def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
         if DROPOUT:
             dp = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], threshold),
                           dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = _score_grads(p, dp, delta)
         dq += _dot(ds.to(k.dtype), k, IEEE).to(ACC)
     tl.store(DQ + (bh.to(tl.int64) * L + offs_m[:, None]) * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty),
