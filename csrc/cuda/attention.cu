@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "common.cuh"
@@ -100,8 +101,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   A* l = m + TILE;                         // [TILE] running sum
   A* alpha = l + TILE;                     // [TILE] rescale of this step
 
-  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  const int64_t tiles = (p.q_len + TILE - 1) / TILE;
+  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
+  const int64_t i0 = (blockIdx.x % tiles) * TILE;
   const T* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
   const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
@@ -224,8 +226,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   A* lse_s = dss + TILE * TILE;            // [TILE]
   A* delta_s = lse_s + TILE;               // [TILE]
 
-  const int64_t bhk = blockIdx.x, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  const int64_t tiles = (p.kv_len + TILE - 1) / TILE;
+  const int64_t bhk = blockIdx.x / tiles, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int64_t j0 = (blockIdx.x % tiles) * TILE;
   load_tile<T, A>(ks, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, TILE,
                   p.kv_len, D);
   load_tile<T, A>(vs, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, TILE,
@@ -311,8 +314,9 @@ __global__ void __launch_bounds__(kAttnThreads)
   A* lse_s = dss + TILE * TILE;            // [TILE]
   A* delta_s = lse_s + TILE;               // [TILE]
 
-  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * TILE;
+  const int64_t tiles = (p.q_len + TILE - 1) / TILE;
+  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
+  const int64_t i0 = (blockIdx.x % tiles) * TILE;
   const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
   const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
@@ -373,10 +377,11 @@ int64_t dq_smem(int tile, const AttentionParams& p) {
 }
 
 // Launches kernel<T, TILE> for the largest TILE in {32, 16, 8} whose shared memory fits, on
-// grid (rows_x, ceil(len_y / TILE)).
+// a 1-D grid of heads * ceil(len / TILE) blocks, one head's tiles adjacent (a second grid
+// axis would cap len at 65535 tiles).
 template <typename Launch>
 cudaError_t with_tile(int64_t (*smem_of)(int, const AttentionParams&), const AttentionParams& p,
-                      size_t elem_bytes, int64_t len_y, Launch&& launch) {
+                      size_t elem_bytes, int64_t len, int64_t heads, Launch&& launch) {
   int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -384,10 +389,10 @@ cudaError_t with_tile(int64_t (*smem_of)(int, const AttentionParams&), const Att
   if (err != cudaSuccess) return err;
   for (int tile : {32, 16, 8}) {
     const int64_t bytes = smem_of(tile, p) * static_cast<int64_t>(elem_bytes);
-    const int64_t tiles = (len_y + tile - 1) / tile;
+    const int64_t blocks = (len + tile - 1) / tile * heads;
     if (bytes > optin) continue;
-    if (tiles > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit
-    const dim3 grid_tiles(1, static_cast<unsigned int>(tiles));
+    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
+    const dim3 grid_tiles(static_cast<unsigned int>(blocks));
     switch (tile) {
       case 32: return launch(std::integral_constant<int, 32>{}, grid_tiles, bytes);
       case 16: return launch(std::integral_constant<int, 16>{}, grid_tiles, bytes);
@@ -408,13 +413,12 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
                           const void* mask, void* out, void* lse, cudaStream_t stream) {
   const int64_t bh = p.batch * p.heads;
   if (bh == 0 || p.q_len == 0) return cudaSuccess;
-  return with_tile(forward_smem, p, sizeof(acc_t<T>), p.q_len,
+  return with_tile(forward_smem, p, sizeof(acc_t<T>), p.q_len, bh,
                    [&](auto tile, dim3 grid, int64_t bytes) {
     constexpr int TILE = decltype(tile)::value;
     const auto kernel = forward_kernel<T, TILE>;
     cudaError_t err = allow_smem(kernel, bytes);
     if (err != cudaSuccess) return err;
-    grid.x = static_cast<unsigned int>(bh);
     kernel<<<grid, kAttnThreads, bytes, stream>>>(
         p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
         static_cast<T*>(out), static_cast<acc_t<T>*>(lse));
@@ -437,13 +441,12 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
   }
   const int64_t bhk = p.batch * p.kv_heads;
   if (bhk > 0 && p.kv_len > 0) {
-    cudaError_t err = with_tile(dkdv_smem, p, sizeof(A), p.kv_len,
+    cudaError_t err = with_tile(dkdv_smem, p, sizeof(A), p.kv_len, bhk,
                                 [&](auto tile, dim3 grid, int64_t bytes) {
       constexpr int TILE = decltype(tile)::value;
       const auto kernel = dkdv_kernel<T, TILE>;
       cudaError_t e = allow_smem(kernel, bytes);
       if (e != cudaSuccess) return e;
-      grid.x = static_cast<unsigned int>(bhk);
       kernel<<<grid, kAttnThreads, bytes, stream>>>(
           p, static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
           static_cast<const T*>(v), mask, static_cast<const A*>(lse),
@@ -453,12 +456,12 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
     if (err != cudaSuccess) return err;
   }
   if (rows > 0) {
-    return with_tile(dq_smem, p, sizeof(A), p.q_len, [&](auto tile, dim3 grid, int64_t bytes) {
+    return with_tile(dq_smem, p, sizeof(A), p.q_len, p.batch * p.heads,
+                     [&](auto tile, dim3 grid, int64_t bytes) {
       constexpr int TILE = decltype(tile)::value;
       const auto kernel = dq_kernel<T, TILE>;
       cudaError_t e = allow_smem(kernel, bytes);
       if (e != cudaSuccess) return e;
-      grid.x = static_cast<unsigned int>(p.batch * p.heads);
       kernel<<<grid, kAttnThreads, bytes, stream>>>(
           p, static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
           static_cast<const T*>(v), mask, static_cast<const A*>(lse),
