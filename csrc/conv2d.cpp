@@ -278,12 +278,16 @@ std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward(
   const char* why = cuda::conv2d_bias_relu_unsupported(s);
   TORCH_CHECK_VALUE(why == nullptr, op, " (cuda): this output is beyond the kernel's limits: ",
                     why);
+  const DType dtype = kernel_dtype(gy.scalar_type());
+  const at::Tensor workspace = at::empty(
+      {bias ? cuda::conv2d_bias_relu_backward_workspace(dtype, strides_of(gy), s) : 0},
+      gy.options().dtype(at::kByte));
   launch_cuda(op, gy, [&](cudaStream_t stream) {
     return cuda::conv2d_bias_relu_backward(
-        kernel_dtype(gy.scalar_type()), gy.data_ptr(), strides_of(gy),
-        y.defined() ? y.data_ptr() : nullptr, y.defined() ? strides_of(y) : Strides4{},
-        output.has_value() ? g.data_ptr() : nullptr, bias ? grad_bias.data_ptr() : nullptr, s,
-        stream);
+        dtype, gy.data_ptr(), strides_of(gy), y.defined() ? y.data_ptr() : nullptr,
+        y.defined() ? strides_of(y) : Strides4{}, output.has_value() ? g.data_ptr() : nullptr,
+        bias ? grad_bias.data_ptr() : nullptr,
+        workspace.numel() > 0 ? workspace.data_ptr() : nullptr, s, stream);
   });
   return {g, grad_bias};
 #else

@@ -183,8 +183,8 @@ def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal):
     """A NaN among a row's visible scores (or a +inf score) makes that row's output, lse and
     the gradients it feeds NaN, as softmax(q k^T + mask) v computed plainly gives; it must
     not pass for a fully masked row and give zeros. A NaN where the mask hides it changes
-    nothing, and a masked key gets nothing from a NaN row (PyTorch's math backend makes its
-    weight NaN, hence its dv, but not its dk)."""
+    nothing. The sequences fit in one tile of every backend, so that which masked entries
+    meet a NaN row in a product (tile-dependent) is the same as in the formula."""
     backend, device = backend_device
     g = torch.Generator().manual_seed(4)
     B, H, L, S, E = 2, 2, 11, 13, 16

@@ -1083,19 +1083,114 @@ __global__ void __launch_bounds__(kBiasThreads)
   }
 }
 
+// Channels innermost (channels_last): the block above would read one element per 64- or
+// 128-byte line. Here a warp's lanes take 32 adjacent channels of a pixel (coalesced), the
+// block's 8 warps every 8th pixel of a slice, and slices of the pixels go to blockIdx.y so
+// that a few channel blocks still fill the GPU. Each block writes its channels' sums to
+// partial[slice][o]; sum_bias_slices adds the slices in order (deterministic).
+constexpr int kRowLanes = 32, kRowWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kRowLanes * kRowWarps)
+    bias_relu_backward_rows(const T* __restrict__ gy, Strides4 gys, const T* __restrict__ y,
+                            Strides4 ys, T* __restrict__ g_out, acc_t<T>* __restrict__ partial,
+                            int64_t channels, int64_t count, int64_t per, PixelDiv pix) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kRowLanes, warp = threadIdx.x / kRowLanes;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * kRowLanes + lane;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * per;
+  const int64_t q1 = q0 + per < count ? q0 + per : count;
+  A sum = A(0);
+  if (o < channels) {
+    for (int64_t q = q0 + warp; q < q1; q += kRowWarps) {
+      int64_t n;
+      int i, j;
+      pix.split(q, n, i, j);
+      const int64_t off = n * gys.n + o * gys.c + i * gys.h + j * gys.w;
+      A v = to_acc(gy[off]);
+      if (y != nullptr && to_acc(y[n * ys.n + o * ys.c + i * ys.h + j * ys.w]) <= A(0)) v = A(0);
+      if (g_out != nullptr) g_out[off] = from_acc<T>(v);
+      sum += v;
+    }
+  }
+  if (partial == nullptr) return;  // block-uniform
+  __shared__ A part[kRowWarps][kRowLanes];
+  part[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && o < channels) {
+    A total = A(0);
+    for (int w = 0; w < kRowWarps; ++w) total += part[w][lane];
+    partial[blockIdx.y * channels + o] = total;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sum_bias_slices(const acc_t<T>* __restrict__ partial, int64_t slices, int64_t channels,
+                    T* __restrict__ grad_bias) {
+  using A = acc_t<T>;
+  for (int64_t o = first_item<int64_t>(); o < channels; o += grid_step<int64_t>()) {
+    A total = A(0);
+    for (int64_t k = 0; k < slices; ++k) total += partial[k * channels + o];
+    grad_bias[o] = from_acc<T>(total);
+  }
+}
+
+bool channels_innermost(Strides4 gys, const Conv2dShape& s) { return gys.c == 1 && s.o > 1; }
+
+// Pixel slices for bias_relu_backward_rows: about kTargetBlocks blocks, no more slices than
+// ceil(pixels / 256) (so a slice holds more than 128 pixels, 16 per warp, unless there are
+// fewer pixels), at most 65535 slices (grid.y).
+struct BiasSlices {
+  int64_t slices, per;
+};
+BiasSlices bias_slices(const Conv2dShape& s) {
+  const int64_t count = s.n * s.oh * s.ow;
+  int64_t slices = ceil_div(kTargetBlocks, ceil_div(s.o, kRowLanes));
+  if (slices > ceil_div(count, 256)) slices = ceil_div(count, 256);
+  if (slices > 65535) slices = 65535;
+  if (slices < 1) slices = 1;
+  const int64_t per = ceil_div(count, slices);
+  return {per > 0 ? ceil_div(count, per) : 1, per > 0 ? per : 1};  // no slice left empty
+}
+
 template <typename T>
 cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y, Strides4 ys,
-                                     void* g_out, void* grad_bias, const Conv2dShape& s,
-                                     cudaStream_t stream) {
+                                     void* g_out, void* grad_bias, void* workspace,
+                                     const Conv2dShape& s, cudaStream_t stream) {
+  using A = acc_t<T>;
   if (s.o == 0 || (g_out == nullptr && grad_bias == nullptr)) return cudaSuccess;
   if (conv2d_bias_relu_unsupported(s) != nullptr) return cudaErrorInvalidValue;
-  bias_relu_backward<T><<<static_cast<unsigned>(s.o), kBiasThreads, 0, stream>>>(
+  const int64_t count = s.n * s.oh * s.ow;
+  if (!channels_innermost(gys, s)) {
+    bias_relu_backward<T><<<static_cast<unsigned>(s.o), kBiasThreads, 0, stream>>>(
+        static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
+        static_cast<T*>(grad_bias), count, PixelDiv(s.oh, s.ow));
+    return cudaGetLastError();
+  }
+  if (grad_bias != nullptr && workspace == nullptr) return cudaErrorInvalidValue;
+  const BiasSlices sl = bias_slices(s);
+  A* partial = grad_bias != nullptr ? static_cast<A*>(workspace) : nullptr;
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.o, kRowLanes)), static_cast<unsigned>(sl.slices));
+  bias_relu_backward_rows<T><<<grid, kRowLanes * kRowWarps, 0, stream>>>(
       static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
-      static_cast<T*>(grad_bias), s.n * s.oh * s.ow, PixelDiv(s.oh, s.ow));
+      partial, s.o, count, sl.per, PixelDiv(s.oh, s.ow));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || partial == nullptr) return err;
+  sum_bias_slices<T><<<blocks_for(s.o), kThreads, 0, stream>>>(partial, sl.slices, s.o,
+                                                              static_cast<T*>(grad_bias));
   return cudaGetLastError();
 }
 
 }  // namespace
+
+int64_t conv2d_bias_relu_backward_workspace(DType dtype, Strides4 gys, const Conv2dShape& s) {
+  if (s.o == 0 || !channels_innermost(gys, s) || conv2d_bias_relu_unsupported(s) != nullptr) {
+    return 0;
+  }
+  const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
+  return bias_slices(s).slices * s.o * acc_bytes;
+}
 
 const char* conv2d_bias_relu_unsupported(const Conv2dShape& s) {
   if (s.o > std::numeric_limits<int32_t>::max()) return "more than 2^31 - 1 output channels";
@@ -1147,13 +1242,13 @@ cudaError_t conv2d_backward_weight(DType dtype, const void* gy, Strides4 gys, co
 }
 
 cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys, const void* y,
-                                      Strides4 ys, void* g_out, void* grad_bias,
+                                      Strides4 ys, void* g_out, void* grad_bias, void* workspace,
                                       const Conv2dShape& shape, cudaStream_t stream) {
   switch (dtype) {
-    case DType::Float32: return bias_relu_backward_typed<float>(gy, gys, y, ys, g_out, grad_bias, shape, stream);
-    case DType::Float64: return bias_relu_backward_typed<double>(gy, gys, y, ys, g_out, grad_bias, shape, stream);
-    case DType::Float16: return bias_relu_backward_typed<__half>(gy, gys, y, ys, g_out, grad_bias, shape, stream);
-    case DType::BFloat16: return bias_relu_backward_typed<__nv_bfloat16>(gy, gys, y, ys, g_out, grad_bias, shape, stream);
+    case DType::Float32: return bias_relu_backward_typed<float>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
+    case DType::Float64: return bias_relu_backward_typed<double>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
+    case DType::Float16: return bias_relu_backward_typed<__half>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
+    case DType::BFloat16: return bias_relu_backward_typed<__nv_bfloat16>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -73,11 +73,13 @@ cudaError_t conv2d_backward_weight(DType dtype, const void* gy, Strides4 gys, co
 
 // The gradient that reaches the convolution from bias and ReLU: g = gy * (y > 0) if y is
 // given (relu), else gy. Writes g to g_out if not null (same strides as gy: gys) and
-// grad_bias[o] = sum over n, oh, ow of g (O contiguous elements) if not null.
+// grad_bias[o] = sum over n, oh, ow of g (O contiguous elements) if not null, through
+// `workspace` (conv2d_bias_relu_backward_workspace bytes, where grad_bias is wanted).
 // Deterministic.
 cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys, const void* y,
-                                      Strides4 ys, void* g_out, void* grad_bias,
+                                      Strides4 ys, void* g_out, void* grad_bias, void* workspace,
                                       const Conv2dShape& shape, cudaStream_t stream);
+int64_t conv2d_bias_relu_backward_workspace(DType dtype, Strides4 gys, const Conv2dShape& shape);
 // Why conv2d_bias_relu_backward cannot run this output shape (n, o, oh, ow), or null.
 const char* conv2d_bias_relu_unsupported(const Conv2dShape& shape);
 

@@ -20,9 +20,9 @@ forward pass's mask.
 A row that attends to nothing (its mask all False or -inf, or no key at all) gives zeros,
 lse = -inf and zero gradients. (PyTorch's math backend gives NaN there, its fused backends
 differ from one another.) A NaN among a row's visible scores, or a +inf score, makes the
-row's output and lse NaN, and the gradients it reaches, as the plain formula does; masked
-keys take no part in the row, so they get no NaN from it (the math backend gives their dV
-NaN, not their dK).
+row's output and lse NaN, and the gradients it reaches, as the plain formula does. A masked
+score passes no gradient of its own; whether a masked key's dK or dV still turns NaN
+through 0 x NaN in a product with a NaN row depends on the tiles a backend skips.
 
 The backward pass is deterministic in every backend: each gradient element is computed by
 one program (dK / dV per key block, dQ per query block), never accumulated with atomics. (On
