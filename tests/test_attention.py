@@ -176,10 +176,10 @@ def _poison(case, q, k, mask):
     return mask
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("causal", "dropout_p"), [(False, 0.0), (True, 0.0), (False, 0.3)])
 @pytest.mark.parametrize("case", ["nan_query", "nan_key", "nan_key_masked_out",
                                   "nan_additive_mask", "inf_additive_mask"])
-def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal):
+def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal, dropout_p):
     """A NaN among a row's visible scores (or a +inf score) makes that row's output, lse and
     the gradients it feeds NaN, as softmax(q k^T + mask) v computed plainly gives; it must
     not pass for a fully masked row and give zeros. A NaN where the mask hides it changes
@@ -190,12 +190,17 @@ def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal):
     B, H, L, S, E = 2, 2, 11, 13, 16
     q, k, v = make_qkv((B, H, H, L, S, E, E), torch.float32, device, g)
     mask = _poison(case, q, k, torch.ones(B, 1, L, S, dtype=torch.bool, device=device))
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (), device=device).item())
+    keep = dropout_keep_mask(seed, B, H, L, S, dropout_p, device=device) if dropout_p else None
+    torch.manual_seed(7)
     with dlcv_fast.use_backend(backend):
-        out, lse = attention(q, k, v, attn_mask=mask, is_causal=causal, return_lse=True)
+        out, lse = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                             return_lse=True)
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     m64 = mask if mask.dtype == torch.bool else mask.double()
-    ref, ref_lse = reference(q64, k64, v64, m64, causal)
+    ref, ref_lse = reference(q64, k64, v64, m64, causal, keep=keep, dropout_p=dropout_p)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), torch.ones_like(ref))
     assert ref.isnan().any() == (case not in ("nan_key_masked_out",)), "the case tests nothing"
     # lse of a row with a +inf score: +inf in the plain math, NaN here (either is not

@@ -370,7 +370,8 @@ void scores(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t row
   }
 }
 
-// Multiplies p[r * kK + c] (already exp'ed) by the dropout factor z of (i0 + r, j0 + c).
+// Multiplies p[r * kK + c] (already exp'ed) by the dropout factor z of (i0 + r, j0 + c): a
+// product even where z = 0, so that a NaN stays NaN as in the formula (and CUDA, Triton).
 template <typename T>
 void apply_dropout(const AttentionParams& p, const Head<T>& hd, int64_t i0, int64_t rows,
                    int64_t j0, int64_t cols, T* s) {
@@ -379,7 +380,7 @@ void apply_dropout(const AttentionParams& p, const Head<T>& hd, int64_t i0, int6
     const uint32_t key = dropout_row_key(p.seed, hd.bh, static_cast<uint32_t>(i0 + r));
     for (int64_t c = 0; c < cols; ++c) {
       const bool keep = dropout_bits(key, static_cast<uint32_t>(j0 + c)) >= p.dropout_threshold;
-      s[r * kK + c] = keep ? s[r * kK + c] * keep_scale : T(0);
+      s[r * kK + c] *= keep ? keep_scale : T(0);
     }
   }
 }
