@@ -209,7 +209,8 @@ def test_nan_and_inf_propagate_as_in_the_math(backend_device, case, causal, drop
     for ours, want, what in [(out, ref, "out"), (lse, ref_lse, "lse"),
                              *zip(grads, ref_grads, ("dq", "dk", "dv"))]:
         if what != "lse":
-            assert torch.equal(ours.isnan(), want.isnan()), f"{what}: NaN where the math has none, or none where it has"
+            assert torch.equal(ours.isnan(), want.isnan()), (
+                f"{what}: NaN where the math has none, or none where it has")
         live = want.isfinite()
         torch.testing.assert_close(ours[live].double(), want[live].detach(), rtol=1e-4, atol=1e-5,
                                    msg=what)

@@ -52,3 +52,10 @@ def on_device_of(t: torch.Tensor):
     """A context that makes ``t``'s GPU the current one: Triton launches on the current
     device, not on the device of its arguments."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def autotune_bucket(n: int) -> int:
+    """The power of two at or above n: a Triton autotune key for a size that varies between
+    calls (batch size, sequence length), so that sizes in one bucket reuse one tuning instead
+    of benchmarking every config again."""
+    return 1 << max(0, int(n) - 1).bit_length()

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dlcv_fast.backend import triton_interpreted
-from dlcv_fast.ops._common import empty_output, on_device_of
+from dlcv_fast.ops._common import autotune_bucket, empty_output, on_device_of
 
 LOG2E = 1.4426950408889634
 
@@ -39,6 +39,10 @@ _FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)
               (32, 32, 4, 1), (16, 16, 4, 1)]
 _BWD_TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
               (16, 16, 4, 1)]
+
+
+# L and S as powers of two (autotune_bucket): a new length in a bucket reuses its tiles.
+_TUNE_KEY = ["L_BUCKET", "S_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL"]
 
 
 @triton.jit
@@ -94,7 +98,8 @@ def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2
     visible = offs_n[None, :] < S
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None])
-    ptrs = M_ptr + mask_off + offs_m[:, None].to(tl.int64) * s_mi + offs_n[None, :].to(tl.int64) * s_mj
+    ptrs = (M_ptr + mask_off + offs_m[:, None].to(tl.int64) * s_mi
+            + offs_n[None, :].to(tl.int64) * s_mj)
     if MASK == 1:
         visible = visible & (tl.load(ptrs, mask=live, other=0) != 0)
     if MASK == 2:
@@ -102,12 +107,12 @@ def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2
     return tl.where(visible, s, float("-inf"))
 
 
-@triton.autotune(configs=_configs(_FWD_TILES), key=["L", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL"])
+@triton.autotune(configs=_configs(_FWD_TILES), key=_TUNE_KEY)
 @triton.jit
 def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                     s_mb, s_mh, s_mi, s_mj,
-                    H, GROUP, L, S, D, DV, C, seed, threshold,
+                    H, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                     IEEE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -195,12 +200,12 @@ def _score_grads(p, dp, delta):
     return tl.where(p == 0, 0.0, p * (dp - delta[:, None]))
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL"])
+@triton.autotune(configs=_configs(_BWD_TILES), key=_TUNE_KEY)
 @triton.jit
 def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                  s_mb, s_mh, s_mi, s_mj,
-                 H, HKV, GROUP, L, S, D, DV, C, seed, threshold,
+                 H, HKV, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  IEEE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -263,12 +268,12 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
              mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
 
 
-@triton.autotune(configs=_configs(_BWD_TILES), key=["L", "S", "BLOCK_D", "BLOCK_DV", "CAUSAL"])
+@triton.autotune(configs=_configs(_BWD_TILES), key=_TUNE_KEY)
 @triton.jit
 def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
                s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                s_mb, s_mh, s_mi, s_mj,
-               H, GROUP, L, S, D, DV, C, seed, threshold,
+               H, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                IEEE: tl.constexpr, ACC: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -339,7 +344,8 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
     consts = torch.tensor([scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)],
                           dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)
-    return dict(acc=acc, mask_kind=mask_kind, m=m, m_strides=m_strides,
+    buckets = (autotune_bucket(q.shape[2]), autotune_bucket(k.shape[2]))
+    return dict(acc=acc, mask_kind=mask_kind, m=m, m_strides=m_strides, buckets=buckets,
                 dropout=dropout_p > 0, threshold=threshold, consts=consts,
                 seed=int(seed) & 0xFFFFFFFF, ieee=q.dtype in (torch.float32, torch.float64))
 
@@ -365,7 +371,7 @@ def forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed
         _forward_kernel[grid](
             q, k, v, c["m"], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
-            c["seed"], c["threshold"], MASK=c["mask_kind"], CAUSAL=is_causal,
+            c["seed"], c["threshold"], *c["buckets"], MASK=c["mask_kind"], CAUSAL=is_causal,
             DROPOUT=c["dropout"], IEEE=c["ieee"], ACC=c["acc"], BLOCK_D=_block(D),
             BLOCK_DV=_block(Dv))
     return out, lse
@@ -393,12 +399,12 @@ def backward(grad_out, q, k, v, out, lse, mask, dropout_p: float, is_causal: boo
             _dkdv_kernel[lambda meta: (B * Hkv * triton.cdiv(S, meta["BLOCK_N"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dk, dv, *q.stride()[:3],
                 *k.stride()[:3], *v.stride()[:3], *c["m_strides"], H, Hkv, H // Hkv, L, S, D,
-                Dv, c["consts"], c["seed"], c["threshold"], **common)
+                Dv, c["consts"], c["seed"], c["threshold"], *c["buckets"], **common)
         if B * H * L > 0:
             _dq_kernel[lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
                 *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
-                c["seed"], c["threshold"], **common)
+                c["seed"], c["threshold"], *c["buckets"], **common)
     return dq, dk, dv
 
 

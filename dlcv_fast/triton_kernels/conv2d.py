@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dlcv_fast.ops._common import autotune_bucket as _bucket
 from dlcv_fast.ops._common import on_device_of
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -111,14 +112,14 @@ def _decode_k(k, CG, KH, KW, CHANNELS_FAST: tl.constexpr):
     return c, r, s
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "NG", "K", "CHANNELS_FAST", "TAP_MAJOR"],
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "NG", "K", "CHANNELS_FAST", "TAP_MAJOR"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, NG, K, CG, H, W, OW, OHW, KH, KW,
     sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
-    SH, SW, PH, PW, DH, DW,
+    SH, SW, PH, PW, DH, DW, M_BUCKET,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, CHANNELS_FAST: tl.constexpr,
     TAP_MAJOR: tl.constexpr, WIDE_INDEX: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -199,14 +200,14 @@ def _phase_taps(phase, PAD, DIL, STRIDE, STEP, KSIZE):
     return first, (KSIZE - first + STEP - 1) // STEP
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "NG", "K", "CHANNELS_FAST", "TAP_MAJOR"],
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "NG", "K", "CHANNELS_FAST", "TAP_MAJOR"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _dgrad_kernel(
     gy_ptr, w_ptr, gx_ptr,
     M, NG, K, OG, OH, OW, H, W, HQ, WQ, KH, KW,
     sgn, sgc, sgh, sgw, swo, swc, swh, sww, sxn, sxc, sxh, sxw,
-    SH, SW, PH, PW, DH, DW, STEP_H, STEP_W,
+    SH, SW, PH, PW, DH, DW, STEP_H, STEP_W, M_BUCKET,
     CHANNELS_FAST: tl.constexpr, TAP_MAJOR: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -284,14 +285,14 @@ def _dgrad_kernel(
     tl.store(gx_ptrs, acc.to(gx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "NG", "K_SPLIT", "CHANNELS_FAST", "TAP_MAJOR"],
+@triton.autotune(configs=_CONFIGS, key=["M", "NG", "K_BUCKET", "CHANNELS_FAST", "TAP_MAJOR"],
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _wgrad_kernel(
     gy_ptr, x_ptr, out_ptr,
     M, NG, K, K_SPLIT, SPLITS, CG, H, W, OW, OHW, KH, KW,
     sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, so_split, soo, soc, sor, sos,
-    SH, SW, PH, PW, DH, DW,
+    SH, SW, PH, PW, DH, DW, K_BUCKET,
     CHANNELS_FAST: tl.constexpr, TAP_MAJOR: tl.constexpr, WIDE_INDEX: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -743,7 +744,7 @@ def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
             x, w, bias if bias is not None else y, y,
             m, og, k, cg, h, wd, ow, oh * ow, kh, kw,
             *x.stride(), *w.stride(), *y.stride(),
-            *stride, *padding, *dilation,
+            *stride, *padding, *dilation, _bucket(m),
             HAS_BIAS=bias is not None, RELU=bool(relu), CHANNELS_FAST=_channels_fast(x),
             TAP_MAJOR=_tap_major(x, cg),
             WIDE_INDEX=_wide(x, w, y), ACC=_acc_type(x.dtype),
@@ -775,7 +776,7 @@ def backward_input(gy, w, gx, stride, padding, dilation, groups, allow_tf32: boo
             m, cg, og * kh * kw, og, oh, ow, h, wd, hq, wq, kh, kw,
             *gy.stride(), *w.stride(), *gx.stride(),
             *stride, *padding, *dilation,
-            sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1]),
+            sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1]), _bucket(m),
             CHANNELS_FAST=_channels_fast(gy), TAP_MAJOR=_tap_major(gy, og),
             WIDE_INDEX=_wide(gy, w, gx),
             ACC=_acc_type(gy.dtype), PRECISION=_precision(gy.dtype, allow_tf32),
@@ -817,7 +818,7 @@ def backward_weight(gy, x, gw, stride, padding, dilation, groups, allow_tf32: bo
             gy, x, out,
             m, ng, k, k_split, splits, cg, h, wd, ow, oh * ow, kh, kw,
             *gy.stride(), *x.stride(), *out_strides,
-            *stride, *padding, *dilation,
+            *stride, *padding, *dilation, _bucket(k_split),
             CHANNELS_FAST=_channels_fast(x), TAP_MAJOR=tap_major, WIDE_INDEX=wide, ACC=acc,
             PRECISION=_precision(x.dtype, allow_tf32),
         )
