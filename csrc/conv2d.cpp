@@ -85,7 +85,6 @@ Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-
 bool is_depthwise(const Conv2dShape& s) { return s.groups == s.c && s.c_per_group() == 1; }
 
 // Raises a ValueError naming the limit a convolution exceeds, before any launch.
@@ -224,10 +223,13 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   check_cuda_limits(op, s);
   const DType t = kernel_dtype(input.scalar_type());
   if (is_depthwise(s)) {
+    const at::Tensor workspace = at::empty(
+        {cuda::conv2d_depthwise_backward_weight_workspace(t, strides_of(input), s)},
+        input.options().dtype(at::kByte));
     launch_cuda(op, input, [&](cudaStream_t stream) {
-      return cuda::conv2d_depthwise_backward_weight(t, gy.data_ptr(), strides_of(gy),
-                                                    input.data_ptr(), strides_of(input),
-                                                    gw.data_ptr(), strides_of(gw), s, stream);
+      return cuda::conv2d_depthwise_backward_weight(
+          t, gy.data_ptr(), strides_of(gy), input.data_ptr(), strides_of(input), gw.data_ptr(),
+          strides_of(gw), workspace.numel() > 0 ? workspace.data_ptr() : nullptr, s, stream);
     });
     return gw;
   }

@@ -175,6 +175,25 @@ def test_matches_torch(backend, device, dtype, case):
                    with_bias=i != 2)
 
 
+# Depthwise wgrads long enough that the CUDA kernel splits the N*OH*OW positions over
+# blocks (at least 2048 positions on channels_last, 32768 on NCHW) and adds the slices in a
+# second kernel; too slow for Triton's interpreter, so on a GPU only.
+LONG_DEPTHWISE = [
+    (("depthwise-long-cl", (4, 8, 32, 32), 8, 3, 1, 1, 1, 8), "channels_last"),
+    (("depthwise-long-nchw", (2, 2, 128, 128), 4, 3, 1, 1, 1, 2), "nchw"),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize(("case", "layout"), LONG_DEPTHWISE, ids=[c[0][0] for c in LONG_DEPTHWISE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_depthwise_long_reductions(backend, dtype, case, layout):
+    if backend == "cuda" and not dlcv_fast.cuda_built():
+        pytest.skip("built without CUDA kernels")
+    check_case(backend, "cuda", dtype, case, layout, activation="relu", with_bias=True)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_forward_in_row_tiles(layout, dtype):

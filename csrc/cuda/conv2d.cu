@@ -1171,7 +1171,8 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
   if (grad_bias != nullptr && workspace == nullptr) return cudaErrorInvalidValue;
   const BiasSlices sl = bias_slices(s);
   A* partial = grad_bias != nullptr ? static_cast<A*>(workspace) : nullptr;
-  const dim3 grid(static_cast<unsigned>(ceil_div(s.o, kRowLanes)), static_cast<unsigned>(sl.slices));
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.o, kRowLanes)),
+                  static_cast<unsigned>(sl.slices));
   bias_relu_backward_rows<T><<<grid, kRowLanes * kRowWarps, 0, stream>>>(
       static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
       partial, s.o, count, sl.per, PixelDiv(s.oh, s.ow));

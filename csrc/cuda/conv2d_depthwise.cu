@@ -7,9 +7,11 @@
 //   dgrad    one thread per gx element, a gather: for each of its channel's multiplier
 //            outputs and each tap, the output position that read it, if the stride divides
 //            the distance and the position is in range. No atomics: deterministic.
-//   wgrad    one block per (tap, block of output channels): the block's threads stride over
-//            the N * OH * OW positions, then a fixed shared-memory tree adds their sums.
-//            Deterministic; no workspace.
+//   wgrad    one block per (tap, block of output channels, slice of the N * OH * OW
+//            positions): the block's threads stride over the slice, then a fixed
+//            shared-memory tree adds their sums. With several slices (few channels x taps
+//            would leave the GPU idle) their sums go to a workspace and a second kernel adds
+//            them in slice order. Deterministic.
 //
 // Flat element indices run with the channel fastest when the tensor written is channels_last
 // (threads of a warp then read and write adjacent channels) and with the width fastest
@@ -196,19 +198,19 @@ struct DwWgradArgs {
   DwGeo g;
 };
 
-// Sum over positions q = first, first + step, ... < N * OH * OW of gy * x for channel o and
-// tap (r, s): one thread's share of a block's reduction.
+// Sum over positions q = first, first + step, ... < end (of N * OH * OW) of gy * x for
+// channel o and tap (r, s): one thread's share of a block's reduction.
 template <typename T, typename I>
 __host__ __device__ __forceinline__ acc_t<T> dw_wgrad_partial(const DwWgradArgs<T, I>& a, I o,
-                                                              int r, int s, I first, I step) {
+                                                              int r, int s, I first, I end,
+                                                              I step) {
   using A = acc_t<T>;
   const DwGeo& g = a.g;
-  const I total = static_cast<I>(g.n) * g.oh * g.ow;
   const T* gyp = a.gy + o * a.gys.c;
   const T* xp = a.x + (o / g.mult) * a.xs.c;
   const int dh = r * g.dh - g.ph, dw = s * g.dw - g.pw;
   A acc = A(0);
-  for (I q = first; q < total; q += step) {
+  for (I q = first; q < end; q += step) {
     const I j = q % g.ow;
     const I t = q / g.ow;
     const I i = t % g.oh;
@@ -225,10 +227,13 @@ __host__ __device__ __forceinline__ acc_t<T> dw_wgrad_partial(const DwWgradArgs<
   return acc;
 }
 
-// Block (kLanes channels) x (kRows position lanes); blockIdx.x = tap * channel_blocks + block.
+// Block (kLanes channels) x (kRows position lanes); blockIdx.x = tap * channel_blocks + block,
+// blockIdx.y = slice of `per` positions. With one slice the block stores gw; with more it
+// stores its sum to sums[(slice * O + o) * taps + tap] for dw_wgrad_reduce.
 template <typename T, typename I, int kLanes, int kRows>
 __global__ void __launch_bounds__(kLanes * kRows)
-    dw_wgrad_kernel(const DwWgradArgs<T, I> a, int channel_blocks) {
+    dw_wgrad_kernel(const DwWgradArgs<T, I> a, int channel_blocks, I per,
+                    acc_t<T>* __restrict__ sums) {
   using A = acc_t<T>;
   const int tap = static_cast<int>(blockIdx.x) / channel_blocks;
   const int block = static_cast<int>(blockIdx.x) - tap * channel_blocks;
@@ -237,8 +242,11 @@ __global__ void __launch_bounds__(kLanes * kRows)
   const int row = static_cast<int>(threadIdx.x) / kLanes;
   const I o = static_cast<I>(block) * kLanes + lane;
   const bool live = o < a.g.o;
+  const I total = static_cast<I>(a.g.n) * a.g.oh * a.g.ow;
+  const I q0 = static_cast<I>(blockIdx.y) * per;  // < total: no slice is empty
+  const I q1 = per < total - q0 ? q0 + per : total;
   __shared__ A partial[kRows][kLanes];
-  partial[row][lane] = live ? dw_wgrad_partial<T, I>(a, o, r, s, static_cast<I>(row),
+  partial[row][lane] = live ? dw_wgrad_partial<T, I>(a, o, r, s, q0 + static_cast<I>(row), q1,
                                                      static_cast<I>(kRows))
                             : A(0);
   __syncthreads();
@@ -248,7 +256,30 @@ __global__ void __launch_bounds__(kLanes * kRows)
     if (row < half) partial[row][lane] += partial[row + half][lane];
     __syncthreads();
   }
-  if (row == 0 && live) dw_store(a.gw + a.gws.at(o, 0, r, s), partial[0][lane]);
+  if (row == 0 && live) {
+    if (sums == nullptr) {
+      dw_store(a.gw + a.gws.at(o, 0, r, s), partial[0][lane]);
+    } else {
+      const int64_t taps = int64_t{a.g.kh} * a.g.kw;
+      sums[(static_cast<int64_t>(blockIdx.y) * a.g.o + o) * taps + tap] = partial[0][lane];
+    }
+  }
+}
+
+// gw[o][tap] = the slices' sums added in slice order (deterministic).
+template <typename T, typename I>
+__global__ void __launch_bounds__(kThreads)
+    dw_wgrad_reduce(const DwWgradArgs<T, I> a, const acc_t<T>* __restrict__ sums,
+                    int64_t slices) {
+  using A = acc_t<T>;
+  const int64_t taps = int64_t{a.g.kh} * a.g.kw, count = a.g.o * taps;
+  for (int64_t idx = first_item<int64_t>(); idx < count; idx += grid_step<int64_t>()) {
+    A total = A(0);
+    for (int64_t k = 0; k < slices; ++k) total += sums[k * count + idx];
+    const int tap = static_cast<int>(idx % taps);
+    const int r = tap / a.g.kw, s = tap - r * a.g.kw;
+    dw_store(a.gw + a.gws.at(static_cast<I>(idx / taps), 0, r, s), total);
+  }
 }
 
 // ---- host side -----------------------------------------------------------------------------
@@ -324,10 +355,39 @@ cudaError_t dw_backward_input_typed(const void* gy, Strides4 gys, const void* w,
   return err;
 }
 
+// wgrad's blocks: 32 channels x 16 position lanes when x is channels_last, else 1 x 256.
+constexpr int kDwFastLanes = 32, kDwFastRows = 16, kDwLanes = 1, kDwRows = 256;
+
+// Slices of the N * OH * OW positions for wgrad: about kDwTargetBlocks blocks in all (few
+// channels times taps alone can leave most of the GPU idle), at least 64 positions per
+// position lane in a slice, at most 65535 slices (grid.y).
+constexpr int64_t kDwTargetBlocks = 528;  // 4 per SM on a 132-SM H100
+
+struct DwSlices {
+  int64_t slices, per;
+};
+DwSlices dw_slices(const Conv2dShape& s, int lanes, int rows) {
+  const int64_t total = s.n * s.oh * s.ow;
+  const int64_t blocks = (s.o + lanes - 1) / lanes * s.kh * s.kw;
+  int64_t slices = blocks > 0 ? (kDwTargetBlocks + blocks - 1) / blocks : 1;
+  const int64_t most = total / (int64_t{rows} * 64);
+  if (slices > most) slices = most;
+  if (slices > 65535) slices = 65535;
+  if (slices < 1) slices = 1;
+  const int64_t per = (total + slices - 1) / slices;
+  if (per == 0) return {1, 1};
+  return {(total + per - 1) / per, per};  // no slice left empty
+}
+
+DwSlices dw_slices_for(Strides4 xs, const Conv2dShape& s) {
+  return dw_channels_fast(xs) ? dw_slices(s, kDwFastLanes, kDwFastRows)
+                              : dw_slices(s, kDwLanes, kDwRows);
+}
+
 template <typename T>
 cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x, Strides4 xs,
-                                     void* gw, Strides4 gws, const Conv2dShape& s,
-                                     cudaStream_t stream) {
+                                     void* gw, Strides4 gws, void* workspace,
+                                     const Conv2dShape& s, cudaStream_t stream) {
   if (conv2d_depthwise_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   const int64_t taps = s.kh * s.kw;
   if (s.o == 0 || taps == 0) return cudaSuccess;
@@ -335,6 +395,10 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
                                     dw_extent(xs, s.n, s.c, s.h, s.w),
                                     dw_extent(gws, s.o, 1, s.kh, s.kw)});
   const bool fast = dw_channels_fast(xs);
+  const DwSlices sl = dw_slices_for(xs, s);
+  if (sl.slices > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  using A = acc_t<T>;
+  A* sums = sl.slices > 1 ? static_cast<A*>(workspace) : nullptr;
   cudaError_t err = cudaSuccess;
   with_index_type(largest, [&](auto index) {
     using I = decltype(index);
@@ -348,15 +412,20 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
         err = cudaErrorInvalidValue;
         return;
       }
-      dw_wgrad_kernel<T, I, kLanes, kRows>
-          <<<static_cast<unsigned>(channel_blocks * taps), kLanes * kRows, 0, stream>>>(
-              a, static_cast<int>(channel_blocks));
+      const dim3 grid(static_cast<unsigned>(channel_blocks * taps),
+                      static_cast<unsigned>(sl.slices));
+      dw_wgrad_kernel<T, I, kLanes, kRows><<<grid, kLanes * kRows, 0, stream>>>(
+          a, static_cast<int>(channel_blocks), static_cast<I>(sl.per), sums);
+      err = cudaGetLastError();
+      if (err != cudaSuccess || sums == nullptr) return;
+      dw_wgrad_reduce<T, I><<<blocks_for(s.o * taps), kThreads, 0, stream>>>(a, sums, sl.slices);
       err = cudaGetLastError();
     };
     if (fast) {
-      launch(std::integral_constant<int, 32>{}, std::integral_constant<int, 16>{});
+      launch(std::integral_constant<int, kDwFastLanes>{},
+             std::integral_constant<int, kDwFastRows>{});
     } else {
-      launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 256>{});
+      launch(std::integral_constant<int, kDwLanes>{}, std::integral_constant<int, kDwRows>{});
     }
   });
   return err;
@@ -410,14 +479,24 @@ cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides
   return cudaErrorInvalidValue;
 }
 
+int64_t conv2d_depthwise_backward_weight_workspace(DType dtype, Strides4 xs,
+                                                  const Conv2dShape& shape) {
+  if (conv2d_depthwise_unsupported(shape) != nullptr || shape.o == 0) return 0;
+  const DwSlices sl = dw_slices_for(xs, shape);
+  if (sl.slices <= 1) return 0;
+  const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
+  return sl.slices * shape.o * shape.kh * shape.kw * acc_bytes;
+}
+
 cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
                                              const void* x, Strides4 xs, void* gw, Strides4 gws,
-                                             const Conv2dShape& shape, cudaStream_t stream) {
+                                             void* workspace, const Conv2dShape& shape,
+                                             cudaStream_t stream) {
   switch (dtype) {
-    case DType::Float32: return dw_backward_weight_typed<float>(gy, gys, x, xs, gw, gws, shape, stream);
-    case DType::Float64: return dw_backward_weight_typed<double>(gy, gys, x, xs, gw, gws, shape, stream);
-    case DType::Float16: return dw_backward_weight_typed<__half>(gy, gys, x, xs, gw, gws, shape, stream);
-    case DType::BFloat16: return dw_backward_weight_typed<__nv_bfloat16>(gy, gys, x, xs, gw, gws, shape, stream);
+    case DType::Float32: return dw_backward_weight_typed<float>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
+    case DType::Float64: return dw_backward_weight_typed<double>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
+    case DType::Float16: return dw_backward_weight_typed<__half>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
+    case DType::BFloat16: return dw_backward_weight_typed<__nv_bfloat16>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
   }
   return cudaErrorInvalidValue;
 }

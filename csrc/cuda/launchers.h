@@ -92,9 +92,14 @@ cudaError_t conv2d_depthwise_forward(DType dtype, const void* x, Strides4 xs, co
 cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides4 gys,
                                             const void* w, Strides4 ws, void* gx, Strides4 gxs,
                                             const Conv2dShape& shape, cudaStream_t stream);
+// grad_w, through `workspace`: conv2d_depthwise_backward_weight_workspace bytes (the
+// positions are split over blocks when channels x taps alone give too few).
 cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
                                              const void* x, Strides4 xs, void* gw, Strides4 gws,
-                                             const Conv2dShape& shape, cudaStream_t stream);
+                                             void* workspace, const Conv2dShape& shape,
+                                             cudaStream_t stream);
+int64_t conv2d_depthwise_backward_weight_workspace(DType dtype, Strides4 xs,
+                                                  const Conv2dShape& shape);
 // Why the depthwise kernels cannot run this geometry (an index or grid limit), or null.
 const char* conv2d_depthwise_unsupported(const Conv2dShape& shape);
 // Batch normalisation (batch_norm_shape.h). Per-channel arrays in the accumulation type
