@@ -1047,8 +1047,26 @@ cudaError_t backward_weight_typed(const void* gy, Strides4 gys, const void* x, S
 
 constexpr int kBiasThreads = 512;
 
-// One block per output channel: g = gy * (y > 0) (or gy) over every (n, i, j) of the
-// channel, written to g_out if given, summed in a fixed order into grad_bias[o] if given.
+// g = gy * (y > 0) (or gy) at flat pixel q of channel o, written to g_out if given. y <= 0
+// blocks the gradient (a NaN y passes it, as PyTorch's threshold_backward does).
+template <typename T>
+__device__ __forceinline__ acc_t<T> bias_grad_at(const T* __restrict__ gy, Strides4 gys,
+                                                 const T* __restrict__ y, Strides4 ys,
+                                                 T* __restrict__ g_out, int64_t o, int64_t q,
+                                                 const PixelDiv& pix) {
+  using A = acc_t<T>;
+  int64_t n;
+  int i, j;
+  pix.split(q, n, i, j);
+  const int64_t off = n * gys.n + o * gys.c + i * gys.h + j * gys.w;
+  A v = to_acc(gy[off]);
+  if (y != nullptr && to_acc(y[n * ys.n + o * ys.c + i * ys.h + j * ys.w]) <= A(0)) v = A(0);
+  if (g_out != nullptr) g_out[off] = from_acc<T>(v);
+  return v;
+}
+
+// One block per output channel: g over every (n, i, j) of the channel, written to g_out if
+// given, summed in a fixed order into grad_bias[o] if given.
 template <typename T>
 __global__ void __launch_bounds__(kBiasThreads)
     bias_relu_backward(const T* __restrict__ gy, Strides4 gys, const T* __restrict__ y,
@@ -1058,15 +1076,7 @@ __global__ void __launch_bounds__(kBiasThreads)
   const int64_t o = blockIdx.x;
   A sum = A(0);
   for (int64_t q = threadIdx.x; q < count; q += kBiasThreads) {
-    int64_t n;
-    int i, j;
-    pix.split(q, n, i, j);
-    const int64_t off = n * gys.n + o * gys.c + i * gys.h + j * gys.w;
-    A v = to_acc(gy[off]);
-    // y <= 0 blocks the gradient (a NaN y passes it, as PyTorch's threshold_backward does).
-    if (y != nullptr && to_acc(y[n * ys.n + o * ys.c + i * ys.h + j * ys.w]) <= A(0)) v = A(0);
-    if (g_out != nullptr) g_out[off] = from_acc<T>(v);
-    sum += v;
+    sum += bias_grad_at(gy, gys, y, ys, g_out, o, q, pix);
   }
   if (grad_bias == nullptr) return;
   // Shuffle tree within each warp, then warp 0 adds the warps' sums in order.
@@ -1103,14 +1113,7 @@ __global__ void __launch_bounds__(kRowLanes * kRowWarps)
   A sum = A(0);
   if (o < channels) {
     for (int64_t q = q0 + warp; q < q1; q += kRowWarps) {
-      int64_t n;
-      int i, j;
-      pix.split(q, n, i, j);
-      const int64_t off = n * gys.n + o * gys.c + i * gys.h + j * gys.w;
-      A v = to_acc(gy[off]);
-      if (y != nullptr && to_acc(y[n * ys.n + o * ys.c + i * ys.h + j * ys.w]) <= A(0)) v = A(0);
-      if (g_out != nullptr) g_out[off] = from_acc<T>(v);
-      sum += v;
+      sum += bias_grad_at(gy, gys, y, ys, g_out, o, q, pix);
     }
   }
   if (partial == nullptr) return;  // block-uniform
