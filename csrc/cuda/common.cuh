@@ -54,6 +54,35 @@ __device__ __forceinline__ I grid_step() {
   return static_cast<I>(gridDim.x) * static_cast<I>(blockDim.x);
 }
 
+// A long reduction over `items` split into slices along grid.y, so that `blocks` blocks per
+// slice make about kSliceTargetBlocks in all (few output blocks alone would leave most of
+// the GPU idle): at least `min_items` items per slice (one slice if there are fewer), at
+// most 65535 slices, none left empty. The slice count depends on the shape only, so the
+// slices' partial sums, added in slice order, give the same bits on every GPU.
+constexpr int64_t kSliceTargetBlocks = 528;  // 4 per SM on a 132-SM H100
+
+struct Slices {
+  int64_t count, per;
+};
+inline Slices slices_for(int64_t items, int64_t blocks, int64_t min_items) {
+  int64_t count = blocks > 0 ? (kSliceTargetBlocks + blocks - 1) / blocks : 1;
+  if (count > items / min_items) count = items / min_items;
+  if (count > 65535) count = 65535;
+  if (count < 1) count = 1;
+  const int64_t per = (items + count - 1) / count;
+  if (per == 0) return {1, 1};
+  return {(items + per - 1) / per, per};
+}
+
+// sums[0 * stride + idx] + sums[1 * stride + idx] + ... over the slices, in slice order.
+template <typename A>
+__device__ __forceinline__ A sum_slices(const A* __restrict__ sums, int64_t slices,
+                                        int64_t stride, int64_t idx) {
+  A total = A(0);
+  for (int64_t k = 0; k < slices; ++k) total += sums[k * stride + idx];
+  return total;
+}
+
 inline bool aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }

@@ -921,9 +921,9 @@ cudaError_t backward_input_typed(const void* gy, Strides4 gys, const void* w, St
 // ---- wgrad ---------------------------------------------------------------------------------
 
 // Split-K for wgrad, from the shape alone (the workspace size must not depend on the dtype):
-// enough splits to give about kTargetBlocks blocks of the 128 x 64 tile, each split at least
-// kMinChunks chunks of 32 along K so that its partial tile is small next to its products.
-constexpr int64_t kTargetBlocks = 528;  // 4 per SM on a 132-SM H100
+// enough splits to give about kSliceTargetBlocks (common.cuh) blocks of the 128 x 64 tile,
+// each split at least kMinChunks chunks of 32 along K so that its partial tile is small next
+// to its products.
 constexpr int64_t kChunk = 32;
 constexpr int64_t kMinChunks = 16;
 constexpr int64_t kMaxSplits = 64;
@@ -936,7 +936,7 @@ SplitK wgrad_split(const Conv2dShape& s) {
   const int64_t m = s.o_per_group(), n = s.c_per_group() * s.kh * s.kw, k = s.n * s.oh * s.ow;
   const int64_t blocks = ceil_div(m, 128) * ceil_div(n, 64) * s.groups;
   const int64_t chunks = ceil_div(k, kChunk);
-  int64_t splits = blocks > 0 ? ceil_div(kTargetBlocks, blocks) : 1;
+  int64_t splits = blocks > 0 ? ceil_div(kSliceTargetBlocks, blocks) : 1;
   const int64_t most = chunks / kMinChunks;
   if (splits > most) splits = most;
   if (splits > kMaxSplits) splits = kMaxSplits;
@@ -1133,28 +1133,15 @@ __global__ void __launch_bounds__(kThreads)
                     T* __restrict__ grad_bias) {
   using A = acc_t<T>;
   for (int64_t o = first_item<int64_t>(); o < channels; o += grid_step<int64_t>()) {
-    A total = A(0);
-    for (int64_t k = 0; k < slices; ++k) total += partial[k * channels + o];
-    grad_bias[o] = from_acc<T>(total);
+    grad_bias[o] = from_acc<T>(sum_slices<A>(partial, slices, channels, o));
   }
 }
 
 bool channels_innermost(Strides4 gys, const Conv2dShape& s) { return gys.c == 1 && s.o > 1; }
 
-// Pixel slices for bias_relu_backward_rows: about kTargetBlocks blocks, no more slices than
-// ceil(pixels / 256) (so a slice holds more than 128 pixels, 16 per warp, unless there are
-// fewer pixels), at most 65535 slices (grid.y).
-struct BiasSlices {
-  int64_t slices, per;
-};
-BiasSlices bias_slices(const Conv2dShape& s) {
-  const int64_t count = s.n * s.oh * s.ow;
-  int64_t slices = ceil_div(kTargetBlocks, ceil_div(s.o, kRowLanes));
-  if (slices > ceil_div(count, 256)) slices = ceil_div(count, 256);
-  if (slices > 65535) slices = 65535;
-  if (slices < 1) slices = 1;
-  const int64_t per = ceil_div(count, slices);
-  return {per > 0 ? ceil_div(count, per) : 1, per > 0 ? per : 1};  // no slice left empty
+// Pixel slices for bias_relu_backward_rows: at least 256 pixels (32 per warp) in a slice.
+Slices bias_slices(const Conv2dShape& s) {
+  return slices_for(s.n * s.oh * s.ow, ceil_div(s.o, kRowLanes), 256);
 }
 
 template <typename T>
@@ -1172,16 +1159,16 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
     return cudaGetLastError();
   }
   if (grad_bias != nullptr && workspace == nullptr) return cudaErrorInvalidValue;
-  const BiasSlices sl = bias_slices(s);
+  const Slices sl = bias_slices(s);
   A* partial = grad_bias != nullptr ? static_cast<A*>(workspace) : nullptr;
   const dim3 grid(static_cast<unsigned>(ceil_div(s.o, kRowLanes)),
-                  static_cast<unsigned>(sl.slices));
+                  static_cast<unsigned>(sl.count));
   bias_relu_backward_rows<T><<<grid, kRowLanes * kRowWarps, 0, stream>>>(
       static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
       partial, s.o, count, sl.per, PixelDiv(s.oh, s.ow));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || partial == nullptr) return err;
-  sum_bias_slices<T><<<blocks_for(s.o), kThreads, 0, stream>>>(partial, sl.slices, s.o,
+  sum_bias_slices<T><<<blocks_for(s.o), kThreads, 0, stream>>>(partial, sl.count, s.o,
                                                               static_cast<T*>(grad_bias));
   return cudaGetLastError();
 }
@@ -1193,7 +1180,7 @@ int64_t conv2d_bias_relu_backward_workspace(DType dtype, Strides4 gys, const Con
     return 0;
   }
   const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
-  return bias_slices(s).slices * s.o * acc_bytes;
+  return bias_slices(s).count * s.o * acc_bytes;
 }
 
 const char* conv2d_bias_relu_unsupported(const Conv2dShape& s) {

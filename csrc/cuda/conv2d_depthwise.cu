@@ -274,8 +274,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   const int64_t taps = int64_t{a.g.kh} * a.g.kw, count = a.g.o * taps;
   for (int64_t idx = first_item<int64_t>(); idx < count; idx += grid_step<int64_t>()) {
-    A total = A(0);
-    for (int64_t k = 0; k < slices; ++k) total += sums[k * count + idx];
+    const A total = sum_slices<A>(sums, slices, count, idx);
     const int tap = static_cast<int>(idx % taps);
     const int r = tap / a.g.kw, s = tap - r * a.g.kw;
     dw_store(a.gw + a.gws.at(static_cast<I>(idx / taps), 0, r, s), total);
@@ -358,30 +357,12 @@ cudaError_t dw_backward_input_typed(const void* gy, Strides4 gys, const void* w,
 // wgrad's blocks: 32 channels x 16 position lanes when x is channels_last, else 1 x 256.
 constexpr int kDwFastLanes = 32, kDwFastRows = 16, kDwLanes = 1, kDwRows = 256;
 
-// Slices of the N * OH * OW positions for wgrad: about kDwTargetBlocks blocks in all (few
-// channels times taps alone can leave most of the GPU idle), at least 64 positions per
-// position lane in a slice, at most 65535 slices (grid.y).
-constexpr int64_t kDwTargetBlocks = 528;  // 4 per SM on a 132-SM H100
-
-struct DwSlices {
-  int64_t slices, per;
-};
-DwSlices dw_slices(const Conv2dShape& s, int lanes, int rows) {
-  const int64_t total = s.n * s.oh * s.ow;
-  const int64_t blocks = (s.o + lanes - 1) / lanes * s.kh * s.kw;
-  int64_t slices = blocks > 0 ? (kDwTargetBlocks + blocks - 1) / blocks : 1;
-  const int64_t most = total / (int64_t{rows} * 64);
-  if (slices > most) slices = most;
-  if (slices > 65535) slices = 65535;
-  if (slices < 1) slices = 1;
-  const int64_t per = (total + slices - 1) / slices;
-  if (per == 0) return {1, 1};
-  return {(total + per - 1) / per, per};  // no slice left empty
-}
-
-DwSlices dw_slices_for(Strides4 xs, const Conv2dShape& s) {
-  return dw_channels_fast(xs) ? dw_slices(s, kDwFastLanes, kDwFastRows)
-                              : dw_slices(s, kDwLanes, kDwRows);
+// Slices of the N * OH * OW positions for wgrad (common.cuh): blocks of (lanes channels, a
+// tap) per slice, at least 64 positions per position lane in a slice.
+Slices dw_slices(Strides4 xs, const Conv2dShape& s) {
+  const bool fast = dw_channels_fast(xs);
+  const int64_t lanes = fast ? kDwFastLanes : kDwLanes, rows = fast ? kDwFastRows : kDwRows;
+  return slices_for(s.n * s.oh * s.ow, (s.o + lanes - 1) / lanes * s.kh * s.kw, rows * 64);
 }
 
 template <typename T>
@@ -395,10 +376,10 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
                                     dw_extent(xs, s.n, s.c, s.h, s.w),
                                     dw_extent(gws, s.o, 1, s.kh, s.kw)});
   const bool fast = dw_channels_fast(xs);
-  const DwSlices sl = dw_slices_for(xs, s);
-  if (sl.slices > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const Slices sl = dw_slices(xs, s);
+  if (sl.count > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   using A = acc_t<T>;
-  A* sums = sl.slices > 1 ? static_cast<A*>(workspace) : nullptr;
+  A* sums = sl.count > 1 ? static_cast<A*>(workspace) : nullptr;
   cudaError_t err = cudaSuccess;
   with_index_type(largest, [&](auto index) {
     using I = decltype(index);
@@ -413,12 +394,12 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
         return;
       }
       const dim3 grid(static_cast<unsigned>(channel_blocks * taps),
-                      static_cast<unsigned>(sl.slices));
+                      static_cast<unsigned>(sl.count));
       dw_wgrad_kernel<T, I, kLanes, kRows><<<grid, kLanes * kRows, 0, stream>>>(
           a, static_cast<int>(channel_blocks), static_cast<I>(sl.per), sums);
       err = cudaGetLastError();
       if (err != cudaSuccess || sums == nullptr) return;
-      dw_wgrad_reduce<T, I><<<blocks_for(s.o * taps), kThreads, 0, stream>>>(a, sums, sl.slices);
+      dw_wgrad_reduce<T, I><<<blocks_for(s.o * taps), kThreads, 0, stream>>>(a, sums, sl.count);
       err = cudaGetLastError();
     };
     if (fast) {
@@ -482,10 +463,10 @@ cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides
 int64_t conv2d_depthwise_backward_weight_workspace(DType dtype, Strides4 xs,
                                                   const Conv2dShape& shape) {
   if (conv2d_depthwise_unsupported(shape) != nullptr || shape.o == 0) return 0;
-  const DwSlices sl = dw_slices_for(xs, shape);
-  if (sl.slices <= 1) return 0;
+  const Slices sl = dw_slices(xs, shape);
+  if (sl.count <= 1) return 0;
   const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
-  return sl.slices * shape.o * shape.kh * shape.kw * acc_bytes;
+  return sl.count * shape.o * shape.kh * shape.kw * acc_bytes;
 }
 
 cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Strides4 gys,
