@@ -9,6 +9,7 @@ larger than the caches), which is the ceiling a streaming kernel can reach.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -67,11 +68,16 @@ def median_ms_many(fns: Sequence[Callable[[], object]], device: torch.device,
     that whatever else the machine does (other processes, page faults of fresh outputs,
     frequency changes) falls on all of them alike: timed one after the other, the same
     PyTorch op moved by up to 3x between runs of the benchmark on a shared 2-core machine."""
-    if device.type == "cuda":
-        import triton.testing
+    with dlcv_fast.use_backend(dlcv_fast.get_backend()):  # in_backend's fns change it
+        if device.type == "cuda":
+            import triton.testing
 
-        return [float(triton.testing.do_bench(fn, warmup=25, rep=max(100, budget_s * 200),
-                                              return_mode="median")) for fn in fns]
+            return [float(triton.testing.do_bench(fn, warmup=25, rep=max(100, budget_s * 200),
+                                                  return_mode="median")) for fn in fns]
+        return _cpu_medians_ms(fns, budget_s)
+
+
+def _cpu_medians_ms(fns: Sequence[Callable[[], object]], budget_s: float) -> list[float]:
     flush = torch.empty(_CPU_FLUSH_BYTES // 4, dtype=torch.float32)
     for fn in fns:
         for _ in range(3):  # warm-up, also of the allocator
@@ -105,8 +111,15 @@ def within(context: Callable[[], object], fn: Callable[[], object]) -> Callable[
 
 
 def in_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, run with dlcv_fast's layers on ``backend``."""
-    return within(lambda: dlcv_fast.use_backend(backend), fn)
+    """fn, run with dlcv_fast's layers on ``backend``. The backend is set by assignment, not
+    in a ``with`` block: with cold caches a context manager's enter and exit cost 30-60 us
+    (2-core Zen 4), which would be charged to dlcv_fast alone. median_ms_many restores the
+    backend it found."""
+    def run():
+        dlcv_fast.set_backend(backend)
+        return fn()
+
+    return run
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -473,11 +486,9 @@ def _attention_cases(device: torch.device):
 
 
 def _torch_sdpa_variants(device: torch.device, dtype: torch.dtype):
-    """(label, context) of PyTorch's SDPA to compare with: its own choice of backend, and on
-    a GPU also its FlashAttention-2 backend alone (float16 / bfloat16 only)."""
-    import contextlib
-
-    out = [("vs sdpa", contextlib.nullcontext)]
+    """(label, context or None) of PyTorch's SDPA to compare with: its own choice of backend,
+    and on a GPU also its FlashAttention-2 backend alone (float16 / bfloat16 only)."""
+    out = [("vs sdpa", None)]
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -501,7 +512,7 @@ def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Itera
             case = f"L{L}-D{D}{'-causal' if causal else ''}"
             scale = D ** -0.5
             for label, ctx in _torch_sdpa_variants(device, dtype):
-                with ctx():
+                with ctx() if ctx else contextlib.nullcontext():
                     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                 common = dict(op="scaled_dot_product_attention", case=case, shape=(B, H, L, D),
                               dtype=str(dtype).removeprefix("torch."), layout=label)
@@ -516,8 +527,9 @@ def bench_attention(device: torch.device, dtypes, batch: int, backends) -> Itera
                     fwds[backend] = lambda op=op: op(q, k, v, None, 0.0, causal, scale, 0)
                     bwds[backend] = lambda out=out: torch.autograd.grad(
                         out, (q, k, v), grad, retain_graph=True)
-                torch_fwd, fwd_ms = against_torch(device, within(
-                    ctx, lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), fwds)
+                torch_sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                torch_fwd, fwd_ms = against_torch(
+                    device, torch_sdpa if ctx is None else within(ctx, torch_sdpa), fwds)
                 torch_bwd, bwd_ms = against_torch(device, lambda: torch.autograd.grad(
                     ref, (q, k, v), grad, retain_graph=True), bwds)
                 for backend in backends:

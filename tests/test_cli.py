@@ -65,3 +65,18 @@ def test_cpu_timings_run_in_turns():
     assert calls[:6] == ["a"] * 3 + ["b"] * 3
     assert len(timed) >= 10 and timed == ["a", "b"] * (len(timed) // 2)
     assert len(medians) == 2 and medians[1] >= 2.0 > medians[0]
+
+
+def test_timed_backend_is_set_per_call_and_restored():
+    """in_backend's functions run on their backend (set by assignment, without a context
+    manager's cost in the timing), and median_ms_many leaves the backend it found."""
+    import dlcv_fast
+    from dlcv_fast import bench
+
+    seen = []
+    fns = [lambda: seen.append(dlcv_fast.get_backend()),
+           bench.in_backend("cpu", lambda: seen.append(dlcv_fast.get_backend()))]
+    with dlcv_fast.use_backend("auto"):
+        bench.median_ms_many(fns, torch.device("cpu"), budget_s=0.01)
+        assert dlcv_fast.get_backend() == "auto"
+    assert seen[:3] == ["auto"] * 3 and seen[3:6] == ["cpu"] * 3
