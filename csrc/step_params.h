@@ -64,11 +64,13 @@ struct StepCoef {
         lo(A(s.clip == StepClip::Range ? -s.clip_range : -INFINITY)),
         hi(A(s.clip == StepClip::Range ? s.clip_range : INFINITY)), scale(A(1)) {}
 
-  // Thresholding: the clip of a sample with threshold th.
+  // Thresholding: the clip of a sample with threshold th. A threshold that is not positive
+  // makes the sample NaN (the value cannot be checked on the host without a synchronisation;
+  // a negative one would otherwise flip the sample's sign silently).
   DLCV_HOST_DEVICE void set_threshold(A th) {
     lo = -th;
     hi = th;
-    scale = A(1) / th;
+    scale = th > A(0) ? A(1) / th : A(NAN);
   }
 };
 

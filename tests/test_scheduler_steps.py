@@ -165,6 +165,24 @@ def test_nan_passes_through_clipping(backend_device, clip, thresh):
     torch.testing.assert_close(out.prev_sample.cpu().double(), want_prev, equal_nan=True)
 
 
+def test_threshold_not_positive_gives_nan(backend_device):
+    """The op's thresholds are per-sample device values the host does not read: one that is
+    not positive makes that sample NaN (a negative one would flip its sign), the others
+    are untouched."""
+    backend, device = backend_device
+    op = (torch.ops.dlcv_fast.scheduler_step_triton if backend == "triton"
+          else torch.ops.dlcv_fast.scheduler_step)
+    s, m, _ = inputs((4, 3, 5), device, torch.float32)
+    coefficients = [1.5, -0.5, 0.1, 1.0, 0.0, 0.0, 0.9, 0.05, 0.4, 0.0, 0.0, 0.0, 1.0]
+    good = torch.tensor([1.5, 1.5, 1.5, 1.5], device=device)
+    bad = torch.tensor([1.5, 0.0, -1.5, float("nan")], device=device)
+    want_prev, want_x0 = op(m, s, None, None, good, coefficients, 2, 0, False)
+    prev, x0 = op(m, s, None, None, bad, coefficients, 2, 0, False)
+    for got, want in ((prev, want_prev), (x0, want_x0)):
+        assert torch.equal(got[0], want[0])
+        assert got[1:].isnan().all()
+
+
 def test_generator_makes_steps_reproducible(backend_device):
     _, device = backend_device
     ab = table().to(device)
@@ -215,6 +233,8 @@ BAD = [
     (dict(variance_type="learned"), ValueError, "twice the channels"),
     (dict(thresholding=True, dynamic_thresholding_ratio=0.0), ValueError,
      "dynamic_thresholding_ratio"),
+    (dict(thresholding=True, sample_max_value=0.0), ValueError,
+     "sample_max_value must be positive"),
     (dict(timestep=1000), IndexError, r"timestep 1000 is outside \[0, 1000\)"),
     (dict(variance_noise=torch.zeros(1, 3, 4, 4)), ValueError, "variance_noise must have shape"),
 ]

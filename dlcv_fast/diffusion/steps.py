@@ -66,6 +66,8 @@ def _clip(x0_coefficients, model_output, sample, clip_sample, clip_sample_range,
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError("dynamic_thresholding_ratio must lie in (0, 1], but got "
                              f"{dynamic_thresholding_ratio}")
+        if not sample_max_value > 0:  # the threshold divides the clipped sample
+            raise ValueError(f"sample_max_value must be positive, but got {sample_max_value}")
         a, b = x0_coefficients
         acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x0 = a * sample.to(acc) + b * model_output.to(acc)

@@ -29,13 +29,15 @@ def _step_kernel(m_ptr, s_ptr, z_ptr, v_ptr, th_ptr, coef_ptr, prev_ptr, x0_ptr,
     x0 = tl.load(coef_ptr + 0).to(ACC) * s + tl.load(coef_ptr + 1).to(ACC) * m
     eps = tl.load(coef_ptr + 2).to(ACC) * s + tl.load(coef_ptr + 3).to(ACC) * m
     # Clamps by comparison, so that a NaN passes as in torch.clamp (tl.minimum and
-    # tl.maximum would turn it into a bound); thresholding then scales by 1 / th.
+    # tl.maximum would turn it into a bound); thresholding then scales by 1 / th, or makes
+    # the sample NaN for a threshold that is not positive (as csrc/step_params.h).
     if CLIP == 1:
         r = tl.load(coef_ptr + 12).to(ACC)
         x0 = tl.where(x0 < -r, -r, tl.where(x0 > r, r, x0))
     if CLIP == 2:
         th = tl.load(th_ptr + offs // inner, mask=live, other=1.0).to(ACC)
-        x0 = tl.where(x0 < -th, -th, tl.where(x0 > th, th, x0)) * (1.0 / th)
+        x0 = (tl.where(x0 < -th, -th, tl.where(x0 > th, th, x0))
+              * (1.0 / tl.where(th > 0, th, float("nan"))))
     if RECOMPUTE:
         eps = tl.load(coef_ptr + 4).to(ACC) * s + tl.load(coef_ptr + 5).to(ACC) * x0
     out = (tl.load(coef_ptr + 6).to(ACC) * x0 + tl.load(coef_ptr + 7).to(ACC) * s
