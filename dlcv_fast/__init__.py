@@ -23,6 +23,7 @@ from dlcv_fast.ops.attention import scaled_dot_product_attention
 from dlcv_fast import nn  # noqa: E402
 from dlcv_fast.convert import convert, revert  # noqa: E402
 from dlcv_fast import models  # noqa: E402
+from dlcv_fast import diffusion  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "conv2d",
     "convert",
     "cuda_built",
+    "diffusion",
     "get_backend",
     "get_velocity",
     "max_pool2d",

@@ -263,3 +263,57 @@ def test_bad_arguments_to_the_op():
         op(m[:1], s, None, None, None, coefficients, 0, 0, False)
     with pytest.raises(TypeError, match="noise has dtype"):
         op(m, s, m.double(), None, None, coefficients, 0, 0, False)
+
+
+GRAD_CASES = [(clip, mode, recompute) for clip in (0, 1, 2) for mode in (0, 1, 2)
+              for recompute in (False, True)]
+
+
+@pytest.mark.parametrize(("clip", "mode", "recompute"), GRAD_CASES)
+def test_op_gradients(backend_device, clip, mode, recompute):
+    """The step's autograd formula against finite differences of the kernel itself, in
+    float64, in every input (thresholds included), once and twice."""
+    backend, device = backend_device
+    op = (torch.ops.dlcv_fast.scheduler_step_triton if backend == "triton"
+          else torch.ops.dlcv_fast.scheduler_step)
+    g = torch.Generator().manual_seed(clip * 6 + mode * 2 + recompute)
+
+    def leaf(t):
+        return t.to(device).requires_grad_()
+
+    m, s, z = (leaf(torch.randn(3, 2, 4, generator=g, dtype=torch.float64)) for _ in range(3))
+    v = None
+    if mode == 1:  # a variance: positive
+        v = leaf(torch.rand(3, 2, 4, generator=g, dtype=torch.float64) + 0.2)
+    elif mode == 2:  # a fraction in [-1, 1]
+        v = leaf(torch.rand(3, 2, 4, generator=g, dtype=torch.float64) * 1.8 - 0.9)
+    th = leaf(torch.tensor([1.3, 0.9, 2.0], dtype=torch.float64)) if clip == 2 else None
+    coefficients = [1.5, -0.5, 0.1, 1.0, 0.3, -0.2, 0.9, 0.05, 0.4, 0.2, -3.0, -2.0, 0.8]
+
+    def step(*tensors):
+        return op(*tensors, coefficients, clip, mode, recompute)
+
+    inputs = (m, s, z, v, th)
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
+@pytest.mark.parametrize("thresh", [False, True])
+def test_step_gradient_matches_the_formula(backend_device, thresh):
+    """Guidance backpropagates through pred_original_sample: the gradient of a loss on the
+    fused step's outputs (thresholds from the quantile included) is that of the formula."""
+    _, device = backend_device
+    s, m, noise = inputs((2, 3, 4, 5), device, torch.float64, learned=True)
+    m.requires_grad_()
+    ab = table().double()
+    out = ddpm_step(m, 300, s, ab.to(device), prediction_type="v_prediction",
+                    variance_type="learned_range", clip_sample=not thresh, clip_sample_range=1.2,
+                    thresholding=thresh, sample_max_value=1.5, variance_noise=noise)
+    weights = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(device)
+    (got,) = torch.autograd.grad(((out.prev_sample + out.pred_original_sample) * weights).sum(),
+                                 m)
+    mr = m.detach().cpu().requires_grad_()
+    prev, x0 = reference_ddpm(mr, 300, s.cpu(), ab, 299, "v_prediction", "learned_range",
+                              not thresh, 1.2, thresh, noise.cpu(), max_value=1.5)
+    (want,) = torch.autograd.grad(((prev + x0) * weights.cpu()).sum(), mr)
+    assert_close(got.cpu(), want, torch.float64)

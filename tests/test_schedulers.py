@@ -156,3 +156,173 @@ def test_constructor_errors():
         DDPMScheduler(beta_schedule="cosine")
     trained = DDPMScheduler(trained_betas=[0.1, 0.2, 0.3])
     assert trained.num_train_timesteps == 3
+
+
+def test_config_and_from_config():
+    """scheduler.config holds the constructor's arguments, read-only, by key or attribute;
+    from_config rebuilds from it (another class's config too: unknown keys are ignored)."""
+    import copy
+    import inspect
+    import pickle
+
+    s = DDPMScheduler(num_train_timesteps=500, variance_type="fixed_large",
+                      prediction_type="v_prediction")
+    names = [p for p in inspect.signature(DDPMScheduler.__init__).parameters if p != "self"]
+    assert list(s.config) == names
+    assert s.config.num_train_timesteps == s.config["num_train_timesteps"] == 500
+    assert s.config.variance_type == "fixed_large" and s.config.steps_offset == 0
+    with pytest.raises(TypeError, match="read-only"):
+        s.config.prediction_type = "epsilon"
+    with pytest.raises(TypeError, match="read-only"):
+        s.config["prediction_type"] = "epsilon"
+    with pytest.raises(AttributeError, match="no 'eta'"):
+        s.config.eta
+    assert copy.deepcopy(s.config) == s.config == pickle.loads(pickle.dumps(s.config))
+    again = DDPMScheduler.from_config(s.config)
+    assert again.config == s.config and torch.equal(again.alphas_cumprod, s.alphas_cumprod)
+    ddim = DDIMScheduler.from_config({**s.config, "_class_name": "DDPMScheduler"},
+                                     set_alpha_to_one=False)
+    assert ddim.num_train_timesteps == 500 and ddim.prediction_type == "v_prediction"
+    assert ddim.config.set_alpha_to_one is False and "variance_type" not in ddim.config
+
+
+def test_step_output_reads_as_diffusers_outputs():
+    s = DDPMScheduler()
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    out = s.step(m, 0, x)
+    assert out[0] is out.prev_sample is out["prev_sample"]
+    assert out[1] is out.pred_original_sample is out["pred_original_sample"]
+    assert out.to_tuple() == out[:] == (out.prev_sample, out.pred_original_sample)
+    with pytest.raises(KeyError):
+        out["sample"]
+
+
+def test_ddpm_step_takes_diffusers_positional_arguments():
+    """diffusers: step(model_output, timestep, sample, generator, return_dict)."""
+    s = DDPMScheduler()
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    prev, x0 = s.step(m, 10, x, torch.Generator().manual_seed(0), False)
+    want = s.step(m, 10, x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(prev, want.prev_sample) and torch.equal(x0, want.pred_original_sample)
+
+
+def test_noising_follows_edits_to_alphas_cumprod():
+    """An edited (in place) or replaced alphas_cumprod is what add_noise and get_velocity
+    use next, as in diffusers, though the table is cached per device."""
+    s = DDPMScheduler()
+    x0, eps, t = torch.randn(2, 3), torch.randn(2, 3), torch.tensor([999, 5])
+
+    def formula(table):
+        a = table.double()[t].view(-1, 1)
+        return a.sqrt() * x0.double() + (1 - a).sqrt() * eps.double()
+
+    s.add_noise(x0, eps, t)
+    s.alphas_cumprod[999] = 0.5
+    assert_close(s.add_noise(x0, eps, t), formula(s.alphas_cumprod))
+    s.alphas_cumprod = s.alphas_cumprod.clone()
+    s.alphas_cumprod[5] = 0.25
+    assert_close(s.add_noise(x0, eps, t), formula(s.alphas_cumprod))
+    v = s.get_velocity(x0, eps, t)
+    a = s.alphas_cumprod.double()[t].view(-1, 1)
+    assert_close(v, a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double())
+
+
+def test_noising_takes_timesteps_as_diffusers_does():
+    """One timestep per sample in any shape ((B,), (B, 1)), or one for all ((1,), 0-d, int)."""
+    s = DDPMScheduler()
+    x0, eps = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    want = s.add_noise(x0, eps, torch.tensor([7, 7, 7]))
+    for t in (torch.tensor([7]), torch.tensor(7), torch.full((3, 1), 7), 7):
+        assert torch.equal(s.add_noise(x0, eps, t), want)
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        s.add_noise(x0, eps, torch.tensor([7, 7]))
+
+
+def test_timesteps_and_offsets_must_be_whole_numbers():
+    s = DDIMScheduler()
+    with pytest.raises(ValueError, match="num_inference_steps must be a whole number"):
+        s.set_timesteps(2.5)
+    with pytest.raises(TypeError, match="num_inference_steps must be an integer"):
+        s.set_timesteps("10")
+    s.set_timesteps(np.int64(10))
+    assert s.num_inference_steps == 10
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="timestep must be a whole number"):
+        s.step(m, 900.5, x)
+    want = s.step(m, 900, x).prev_sample
+    for t in (900.0, np.int32(900), torch.tensor(900), torch.tensor([900.0])):
+        assert torch.equal(s.step(m, t, x).prev_sample, want)
+    with pytest.raises(ValueError, match="steps_offset must be non-negative"):
+        DDIMScheduler(steps_offset=-1)
+    with pytest.raises(ValueError, match="past num_train_timesteps - 1 = 999"):
+        DDIMScheduler(steps_offset=1).set_timesteps(1000)
+
+
+def test_a_step_off_the_schedule_takes_diffusers_rule():
+    s = DDIMScheduler(timestep_spacing="trailing")
+    s.set_timesteps(10)
+    assert s.previous_timestep(555) == 555 - 100
+    d = DDPMScheduler()
+    d.set_timesteps(timesteps=[900, 500, 0])
+    with pytest.raises(ValueError, match="not one of the custom timesteps"):
+        d.previous_timestep(555)
+
+
+def test_zero_terminal_snr_needs_a_prediction_that_defines_x0():
+    """With rescale_betas_zero_snr, alphas_cumprod[T - 1] = 0: an epsilon prediction gives
+    no clean sample there (diffusers divides by zero); v_prediction does."""
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    ddpm = DDPMScheduler(rescale_betas_zero_snr=True)
+    ddim = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ddim.set_timesteps(10)
+    for s in (ddpm, ddim):
+        assert float(s.alphas_cumprod[999]) == 0.0
+        with pytest.raises(ValueError, match="'epsilon' cannot give the clean sample at "
+                                             "timestep 999"):
+            s.step(m, 999, x)
+    for cls in (DDPMScheduler, DDIMScheduler):
+        s = cls(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                timestep_spacing="trailing")
+        s.set_timesteps(10)
+        out = s.step(m, 999, x, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(out.pred_original_sample, (-m).clamp(-1, 1))
+        assert out.prev_sample.isfinite().all()
+
+
+def test_generator_and_variance_noise_exclude_each_other():
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="generator or variance_noise, not both"):
+        s.step(m, 901, x, eta=1.0, generator=torch.Generator(), variance_noise=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="generator or variance_noise, not both"):
+        DDPMScheduler().step(m, 10, x, torch.Generator(), variance_noise=torch.randn(2, 3))
+
+
+def test_mixed_dtypes_promote():
+    """A float16 model output with a float32 sample steps in float32, as the formula in
+    PyTorch ops would."""
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    x, m = torch.randn(2, 3), torch.randn(2, 3).half()
+    out = s.step(m, 901, x)
+    assert out.prev_sample.dtype == torch.float32
+    assert torch.equal(out.prev_sample, s.step(m.float(), 901, x).prev_sample)
+
+
+def test_diffusers_attributes():
+    ddpm, ddim = DDPMScheduler(), DDIMScheduler(set_alpha_to_one=False)
+    assert torch.equal(ddpm.one, torch.tensor(1.0))
+    assert torch.equal(DDIMScheduler().final_alpha_cumprod, torch.tensor(1.0))
+    assert torch.equal(ddim.final_alpha_cumprod, ddim.alphas_cumprod[0])
+    assert ddpm.order == 1 and ddpm.init_noise_sigma == 1.0
+
+
+def test_the_package_exposes_diffusion():
+    import subprocess
+    import sys
+
+    code = "import dlcv_fast; print(dlcv_fast.diffusion.DDPMScheduler.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "DDPMScheduler"

@@ -8,10 +8,20 @@ t - num_train_timesteps // num_inference_steps, which with "linspace" and "trail
 spacing is not the next timestep of the schedule (the last step can even skip t = 0 or
 land between schedule points). Here both schedulers step to the next timestep of
 self.timesteps (and past the last one to "before t = 0"); with "leading" spacing, the
-default, that is the same timestep diffusers uses.
+default, that is the same timestep diffusers uses. A step from a timestep that is not in
+the schedule takes diffusers' rule.
+
+Like diffusers' ConfigMixin, ``scheduler.config`` holds the constructor's arguments
+(``config.num_train_timesteps``, ``config["prediction_type"]``) and ``from_config`` builds
+a scheduler from such a mapping, ignoring the keys it does not take (so a diffusers
+scheduler's config, or the other class's, works).
 """
 
 from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -30,16 +40,72 @@ from dlcv_fast.ops.noise import add_noise, get_velocity
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
+def _integer(name: str, value) -> int:
+    """value as an int: an int, a NumPy integer, a whole float, or a one-element tensor of
+    one (a timestep from ``scheduler.timesteps``); anything else raises."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be one number, but got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if float(value).is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be a whole number, but got {value}")
+    raise TypeError(f"{name} must be an integer, but got {type(value).__name__}")
+
+
+class SchedulerConfig(dict):
+    """The constructor's arguments, read-only, by key or by attribute (diffusers'
+    ``scheduler.config``)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the scheduler's config has no {name!r}") from None
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a scheduler's config is read-only: build a new scheduler with "
+                        "from_config(config, name=value)")
+
+    __setattr__ = __setitem__ = __delitem__ = update = pop = setdefault = clear = _read_only
+
+    def __reduce__(self):  # copies and pickles are built whole, not key by key
+        return SchedulerConfig, (dict(self),)
+
+
 class _Scheduler:
-    """What the two schedulers share: the schedule, the timesteps, noising."""
+    """What the two schedulers share: the schedule, the timesteps, noising, the config."""
 
     order = 1
     init_noise_sigma = 1.0  # the initial noise is standard normal
+
+    @classmethod
+    def from_config(cls, config: Mapping, **kwargs):
+        """A scheduler built from ``config`` (a mapping, e.g. another scheduler's
+        ``config``), its keys overridden by ``kwargs``; keys the constructor does not take
+        are ignored."""
+        params = inspect.signature(cls.__init__).parameters
+        args = {k: v for k, v in {**dict(config), **kwargs}.items()
+                if k in params and k != "self"}
+        return cls(**args)
+
+    def _register_config(self, arguments: dict) -> None:
+        params = inspect.signature(type(self).__init__).parameters
+        self.config = SchedulerConfig({k: arguments[k] for k in params if k != "self"})
 
     def __init__(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                  prediction_type, clip_sample, clip_sample_range, thresholding,
                  dynamic_thresholding_ratio, sample_max_value, timestep_spacing, steps_offset,
                  rescale_betas_zero_snr):
+        steps_offset = _integer("steps_offset", steps_offset)
+        if steps_offset < 0:
+            raise ValueError(f"steps_offset must be non-negative, but got {steps_offset}")
+        if thresholding and not sample_max_value > 0:
+            raise ValueError(f"sample_max_value must be positive, but got {sample_max_value}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, but got "
                              f"{prediction_type!r}")
@@ -63,7 +129,10 @@ class _Scheduler:
         self.steps_offset = steps_offset
         self.num_inference_steps = None
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self._tables: dict[torch.device, Tensor] = {}
+        self.one = torch.tensor(1.0)
+        # device -> (alphas_cumprod, its version, its copy there): a reassigned or edited
+        # alphas_cumprod (alphas_cumprod[-1] = 2**-24, say) is copied again.
+        self._tables: dict[torch.device, tuple[Tensor, int, Tensor]] = {}
 
     # --- timesteps --------------------------------------------------------------------------
 
@@ -76,42 +145,64 @@ class _Scheduler:
             return np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
         if self.timestep_spacing == "leading":
             steps = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64)
+            if steps[0] + self.steps_offset >= T:
+                raise ValueError(f"steps_offset {self.steps_offset} puts the first of "
+                                 f"{n} timesteps at {steps[0] + self.steps_offset}, past "
+                                 f"num_train_timesteps - 1 = {T - 1}")
             return steps + self.steps_offset
         return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The descending timesteps of an n-step sampling run, spaced as
         ``timestep_spacing`` says (with ``steps_offset`` for "leading")."""
-        self.timesteps = torch.from_numpy(self._spaced_timesteps(int(num_inference_steps)))
-        self.timesteps = self.timesteps.to(device)
-        self.num_inference_steps = int(num_inference_steps)
+        n = _integer("num_inference_steps", num_inference_steps)
+        self.timesteps = torch.from_numpy(self._spaced_timesteps(n)).to(device)
+        self.num_inference_steps = n
 
-    def previous_timestep(self, timestep: int) -> int:
+    def previous_timestep(self, timestep) -> int:
         """The timestep a step from ``timestep`` lands on: the next one of self.timesteps, -1
-        after the last (before t = 0), or timestep - 1 before set_timesteps."""
-        if self.num_inference_steps is None and not getattr(self, "custom_timesteps", False):
-            return int(timestep) - 1
-        where = (self.timesteps.cpu() == int(timestep)).nonzero()
+        after the last (before t = 0), timestep - 1 before set_timesteps, and diffusers'
+        timestep - num_train_timesteps // num_inference_steps from a timestep that is not in
+        an evenly spaced schedule."""
+        t = _integer("timestep", timestep)
+        custom = getattr(self, "custom_timesteps", False)
+        if self.num_inference_steps is None and not custom:
+            return t - 1
+        where = (self.timesteps.cpu() == t).nonzero()
         if where.numel() == 0:
-            raise ValueError(f"timestep {int(timestep)} is not one of the scheduler's timesteps")
+            if custom:
+                raise ValueError(f"timestep {t} is not one of the custom timesteps "
+                                 f"{self.timesteps.tolist()}")
+            return t - self.num_train_timesteps // self.num_inference_steps
         index = int(where[0, 0])
         return -1 if index == len(self.timesteps) - 1 else int(self.timesteps[index + 1])
 
     # --- noising --------------------------------------------------------------------------
 
     def _table(self, device: torch.device) -> Tensor:
-        if device not in self._tables:
-            self._tables[device] = self.alphas_cumprod.to(device)
-        return self._tables[device]
+        src = self.alphas_cumprod
+        cached = self._tables.get(device)
+        if cached is None or cached[0] is not src or cached[1] != src._version:
+            cached = self._tables[device] = (src, src._version, src.to(device))
+        return cached[2]
+
+    @staticmethod
+    def _per_sample(timesteps, x: Tensor) -> Tensor:
+        """timesteps on x's device, one per sample: like diffusers, any shape holding one
+        timestep per sample, or a single one for all."""
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() != x.shape[0]):
+            t = t.flatten()
+        return t.reshape(()) if t.numel() == 1 else t
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """sqrt(a_t) x0 + sqrt(1 - a_t) noise, per sample, in one fused pass."""
-        t = timesteps.to(original_samples.device)
+        t = self._per_sample(timesteps, original_samples)
         return add_noise(original_samples, noise, t, self._table(original_samples.device))
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) sample, in one pass."""
-        t = timesteps.to(sample.device)
+        t = self._per_sample(timesteps, sample)
         return get_velocity(sample, noise, t, self._table(sample.device))
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
@@ -128,10 +219,6 @@ class _Scheduler:
                     sample_max_value=self.sample_max_value)
 
 
-def _as_int(timestep) -> int:
-    return int(timestep.item() if isinstance(timestep, Tensor) else timestep)
-
-
 class DDPMScheduler(_Scheduler):
     """Denoising diffusion probabilistic models (Ho et al. 2020): ancestral sampling, with
     the arguments and defaults of diffusers' DDPMScheduler."""
@@ -143,6 +230,7 @@ class DDPMScheduler(_Scheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+        self._register_config(locals())
         super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                          prediction_type, clip_sample, clip_sample_range, thresholding,
                          dynamic_thresholding_ratio, sample_max_value, timestep_spacing,
@@ -175,10 +263,11 @@ class DDPMScheduler(_Scheduler):
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor,
-             generator: torch.Generator | None = None, variance_noise: Tensor | None = None,
-             return_dict: bool = True):
-        """One ancestral step from ``timestep`` to the previous timestep."""
-        t = _as_int(timestep)
+             generator: torch.Generator | None = None, return_dict: bool = True, *,
+             variance_noise: Tensor | None = None):
+        """One ancestral step from ``timestep`` to the previous timestep; the noise comes
+        from ``generator`` or is given as ``variance_noise`` (not in diffusers)."""
+        t = _integer("timestep", timestep)
         out = ddpm_step(model_output, t, sample, self.alphas_cumprod,
                         prev_timestep=self.previous_timestep(t),
                         variance_type=self.variance_type, generator=generator,
@@ -197,12 +286,14 @@ class DDIMScheduler(_Scheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False):
+        self._register_config(locals())
         super().__init__(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                          prediction_type, clip_sample, clip_sample_range, thresholding,
                          dynamic_thresholding_ratio, sample_max_value, timestep_spacing,
                          steps_offset, rescale_betas_zero_snr)
         # alpha_bar "before t = 0": 1 (a clean sample), or alpha_bar_0.
-        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = (torch.tensor(1.0) if set_alpha_to_one
+                                    else self.alphas_cumprod[0].clone())
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
@@ -210,13 +301,14 @@ class DDIMScheduler(_Scheduler):
         """One DDIM step from ``timestep`` to the next timestep of self.timesteps."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step")
-        t = _as_int(timestep)
+        t = _integer("timestep", timestep)
         out = ddim_step(model_output, t, sample, self.alphas_cumprod,
                         prev_timestep=self.previous_timestep(t),
-                        final_alpha_cumprod=self.final_alpha_cumprod, eta=eta,
+                        final_alpha_cumprod=float(self.final_alpha_cumprod), eta=eta,
                         use_clipped_model_output=use_clipped_model_output, generator=generator,
                         variance_noise=variance_noise, **self._clip_kwargs())
         return out if return_dict else (out.prev_sample, out.pred_original_sample)
 
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerStepOutput", "TIMESTEP_SPACINGS"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerConfig", "SchedulerStepOutput",
+           "TIMESTEP_SPACINGS"]

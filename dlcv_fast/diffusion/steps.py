@@ -33,10 +33,21 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_
 @dataclasses.dataclass
 class SchedulerStepOutput:
     """What a step returns, as diffusers' scheduler outputs: the sample at the previous
-    timestep and the predicted clean sample."""
+    timestep and the predicted clean sample, by attribute, by name (``out["prev_sample"]``),
+    by position (``out[0]``) or as ``out.to_tuple()``."""
 
     prev_sample: Tensor
     pred_original_sample: Tensor
+
+    def to_tuple(self) -> tuple[Tensor, Tensor]:
+        return self.prev_sample, self.pred_original_sample
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in ("prev_sample", "pred_original_sample"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 def _alpha_bar(alphas_cumprod: Tensor, t: int) -> float:
@@ -46,12 +57,19 @@ def _alpha_bar(alphas_cumprod: Tensor, t: int) -> float:
     return float(alphas_cumprod[t])
 
 
-def _prediction(prediction_type: str, ab: float) -> tuple[float, float, float, float]:
+def _prediction(prediction_type: str, ab: float, t: int) -> tuple[float, float, float, float]:
     """(A, B, C, D): x0 = A s + B m and eps = C s + D m for model output m and sample s."""
     sa, sb = math.sqrt(ab), math.sqrt(1.0 - ab)
     if prediction_type == "epsilon":  # m = eps: x0 = (s - sb m) / sa
+        if sa == 0.0:
+            raise ValueError(f"prediction_type 'epsilon' cannot give the clean sample at "
+                             f"timestep {t}, where alphas_cumprod is 0 (zero terminal SNR, "
+                             "rescale_betas_zero_snr): use 'v_prediction' or 'sample'")
         return 1.0 / sa, -sb / sa, 0.0, 1.0
     if prediction_type == "sample":  # m = x0: eps = (s - sa m) / sb
+        if sb == 0.0:
+            raise ValueError(f"prediction_type 'sample' cannot give the noise at timestep {t}, "
+                             "where alphas_cumprod is 1")
         return 0.0, 1.0, 1.0 / sb, -sa / sb
     if prediction_type == "v_prediction":  # m = v = sa eps - sb x0
         return sa, -sb, sb, sa
@@ -80,7 +98,18 @@ def _clip(x0_coefficients, model_output, sample, clip_sample, clip_sample_range,
     return CLIP_NONE, None
 
 
+def _promoted(model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
+    """Both in their promoted dtype, as diffusers' formulas in PyTorch ops would compute (a
+    float16 model output with a float32 sample gives a float32 step)."""
+    if model_output.dtype == sample.dtype:
+        return model_output, sample
+    dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    return model_output.to(dtype), sample.to(dtype)
+
+
 def _noise(variance_noise, generator, like: Tensor) -> Tensor:
+    if variance_noise is not None and generator is not None:
+        raise ValueError("pass generator or variance_noise, not both")
     if variance_noise is not None:
         if variance_noise.shape != like.shape:
             raise ValueError(f"variance_noise must have shape {list(like.shape)}, but got "
@@ -119,6 +148,9 @@ def ddpm_step(
                              f"the channels of sample ({2 * sample.shape[1]}), but got shape "
                              f"{list(model_output.shape)}")
         model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+    model_output, sample = _promoted(model_output, sample)
+    if predicted_variance is not None:
+        predicted_variance = predicted_variance.to(sample.dtype)
 
     ab_t = _alpha_bar(alphas_cumprod, t)
     ab_prev = _alpha_bar(alphas_cumprod, prev_t) if prev_t >= 0 else 1.0
@@ -126,7 +158,7 @@ def ddpm_step(
     current_alpha = ab_t / ab_prev
     current_beta = 1.0 - current_alpha
 
-    a, b, _, _ = _prediction(prediction_type, ab_t)
+    a, b, _, _ = _prediction(prediction_type, ab_t, t)
     clip, thresholds = _clip((a, b), model_output, sample, clip_sample, clip_sample_range,
                              thresholding, dynamic_thresholding_ratio, sample_max_value)
     # prev = P x0 + Q s: the mean of q(x_{t-1} | x_t, x0) (Ho et al. 2020, eq. 7).
@@ -170,11 +202,12 @@ def ddim_step(
     t, prev_t = int(timestep), int(prev_timestep)
     if eta < 0:
         raise ValueError(f"eta must be non-negative, but got {eta}")
+    model_output, sample = _promoted(model_output, sample)
     ab_t = _alpha_bar(alphas_cumprod, t)
     ab_prev = _alpha_bar(alphas_cumprod, prev_t) if prev_t >= 0 else float(final_alpha_cumprod)
     beta_prod_t = 1.0 - ab_t
 
-    a, b, c, d = _prediction(prediction_type, ab_t)
+    a, b, c, d = _prediction(prediction_type, ab_t, t)
     clip, thresholds = _clip((a, b), model_output, sample, clip_sample, clip_sample_range,
                              thresholding, dynamic_thresholding_ratio, sample_max_value)
     variance = (1.0 - ab_prev) / beta_prod_t * (1.0 - ab_t / ab_prev)

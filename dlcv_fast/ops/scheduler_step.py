@@ -3,8 +3,11 @@ predicted variance]) into (prev_sample, pred_original_sample), given the scalar
 coefficients a scheduler derives from its timestep (csrc/step_params.h has the formula).
 dlcv_fast.diffusion.ddpm_step and ddim_step compute the coefficients; this module holds
 the registered ops (``dlcv_fast::scheduler_step`` in C++, ``scheduler_step_triton``),
-their fake implementations and the backend dispatch. A sampler step is not
-differentiable."""
+their fake implementations, their autograd formula and the backend dispatch.
+
+Differentiable in model_output, sample, noise, the predicted variance and the thresholds
+(guidance methods backpropagate through pred_original_sample): the gradients are written
+out below in PyTorch ops, so they are differentiable again."""
 
 from __future__ import annotations
 
@@ -89,6 +92,62 @@ def _scheduler_step_triton(
 
 
 _scheduler_step_triton.register_fake(_step_fake)
+
+
+# --- autograd ------------------------------------------------------------------------------
+# The forward, per element (csrc/step_params.h), with u = A s + B m the unclipped x0:
+#   x0 = u | clamp(u, -r, r) | clamp(u, -th, th) / th,  eps = C s + D m | E s + F x0,
+#   prev = P x0 + Q s + R eps + std z,  std = sigma | sqrt(v) | exp((f lmax + (1 - f) lmin) / 2)
+# with f = (v + 1) / 2. Clamps pass the gradient where lo <= u <= hi, as torch.clamp does.
+
+def _setup_step(ctx, inputs, output):
+    model_output, sample, noise, variance, thresholds = inputs[:5]
+    ctx.save_for_backward(model_output, sample, noise, variance, thresholds)
+    ctx.args = inputs[5:]
+
+
+def _step_backward(ctx, grad_prev, grad_x0):
+    m, s, z, v, th = ctx.saved_tensors
+    (a, b, c, d, e, f, p, q, r, sigma, min_log, max_log, clip_range), clip, mode, recompute = \
+        ctx.args
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    sa, ma = s.to(acc), m.to(acc)
+    gp = torch.zeros_like(sa) if grad_prev is None else grad_prev.to(acc)
+    gx = torch.zeros_like(sa) if grad_x0 is None else grad_x0.to(acc)
+    # Every path to x0's value: its own output, prev directly, and prev through eps.
+    g_x0 = gx + gp * (p + (r * f if recompute else 0.0))
+    u = a * sa + b * ma
+    g_th = None
+    if clip == CLIP_RANGE:
+        g_u = g_x0 * ((u >= -clip_range) & (u <= clip_range))
+    elif clip == CLIP_THRESHOLD:
+        t = th.to(acc).reshape(-1, *([1] * (s.dim() - 1)))
+        inside = (u >= -t) & (u <= t)
+        g_u = g_x0 * inside / t
+        # d(clamp(u, -t, t) / t) / dt: -u / t^2 inside, 0 where the clamp holds it at +-1.
+        g_th = (g_x0 * torch.where(inside, -u / (t * t), 0.0)).flatten(1).sum(1).to(th.dtype)
+    else:
+        g_u = g_x0
+    g_s = a * g_u + gp * (q + r * (e if recompute else c))
+    g_m = b * g_u + (0.0 if recompute else gp * (r * d))
+    g_z = g_v = None
+    if z is not None:
+        std = sigma
+        if mode == VARIANCE_LEARNED:
+            std = v.to(acc).sqrt()
+            g_v = gp * z.to(acc) / (2 * std)
+        elif mode == VARIANCE_LEARNED_RANGE:
+            frac = (v.to(acc) + 1) / 2
+            std = torch.exp((frac * max_log + (1 - frac) * min_log) / 2)
+            g_v = gp * z.to(acc) * std * ((max_log - min_log) / 4)
+        g_z = (gp * std).to(z.dtype)
+        g_v = None if g_v is None else g_v.to(v.dtype)
+    return (g_m.to(m.dtype), g_s.to(s.dtype), g_z, g_v, g_th, None, None, None, None)
+
+
+torch.library.register_autograd("dlcv_fast::scheduler_step", _step_backward,
+                                setup_context=_setup_step)
+_scheduler_step_triton.register_autograd(_step_backward, setup_context=_setup_step)
 
 
 def scheduler_step(model_output: Tensor, sample: Tensor, noise: Tensor | None,
