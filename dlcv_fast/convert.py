@@ -8,10 +8,12 @@ its parameters, buffers, hooks and any outside reference to it stay the same, an
 ``state_dict`` keys and tensors are untouched. A converted model's ``state_dict`` loads
 into the unconverted model and back.
 
-A layer stays on torch when its type has no entry (``BatchNorm2d`` until dlcv_fast has
-one, ``Linear``, ...), when it is a subclass of a registered type (its forward may differ),
-or when the entry's check refuses it (a dtype or device no backend runs); the summary says
-which layers and why.
+A layer stays on torch when its type has no entry (``Linear``, ``LayerNorm``, ...), when
+it is a subclass of a registered type (its forward may differ), or when the entry's check
+refuses it (a dtype or device no backend runs); the summary says which layers and why.
+torch.nn's composite modules (``TransformerEncoderLayer``, ``Transformer``, ...) are
+walked into like a model's own, so their MultiheadAttention layers are converted (their
+fast inference path, when torch takes it, still runs torch's fused kernel).
 
 Adding a layer type is one line: ``register(torch.nn.X, dlcv_fast.nn.X, check)`` where
 ``check(module)`` returns None when dlcv_fast can run the module, else the reason. A
@@ -186,14 +188,16 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _is_layer(module: nn.Module) -> bool:
-    """A layer in its own right, reported when left on torch: a torch.nn layer (also one
-    with sub-layers, such as MultiheadAttention), a subclass of a registered type, or a
-    model's own module with parameters and no children. Other modules are walked into."""
+    """A layer in its own right, reported when left on torch: a subclass of a registered
+    type, a torch.nn module without sub-modules, or a model's own module with parameters
+    and no children. Other modules (containers, torch.nn's composites such as the
+    Transformer layers, a model's blocks) are walked into."""
     if isinstance(module, _CONTAINERS):
         return False
-    if type(module).__module__.startswith("torch.nn.") or \
-            any(isinstance(module, c) for c in REGISTRY):
+    if any(isinstance(module, c) for c in REGISTRY):
         return True
+    if type(module).__module__.startswith("torch.nn."):
+        return not module._modules
     return not module._modules and bool(module._parameters or module._buffers)
 
 
@@ -317,6 +321,9 @@ def revert(model: nn.Module) -> collections.Counter:
     fused. Returns the counts by type. A Conv2d or batch norm built with
     ``activation='relu'`` (not fused by :func:`convert`) has no single torch.nn layer and
     stays as it is."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"revert: model must be a torch.nn.Module, but got "
+                        f"{type(model).__name__}")
     counts: collections.Counter = collections.Counter()
     for seq in model.modules():
         if isinstance(seq, nn.Sequential):

@@ -259,3 +259,26 @@ def test_registering_a_layer_that_is_not_a_subclass():
             register(nn.Linear, _FastLinear, make=lambda m: m)
     finally:
         del REGISTRY[nn.Linear], _BY_DLCV[_FastLinear]
+
+
+def test_transformer_layers_are_walked_into():
+    """torch.nn's composite modules hold MultiheadAttention layers: those are converted,
+    the composite's other layers reported, and the outputs match."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True),
+        2, enable_nested_tensor=False).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    expected = model(x)  # grad enabled: the composite's Python path, which calls self_attn
+    summary = dlcv_fast.convert(model)
+    assert summary.converted == collections.Counter({"MultiheadAttention": 2})
+    assert {t for _, t, _ in summary.left} == {"Linear", "LayerNorm"}
+    assert all(type(layer.self_attn) is dnn.MultiheadAttention for layer in model.layers)
+    assert_close(model(x), expected)
+    dlcv_fast.revert(model)
+    assert type(model.layers[0].self_attn) is nn.MultiheadAttention
+
+
+def test_revert_takes_a_module():
+    with pytest.raises(TypeError, match="revert: model must be a torch.nn.Module"):
+        dlcv_fast.revert("not a model")

@@ -233,3 +233,14 @@ def test_resnet_relu_in_batch_norm_or_after_it():
     swapped.load_state_dict(fused.layer1[0].bn1.state_dict())
     fused.layer1[0].bn1 = swapped
     assert_close(fused(x), want)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "vgg13_bn", "resnet18", "resnet50"])
+def test_pretrained_weights_fix_num_classes_before_downloading(monkeypatch, name):
+    """As torchvision: another num_classes with pretrained weights is an error raised before
+    the model is built or the weights downloaded."""
+    import torchvision.models._api as api
+    monkeypatch.setattr(api, "load_state_dict_from_url",
+                        lambda *args, **kwargs: pytest.fail("no download expected"))
+    with pytest.raises(ValueError, match="num_classes must be 1000 with pretrained weights"):
+        getattr(models, name)(weights="DEFAULT", num_classes=10)

@@ -24,3 +24,16 @@ def override_param(kwargs: dict, name: str, value) -> None:
         raise ValueError(f"{name} must be {value!r} with pretrained weights, but got "
                          f"{kwargs[name]!r}")
     kwargs[name] = value
+
+
+def verified_weights(name: str, weights, kwargs: dict):
+    """torchvision's weights enum member for ``weights`` (None stays None), and
+    ``kwargs["num_classes"]`` set to its number of categories (another value given is an
+    error before anything is built or downloaded, as in torchvision)."""
+    if weights is None:
+        return None
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).verify(weights)
+    override_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    return weights

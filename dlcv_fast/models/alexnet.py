@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dlcv_fast.nn as dnn
-from dlcv_fast.models._weights import load_torchvision_weights
+from dlcv_fast.models._weights import load_torchvision_weights, verified_weights
 
 
 class AlexNet(nn.Module):
@@ -50,4 +50,5 @@ class AlexNet(nn.Module):
 def alexnet(*, weights=None, progress: bool = True, **kwargs: Any) -> AlexNet:
     """AlexNet with ``torchvision.models.alexnet``'s arguments (``num_classes``,
     ``dropout``; ``weights`` loads torchvision's pretrained weights, downloading them)."""
+    weights = verified_weights("alexnet", weights, kwargs)
     return load_torchvision_weights(AlexNet(**kwargs), "alexnet", weights, progress)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dlcv_fast.nn as dnn
-from dlcv_fast.models._weights import load_torchvision_weights
+from dlcv_fast.models._weights import load_torchvision_weights, verified_weights
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, dilation: int = 1):
@@ -168,6 +168,7 @@ _LAYERS = {
 
 def _resnet(name: str, weights, progress: bool, **kwargs: Any) -> ResNet:
     block, layers = _LAYERS[name]
+    weights = verified_weights(name, weights, kwargs)
     return load_torchvision_weights(ResNet(block, layers, **kwargs), name, weights, progress)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dlcv_fast.nn as dnn
-from dlcv_fast.models._weights import load_torchvision_weights
+from dlcv_fast.models._weights import load_torchvision_weights, verified_weights
 
 # Output channels of each 3x3 convolution, "M" for a 2x2 max-pool.
 CONFIGS: dict[str, list[int | str]] = {
@@ -75,6 +75,7 @@ class VGG(nn.Module):
 
 
 def _vgg(name: str, weights, progress: bool, **kwargs: Any) -> VGG:
+    weights = verified_weights(name, weights, kwargs)
     if weights is not None:
         kwargs["init_weights"] = False
     batch_norm = name.endswith("_bn")
