@@ -115,8 +115,10 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     check_same_device(kOp, "attn_mask", m, "query", query);
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == query.scalar_type(), kOp,
-                     ": attn_mask must be bool or have query's dtype ",
+    // PyTorch's rule: a float32 mask goes with any query dtype (converted to pr.compute below).
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat ||
+                         m.scalar_type() == query.scalar_type(),
+                     kOp, ": attn_mask must be bool, float32 or query's dtype ",
                      dtype_name(query.scalar_type()), ", but got ", dtype_name(m.scalar_type()));
     const int64_t target[4] = {B, H, L, S};
     bool ok = m.dim() <= 4;

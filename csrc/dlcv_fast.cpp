@@ -549,12 +549,13 @@ TORCH_LIBRARY(dlcv_fast, m) {
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor? bias, Tensor mean, Tensor invstd, Tensor sum_dy, Tensor sum_dy_xmu, int count, "
       "bool relu) -> Tensor");
+  // seed is a SymInt: under torch.compile it is the .item() of a traced randint.
   m.def(
       "sdpa(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-      "bool is_causal, float scale, int seed) -> (Tensor, Tensor)");
+      "bool is_causal, float scale, SymInt seed) -> (Tensor, Tensor)");
   m.def(
       "sdpa_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
-      "Tensor lse, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, int seed) "
+      "Tensor lse, Tensor? attn_mask, float dropout_p, bool is_causal, float scale, SymInt seed) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

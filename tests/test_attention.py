@@ -412,6 +412,103 @@ def test_torch_compile_fullgraph():
         assert_close(a, b)
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b, _ in BACKEND_DEVICES])
+def test_torch_compile_fullgraph_with_dropout(backend):
+    """The seed drawn with .item() is traced (an unbacked SymInt the ops' schemas accept).
+    aot_eager draws it as eager does, so the same torch.manual_seed gives the same result."""
+    device = dict(BACKEND_DEVICES)[backend]
+    g = torch.Generator().manual_seed(15)
+    q, k, v = make_qkv((1, 2, 1, 13, 17, 16, 16), torch.float32, device, g)
+
+    def block(q, k, v):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        return out.square().mean()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with dlcv_fast.use_backend(backend):
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            want = block(q, k, v)
+            torch.manual_seed(seed)
+            got = compiled(q, k, v)
+            assert_close(got, want)
+            for a, b in zip(torch.autograd.grad(got, (q, k, v)),
+                            torch.autograd.grad(want, (q, k, v))):
+                assert_close(a, b)
+        assert not torch.equal(got, compiled(q, k, v)), "a new seed on every call"
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"),
+                         [c for c in backend_dtype_cases() if c.values[2] != torch.float32])
+def test_float32_additive_mask_with_other_query_dtypes(backend, device, dtype):
+    """PyTorch takes a float32 additive mask whatever query's dtype (the rule: bool,
+    float32 or query's dtype); a float32 mask is not rounded to 16 bits first."""
+    g = torch.Generator().manual_seed(16)
+    shape = (2, 2, 2, 19, 23, 16, 16)
+    q, k, v = make_qkv(shape, dtype, device, g)
+    mask = (torch.randn(2, 1, 19, 23, generator=g) * 3).to(device)
+    mask[..., 5] = -math.inf
+    with dlcv_fast.use_backend(backend):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grad = torch.randn(out.shape, generator=g).to(device, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(q64, k64, v64, mask.double(), False)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    torch_out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
+    assert out.dtype == dtype
+    check_error(out, ref, torch_out, dtype, f"out {backend} {dtype}")
+    for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
+        check_error(ours, want, theirs, dtype, f"grad_{name} {backend} {dtype}")
+
+
+@pytest.mark.parametrize(("qdtype", "mdtype"), [
+    (torch.float32, torch.float64), (torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16), (torch.float64, torch.float16),
+    (torch.float32, torch.uint8), (torch.float32, torch.int32)])
+def test_mask_dtypes_torch_refuses(backend_device, qdtype, mdtype):
+    _, device = backend_device
+    q = torch.randn(1, 2, 5, 8, device=device, dtype=qdtype)
+    mask = torch.zeros(5, 5, device=device, dtype=mdtype)
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with pytest.raises(TypeError, match="attn_mask must be bool, float32 or query's dtype"):
+        dlcv_fast.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+def test_fully_masked_rows_give_zeros_as_in_torch():
+    """PyTorch (2.14, CPU) also gives zeros and zero gradients for a row that attends to
+    nothing, through SDPA and MultiheadAttention(need_weights=False); its need_weights=True
+    path gives NaN (torch's own forward, which ours calls)."""
+    g = torch.Generator().manual_seed(17)
+    q, k, v = make_qkv((2, 2, 2, 6, 7, 8, 8), torch.float32, "cpu", g)
+    mask = torch.ones(6, 7, dtype=torch.bool)
+    mask[2] = False
+    for m in (mask, torch.zeros(6, 7).masked_fill(~mask, -math.inf)):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert torch.equal(want[:, :, 2], torch.zeros_like(want[:, :, 2]))
+        assert_close(out, want)
+        ours_g = torch.autograd.grad(out.sum(), q)[0]
+        torch_g = torch.autograd.grad(want.sum(), q)[0]
+        assert torch.equal(torch_g[:, :, 2], torch.zeros_like(torch_g[:, :, 2]))
+        assert_close(ours_g, torch_g)
+    ref, ours = _mha_pair(dict(embed_dim=16, num_heads=2), "cpu")
+    x, kv = torch.randn(5, 3, 16, generator=g), torch.randn(4, 3, 16, generator=g)
+    kpm = torch.zeros(3, 4, dtype=torch.bool)
+    kpm[1] = True  # batch 1 attends to nothing
+    out, _ = ours(x, kv, kv, key_padding_mask=kpm, need_weights=False)
+    want, _ = ref(x, kv, kv, key_padding_mask=kpm, need_weights=False)
+    assert want[:, 1].isfinite().all()
+    assert_close(out, want, torch.float32)
+    out, _ = ours(x, kv, kv, key_padding_mask=kpm)
+    assert out[:, 1].isnan().all() and out[:, 0].isfinite().all()
+
+
 BAD = [
     # (description, q shape, k shape, v shape, mask shape, kwargs, exception, message)
     ("batch", (2, 2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 8), None, {}, ValueError,
@@ -454,7 +551,7 @@ def test_bad_types(backend_device):
         dlcv_fast.scaled_dot_product_attention(q, q.double(), q)
     with pytest.raises(TypeError, match="must be float32, float64, float16 or bfloat16"):
         dlcv_fast.scaled_dot_product_attention(q.int(), q.int(), q.int())
-    with pytest.raises(TypeError, match="attn_mask must be bool or have query's dtype"):
+    with pytest.raises(TypeError, match="attn_mask must be bool, float32 or query's dtype"):
         dlcv_fast.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(
             5, 5, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="attn_mask requires grad"):
@@ -538,3 +635,135 @@ def test_multihead_attention_gradients_and_unbatched():
     g_ref = torch.autograd.grad(want.sum(), list(ref.parameters()))
     for a, b in zip(g_ours, g_ref):
         assert_close(a, b, torch.float32)
+
+
+def _mha_pair(kwargs, device):
+    """(torch's module, ours) with the same parameters."""
+    torch.manual_seed(18)
+    ref = torch.nn.MultiheadAttention(**kwargs).to(device)
+    ours = dlcv_fast.nn.MultiheadAttention(**kwargs).to(device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+# (description, unbatched, batch_first, argument overrides, exception, message). Batched:
+# L=5, N=3, S=6, embed 16, 2 heads; torch refuses every one of these (mostly with an
+# AssertionError, or deep in a reshape); ours names the argument and the expected shape.
+MHA_BAD = [
+    ("kpm transposed", False, False, dict(key_padding_mask=(6, 3)), ValueError,
+     r"key_padding_mask must have shape \(N, S\) = \(3, 6\), but got \[6, 3\]"),
+    ("kpm transposed batch_first", False, True, dict(key_padding_mask=(6, 3)), ValueError,
+     r"key_padding_mask must have shape \(N, S\) = \(3, 6\), but got \[6, 3\]"),
+    ("kpm 1-D batched", False, False, dict(key_padding_mask=(6,)), ValueError,
+     r"key_padding_mask must have shape \(N, S\) = \(3, 6\)"),
+    ("kpm 2-D unbatched", True, False, dict(key_padding_mask=(1, 6)), ValueError,
+     r"key_padding_mask must have shape \(S,\) = \(6,\), but got \[1, 6\]"),
+    ("kpm length unbatched", True, False, dict(key_padding_mask=(7,)), ValueError,
+     r"key_padding_mask must have shape \(S,\) = \(6,\), but got \[7\]"),
+    ("kpm uint8", False, False, dict(key_padding_mask=(3, 6), kpm_dtype=torch.uint8),
+     TypeError, "only bool and floating types of key_padding_mask are supported, but got "
+     "torch.uint8"),
+    ("kpm int64", False, False, dict(key_padding_mask=(3, 6), kpm_dtype=torch.int64),
+     TypeError, "only bool and floating types of key_padding_mask"),
+    ("attn_mask int32", False, False, dict(attn_mask=(5, 6), am_dtype=torch.int32), TypeError,
+     "only bool and floating types of attn_mask are supported, but got torch.int32"),
+    ("attn_mask uint8 unbatched", True, False, dict(attn_mask=(5, 6), am_dtype=torch.uint8),
+     TypeError, "only bool and floating types of attn_mask"),
+    ("attn_mask (1, L, S)", False, False, dict(attn_mask=(1, 5, 6)), ValueError,
+     r"attn_mask must have shape \(L, S\) = \(5, 6\) or \(N \* num_heads, L, S\) = "
+     r"\(6, 5, 6\), but got \[1, 5, 6\]"),
+    ("attn_mask (H, L, S) batched", False, True, dict(attn_mask=(2, 5, 6)), ValueError,
+     r"\(N \* num_heads, L, S\) = \(6, 5, 6\), but got \[2, 5, 6\]"),
+    ("attn_mask (1, L, S) unbatched", True, False, dict(attn_mask=(1, 5, 6)), ValueError,
+     r"attn_mask must have shape \(L, S\) = \(5, 6\) or \(num_heads, L, S\) = \(2, 5, 6\), "
+     r"but got \[1, 5, 6\]"),
+    ("attn_mask (L, S + 1)", False, False, dict(attn_mask=(5, 7)), ValueError,
+     r"attn_mask must have shape \(L, S\) = \(5, 6\)"),
+    ("attn_mask (1, S)", False, False, dict(attn_mask=(1, 6)), ValueError,
+     r"attn_mask must have shape \(L, S\) = \(5, 6\)"),
+    ("attn_mask 4-D", False, False, dict(attn_mask=(3, 2, 5, 6)), ValueError,
+     r"attn_mask must have shape .* but got \[3, 2, 5, 6\]"),
+    ("key batch", False, False, dict(key=(6, 2, 16), value=(6, 2, 16)), ValueError,
+     r"key and value must have query's batch size N = 3, but got key shape \[6, 2, 16\]"),
+    ("key batch batch_first", False, True, dict(key=(2, 6, 16), value=(2, 6, 16)), ValueError,
+     r"key and value must have query's batch size N = 3"),
+    ("value batch", False, False, dict(value=(6, 2, 16)), ValueError,
+     r"key and value must have the same batch size and length, but got key shape "
+     r"\[6, 3, 16\] and value shape \[6, 2, 16\]"),
+    ("value length", False, False, dict(value=(7, 3, 16)), ValueError,
+     r"key and value must have the same batch size and length"),
+    ("key dims", False, False, dict(key=(6, 16), value=(6, 16)), ValueError,
+     r"key and value must be 3-D like query"),
+    ("query dims", False, False, dict(query=(1, 5, 3, 16)), ValueError,
+     r"query must be 2-D \(L, E\) or 3-D"),
+    ("query embed", False, False, dict(query=(5, 3, 8)), ValueError,
+     r"query's last dimension must be embed_dim = 16, but got 8"),
+    ("key embed", False, False, dict(key=(6, 3, 8)), ValueError,
+     r"key's last dimension must be kdim = 16, but got 8"),
+]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize(("what", "unbatched", "batch_first", "args", "exc", "match"), MHA_BAD,
+                         ids=[b[0] for b in MHA_BAD])
+def test_multihead_attention_bad_arguments(what, unbatched, batch_first, args, exc, match,
+                                           need_weights):
+    """The same error on both paths (ours checks before torch's forward runs), where torch
+    refuses too; and, where torch runs (kpm transposed, L = N = S would not tell), never a
+    silently wrong answer."""
+    args = dict(args)
+    kpm_dtype = args.pop("kpm_dtype", torch.bool)
+    am_dtype = args.pop("am_dtype", torch.bool)
+    ref, ours = _mha_pair(dict(embed_dim=16, num_heads=2, batch_first=batch_first), "cpu")
+    L, N, S, E = 5, 3, 6, 16
+    if unbatched:
+        shapes = dict(query=(L, E), key=(S, E), value=(S, E))
+    else:
+        bf = (lambda n: (N, n, E)) if batch_first else (lambda n: (n, N, E))
+        shapes = dict(query=bf(L), key=bf(S), value=bf(S))
+    shapes.update({name: s for name, s in args.items() if name in shapes})
+    inputs = {name: torch.randn(s) for name, s in shapes.items()}
+    for name, dtype in (("key_padding_mask", kpm_dtype), ("attn_mask", am_dtype)):
+        if name in args:
+            inputs[name] = torch.zeros(args[name], dtype=dtype)
+    with pytest.raises(Exception):  # torch refuses it too
+        ref(**inputs, need_weights=need_weights)
+    with pytest.raises(exc, match=match):
+        ours(**inputs, need_weights=need_weights)
+
+
+def test_multihead_attention_transposed_padding_mask_repro():
+    """The audit's repro: a (S, N) key_padding_mask ran on the fused path and masked the
+    wrong keys."""
+    _, ours = _mha_pair(dict(embed_dim=16, num_heads=2), "cpu")
+    x, k = torch.randn(5, 3, 16), torch.randn(6, 3, 16)
+    kpm = torch.zeros(6, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"key_padding_mask .*\(N, S\) = \(3, 6\)"):
+        ours(x, k, k, key_padding_mask=kpm, need_weights=False)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_masks_of_every_accepted_shape(batch_first):
+    """What is accepted still matches torch: masks (N, S) and (L, S) / (N * H, L, S),
+    unbatched (S,) and (H, L, S), bool and float, with add_bias_kv and add_zero_attn."""
+    kwargs = dict(embed_dim=16, num_heads=2, batch_first=batch_first, add_bias_kv=True,
+                  add_zero_attn=True)
+    ref, ours = _mha_pair(kwargs, "cpu")
+    ref.eval(), ours.eval()
+    g = torch.Generator().manual_seed(19)
+    L, N, S, H, E = 5, 3, 6, 2, 16
+    bf = (lambda n: (N, n, E)) if batch_first else (lambda n: (n, N, E))
+    x, kv = torch.randn(bf(L), generator=g), torch.randn(bf(S), generator=g)
+    kpm = torch.rand(N, S, generator=g) > 0.7
+    am = torch.randn(N * H, L, S, generator=g)
+    kpm_float = torch.zeros(N, S).masked_fill(kpm, -1e4)
+    cases = [(x, kv, kpm_float, am), (x, kv, kpm, None), (x, kv, None, am[0] > 1),
+             (x[0] if batch_first else x[:, 0], kv[0] if batch_first else kv[:, 0], kpm[0],
+              am[:H] > 1)]
+    for q, k, m_kpm, m_am in cases:
+        for need_weights in (False, True):
+            out, _ = ours(q, k, k, key_padding_mask=m_kpm, attn_mask=m_am,
+                          need_weights=need_weights)
+            want, _ = ref(q, k, k, key_padding_mask=m_kpm, attn_mask=m_am,
+                          need_weights=need_weights)
+            assert_close(out, want, torch.float32)

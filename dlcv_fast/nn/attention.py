@@ -18,6 +18,60 @@ def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def _shape_str(shape: tuple) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_inputs(module: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
+                  value: Tensor, key_padding_mask: Tensor | None,
+                  attn_mask: Tensor | None) -> None:
+    """torch's checks, as ValueError / TypeError naming the argument and the expected shape,
+    before either path runs: a wrong-shaped mask must not broadcast into a wrong answer."""
+    op = "MultiheadAttention"
+    if query.dim() not in (2, 3):
+        raise ValueError(f"{op}: query must be 2-D (L, E) or 3-D (L, N, E) / (N, L, E) with "
+                         f"batch_first, but got shape {list(query.shape)}")
+    unbatched = query.dim() == 2
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise ValueError(f"{op}: key and value must be {query.dim()}-D like query, but got "
+                             f"{name} shape {list(t.shape)}")
+    for name, t, want, what in (("query", query, module.embed_dim, "embed_dim"),
+                                ("key", key, module.kdim, "kdim"),
+                                ("value", value, module.vdim, "vdim")):
+        if t.shape[-1] != want:
+            raise ValueError(f"{op}: {name}'s last dimension must be {what} = {want}, but got "
+                             f"{t.shape[-1]}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"{op}: key and value must have the same batch size and length, but "
+                         f"got key shape {list(key.shape)} and value shape {list(value.shape)}")
+    if unbatched:
+        L, S, N = query.shape[0], key.shape[0], 1
+    else:
+        b, t = (0, 1) if module.batch_first else (1, 0)
+        L, S, N = query.shape[t], key.shape[t], query.shape[b]
+        if key.shape[b] != N:
+            raise ValueError(f"{op}: key and value must have query's batch size N = {N}, but "
+                             f"got key shape {list(key.shape)}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+            # An integer mask would be added as 0 / 1 instead of masking.
+            raise TypeError(f"{op}: only bool and floating types of {name} are supported, but "
+                            f"got {m.dtype}")
+    if key_padding_mask is not None:
+        want, dims = ((S,), "(S,)") if unbatched else ((N, S), "(N, S)")
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"{op}: key_padding_mask must have shape {dims} = "
+                             f"{_shape_str(want)}, but got {list(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        heads = (module.num_heads,) if unbatched else (N * module.num_heads,)
+        dims = "(num_heads, L, S)" if unbatched else "(N * num_heads, L, S)"
+        if tuple(attn_mask.shape) not in ((L, S), (*heads, L, S)):
+            raise ValueError(f"{op}: attn_mask must have shape (L, S) = {_shape_str((L, S))} or "
+                             f"{dims} = {_shape_str((*heads, L, S))}, but got "
+                             f"{list(attn_mask.shape)}")
+
+
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """:class:`torch.nn.MultiheadAttention` whose ``need_weights=False`` path runs
     :func:`dlcv_fast.scaled_dot_product_attention`.
@@ -29,19 +83,25 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     ``forward`` takes torch's arguments. With ``need_weights=False`` the projections are
     torch's and attention is the fused kernel; ``key_padding_mask`` (N, S) and ``attn_mask``
-    (L, S) or (N * num_heads, L, S) (bool: True is masked out, or additive) are merged into
-    one mask that broadcasts over what it does not depend on. With ``need_weights=True``
+    (L, S) or (N * num_heads, L, S) (unbatched: (S,) and (L, S) or (num_heads, L, S); bool:
+    True is masked out, or floating: additive) are merged into one mask that broadcasts over
+    what it does not depend on. On both paths, a mask of another shape or an integer mask
+    (which would be added as 0 / 1) raises, as in torch, with a ValueError / TypeError that
+    names the argument and the expected shape. With ``need_weights=True``
     (torch's default) it is torch's own forward, the slower explicit path that materialises
     the (L, S) weights it returns. ``is_causal`` is a hint, as in torch: ``attn_mask`` must
     hold the causal mask, and that mask is what is applied.
 
-    A query that may attend to no key gives zeros on the fused path (torch gives NaN).
+    A query that may attend to no key gives zeros (then ``out_proj``'s bias) on the fused
+    path, as torch's ``need_weights=False`` path does; with ``need_weights=True`` (torch's own
+    forward) it gives NaN, in torch and here.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if need_weights:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=True, attn_mask=attn_mask,

@@ -10,19 +10,20 @@ Ops (namespace ``dlcv_fast``), on 4-D tensors:
 - ``sdpa_triton`` and ``sdpa_backward_triton``: the same schemas on the Triton kernels.
 
 query is (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev) with H a multiple of Hkv
-(grouped-query attention without copying K / V); attn_mask, bool (True: attend) or of
-query's dtype (added to the scores), broadcasts to (B, H, L, S) and is read through its
-strides. lse (B, H, L) is the natural-log log-sum-exp of each row's scores (float32, or
-float64 for float64 inputs). Dropout is a hash of (seed, b * H + h, i, j)
+(grouped-query attention without copying K / V); attn_mask, bool (True: attend) or float32
+or query's dtype (added to the scores; PyTorch's rule), broadcasts to (B, H, L, S) and is
+read through its strides. lse (B, H, L) is the natural-log log-sum-exp of each row's scores
+(float32, or float64 for float64 inputs). Dropout is a hash of (seed, b * H + h, i, j)
 (:func:`dropout_keep_mask`), the same in every backend, so the backward pass regenerates the
 forward pass's mask.
 
 A row that attends to nothing (its mask all False or -inf, or no key at all) gives zeros,
-lse = -inf and zero gradients. (PyTorch's math backend gives NaN there, its fused backends
-differ from one another.) A NaN among a row's visible scores, or a +inf score, makes the
-row's output and lse NaN, and the gradients it reaches, as the plain formula does. A masked
-score passes no gradient of its own; whether a masked key's dK or dV still turns NaN
-through 0 x NaN in a product with a NaN row depends on the tiles a backend skips.
+lse = -inf and zero gradients, as PyTorch 2.14's SDPA gives on the CPU (zeros and zero
+gradients, every dtype and CPU backend; tests/test_attention.py checks it). A NaN among a
+row's visible scores, or a +inf score, makes the row's output and lse NaN, and the gradients
+it reaches, as the plain formula does. A masked score passes no gradient of its own;
+whether a masked key's dK or dV still turns NaN through 0 x NaN in a product with a NaN row
+depends on the tiles a backend skips.
 
 The backward pass is deterministic in every backend: each gradient element is computed by
 one program (dK / dV per key block, dQ per query block), never accumulated with atomics. (On
@@ -98,8 +99,9 @@ def check_args(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         if attn_mask.device != query.device:
             raise RuntimeError(f"{op}: attn_mask is on {attn_mask.device} but query is on "
                                f"{query.device}; expected both on the same device")
-        if attn_mask.dtype not in (torch.bool, query.dtype):
-            raise TypeError(f"{op}: attn_mask must be bool or have query's dtype "
+        # PyTorch's rule: a float32 mask goes with any query dtype.
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"{op}: attn_mask must be bool, float32 or query's dtype "
                             f"{query.dtype}, but got {attn_mask.dtype}")
         target = (B, H, L, S)
         ok = attn_mask.dim() <= 4 and all(
@@ -315,12 +317,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
         key: (N, Hkv, S, E) or (N, S, E).
         value: (N, Hkv, S, Ev) or (N, S, Ev); Ev may differ from E. Head dims up to 256.
-        attn_mask: bool (True: take part in attention) or of query's dtype (added to the
-            scores), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
+        attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
+            to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
+            rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
             Read through its strides, never expanded in memory. Not differentiated.
         dropout_p: dropout on the attention weights, from a counter-based hash seeded by
             torch's generator for the device (``torch.manual_seed`` reproduces it; the
-            backward pass applies the same mask).
+            backward pass applies the same mask). Under ``torch.compile`` the seed's
+            ``.item()`` is traced with ``fullgraph=True``; without it, it is a graph break.
+            Inductor draws the seed with its own generator (reproducible under
+            ``torch.manual_seed``, but not eager's numbers unless
+            ``torch._inductor.config.fallback_random`` is set), as for torch's dropout.
         is_causal: query i attends to keys j <= i (PyTorch's top-left alignment, also for
             L != S). May be combined with attn_mask (PyTorch refuses both at once).
         scale: defaults to 1 / sqrt(E).
@@ -328,9 +335,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             head h // (H / Hkv), without copying K and V.
 
     Returns (N, H, L, Ev) (or (N, L, Ev)) in query's dtype. A query row that can attend to
-    no key (its mask all False or -inf) gives zeros and zero gradients, where PyTorch's math
-    backend gives NaN. Differentiable in query, key and value; the backward pass recomputes
-    the attention weights from the saved log-sum-exp and is deterministic.
+    no key (its mask all False or -inf) gives zeros and zero gradients, as PyTorch's does (on
+    the CPU; its fused CUDA backends are not checked here). Differentiable in query, key and
+    value; the backward pass recomputes the attention weights from the saved log-sum-exp and
+    is deterministic.
     """
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
