@@ -124,8 +124,13 @@ def _lenet(args) -> int:
 def _profile(args) -> int:
     from dlcv_fast import profile
 
+    try:
+        model = profile.build_model(args.model, args.image_size)
+    except ValueError as e:
+        print(f"python -m dlcv_fast profile: {e}", file=sys.stderr)
+        return 2
     return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,
-                        args.out, budget_s=args.budget)
+                        args.out, budget_s=args.budget, built=model)
 
 
 def _diffuse(args) -> int:
@@ -144,6 +149,21 @@ def _diffuse(args) -> int:
     return 0
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` above 0 (0 and negatives are usage errors)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dlcv_fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +177,7 @@ def main(argv=None) -> int:
                         "step, ViT-B/16 forward+backward) against torchvision's")
     p.add_argument("--dtype", nargs="*", choices=sorted(bench.DTYPES))
     p.add_argument("--backend", nargs="*", choices=["cpu", "cuda", "triton"])
-    p.add_argument("--batch", type=int)
+    p.add_argument("--batch", type=_positive(int))
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--save", metavar="DIR",
                    help="write the results to DIR/<ops>-<device>-<date>.json")
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="check, then bench, then lenet")
     p.set_defaults(fn=_demo)
     p = sub.add_parser("lenet", help="train LeNet-5 on scikit-learn's digits")
-    p.add_argument("--epochs", type=int, help="default 10")
+    p.add_argument("--epochs", type=_positive(int), help="default 10")
     p.add_argument("--out", help="PNG of the curves (default demo_output/lenet5_digits.png)")
     p.add_argument("--quick", action="store_true", help="4 epochs on 500 images (tests)")
     p.set_defaults(fn=_lenet)
@@ -173,16 +193,16 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True,
                    help="a dlcv_fast.models name (lenet5, alexnet, vgg16_bn, resnet50, "
                         "googlenet, vit_b_16, ...) or a torchvision model name")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=_positive(int), default=1)
     p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
-    p.add_argument("--image-size", type=int, help="default: the model's (224; lenet5 32)")
+    p.add_argument("--image-size", type=_positive(int), help="default: the model's (224; lenet5 32)")
     p.add_argument("--out", help="PNG bar chart (default demo_output/profile-NAME-bN.png)")
-    p.add_argument("--budget", type=float, default=0.2,
+    p.add_argument("--budget", type=_positive(float), default=0.2,
                    help="seconds of timing per layer and implementation (default 0.2)")
     p.set_defaults(fn=_profile)
     p = sub.add_parser("diffuse", help="train a small DDPM on the digits, sample with DDIM")
-    p.add_argument("--epochs", type=int, help="default 45")
-    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps (default 50)")
+    p.add_argument("--epochs", type=_positive(int), help="default 45")
+    p.add_argument("--steps", type=_positive(int), default=50, help="DDIM sampling steps (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG of the samples (default demo_output/ddpm_digits.png)")
     p.add_argument("--quick", action="store_true",

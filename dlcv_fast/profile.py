@@ -85,6 +85,9 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
     from dlcv_fast import models
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name == "lenet5" and image_size not in (None, 32):
+        raise ValueError(f"lenet5 takes 32x32 images (its classifier is sized for them), but "
+                         f"got --image-size {image_size}")
     if name in models.MODELS:
         if image_size is not None and name.startswith(("vit_", "diffusion_unet")):
             kwargs["image_size"] = image_size  # position embeddings, attention placement
@@ -181,18 +184,24 @@ def torch_model(model: nn.Module) -> nn.Module:
 
 
 def format_table(rows: list[LayerRow], model_ms: float, torch_model_ms: float) -> str:
-    head = (f"{'layer':<28} {'op':<12} {'input shape':<20} {'dlcv_fast ms':>12} "
+    # Columns as wide as their longest entry (layer names of a ViT run past 40 characters).
+    shapes = ["x".join(map(str, r.shape)) for r in rows]
+    wl = max([28, *(len(r.layer) for r in rows)])
+    wo = max([12, *(len(r.op) for r in rows)])
+    ws = max([20, *map(len, shapes)])
+    head = (f"{'layer':<{wl}} {'op':<{wo}} {'input shape':<{ws}} {'dlcv_fast ms':>12} "
             f"{'PyTorch ms':>11} {'speedup':>8} {'rate':>16}")
     lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.layer:<28} {r.op:<12} {'x'.join(map(str, r.shape)):<20} "
+    for r, shape in zip(rows, shapes):
+        lines.append(f"{r.layer:<{wl}} {r.op:<{wo}} {shape:<{ws}} "
                      f"{r.ms:>12.3f} {r.torch_ms:>11.3f} {r.speedup:>7.2f}x {r.rate:>16}")
     lines.append("-" * len(head))
     ours, theirs = sum(r.ms for r in rows), sum(r.torch_ms for r in rows)
+    label = wl + wo + ws + 2
     if rows:
-        lines.append(f"{'total of these layers':<62} {ours:>12.3f} {theirs:>11.3f} "
+        lines.append(f"{'total of these layers':<{label}} {ours:>12.3f} {theirs:>11.3f} "
                      f"{theirs / ours:>7.2f}x")
-    lines.append(f"{'whole forward pass':<62} {model_ms:>12.3f} {torch_model_ms:>11.3f} "
+    lines.append(f"{'whole forward pass':<{label}} {model_ms:>12.3f} {torch_model_ms:>11.3f} "
                  f"{torch_model_ms / model_ms:>7.2f}x")
     return "\n".join(lines)
 
@@ -222,9 +231,11 @@ def plot(rows: list[LayerRow], path: str, title: str) -> None:
 
 
 def main(model_name: str, batch: int, dtype: torch.dtype, image_size: int | None,
-         out: str | None, progress: bool = True, budget_s: float = 0.2) -> int:
+         out: str | None, progress: bool = True, budget_s: float = 0.2,
+         built: tuple | None = None) -> int:
+    """Profiles the model (``built``: build_model's result for it, when already built)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, channels, size, summary = build_model(model_name, image_size)
+    model, channels, size, summary = built or build_model(model_name, image_size)
     model = model.to(device=device, dtype=dtype)
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
     env = bench.environment(device)

@@ -112,3 +112,26 @@ def test_diffuse_judge_recognises_real_digits_and_not_noise():
     assert not judge.judge(noise)[1].any()  # noise does not, though the classifier is sure
     blank = -torch.ones(4, 1, 16, 16)
     assert not judge.judge(blank)[1].any()
+
+
+def test_profile_usage_errors_are_messages():
+    """A bad model name, size or count is a one-line usage error (exit 2), no traceback."""
+    for args, message in ((("--model", "nosuch"), "model must be one of"),
+                          (("--model", "lenet5", "--batch", "0"), "must be positive, got 0"),
+                          (("--model", "lenet5", "--image-size", "64"),
+                           "lenet5 takes 32x32 images"),
+                          (("--model", "lenet5", "--budget", "-1"), "must be positive")):
+        out = _run("profile", *args)
+        assert out.returncode == 2, (args, out.stdout + out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_profile_table_columns_fit_long_names():
+    row = profile.LayerRow("encoder.layers.encoder_layer_0.self_attention", "attention",
+                           (2, 50, 768), 1.0, 2.0, 1e9, 1e6)
+    short = profile.LayerRow("conv1", "BatchNorm2d+relu", (2, 3, 8, 8), 1.0, 1.0, 0.0, 1e6)
+    lines = profile.format_table([row, short], 2.0, 3.0).splitlines()
+    # every row's numbers start in the header's column
+    col = lines[0].index("dlcv_fast ms")
+    for line in (lines[2], lines[3], lines[-1]):
+        assert line[col:col + 12].strip().replace(".", "").isdigit(), line
