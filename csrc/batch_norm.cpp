@@ -3,6 +3,7 @@
 // the accumulation type, then run the CPU or CUDA kernels. The CPU kernels compute 16-bit
 // inputs in float32.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/rsqrt.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 
 #include "batch_norm_shape.h"
 #include "checks.h"
@@ -203,7 +205,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
   if (has_rm) {
     check_param(op, "running_mean", *running_mean, input, d.channels());
     check_param(op, "running_var", *running_var, input, d.channels());
+    // Updated in place in training: an expanded view would get one channel's value in all.
+    for (const auto& [name, t] : {std::pair{"running_mean", &*running_mean},
+                                  std::pair{"running_var", &*running_var}}) {
+      TORCH_CHECK(!training || at::has_internal_overlap(*t) != at::MemOverlap::Yes, op, ": ",
+                  name, " is updated in place in training, but its elements share memory (an "
+                  "expanded view?); pass a tensor of its own, e.g. ", name, ".clone()");
+    }
   }
+  TORCH_CHECK_VALUE(!training || eps > 0, op, ": eps must be positive during training, but got ",
+                    eps);
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be non-negative, but got ", eps);
   if (training) check_count(d, input);
 

@@ -138,7 +138,8 @@ register(nn.BatchNorm1d, dnn.BatchNorm1d, lambda m: _check_tensors("batch_norm",
          extra={"activation": None})
 register(nn.BatchNorm2d, dnn.BatchNorm2d, lambda m: _check_tensors("batch_norm", m),
          extra={"activation": None})
-register(nn.SyncBatchNorm, dnn.SyncBatchNorm, lambda m: _check_tensors("batch_norm", m))
+register(nn.SyncBatchNorm, dnn.SyncBatchNorm, lambda m: _check_tensors("batch_norm", m),
+         extra={"activation": None})
 register(nn.MultiheadAttention, dnn.MultiheadAttention,
          lambda m: _check_tensors("scaled_dot_product_attention", m))
 

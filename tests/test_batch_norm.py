@@ -321,6 +321,69 @@ def test_running_buffers_in_other_dtypes(backend_device):
     assert_close(rv, want_rv, torch.float16)
 
 
+
+def test_eps_zero_only_in_eval(backend_device):
+    """torch's rule: eps > 0 in training (the variance of a constant channel is 0), eps >= 0 in
+    evaluation; for the functional API, the nn modules and SyncBatchNorm alike."""
+    backend, device = backend_device
+    x = make((4, 3, 5), torch.float32, device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    positive = "eps must be positive during training"
+    for buffers in ((rm, rv), (None, None)):
+        with pytest.raises(ValueError, match=positive):
+            dlcv_fast.batch_norm(x, *buffers, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        dlcv_fast.batch_norm(x, rm, rv, training=False, eps=-1.0)
+    out = dlcv_fast.batch_norm(x, rm, rv, training=False, eps=0)
+    assert_close(out, reference(x, rm, rv, None, None, False, 0.1, 0.0, False)[0], torch.float32)
+    op = (torch.ops.dlcv_fast.batch_norm_triton if backend == "triton"
+          else torch.ops.dlcv_fast.batch_norm)
+    with pytest.raises(ValueError, match=positive):  # the op by itself checks too
+        op(x, None, None, rm, rv, True, 0.1, 0.0, False)
+    for cls, shape in ((dlcv_fast.nn.BatchNorm1d, (4, 3, 5)), (dlcv_fast.nn.BatchNorm2d,
+                                                              (4, 3, 2, 2)),
+                       (dlcv_fast.nn.SyncBatchNorm, (4, 3, 2, 2))):
+        x = make(shape, torch.float32, device)
+        m = cls(3, eps=0.0).to(device)
+        with pytest.raises(ValueError, match=positive):
+            m(x)
+        ref = torch.nn.BatchNorm2d(3, eps=0.0).to(device).eval()
+        assert_close(m.eval()(x), ref(x.view(4, 3, -1, 1)).view(shape), msg=cls.__name__)
+
+
+def test_running_buffer_checks(backend_device):
+    """As torch: running statistics never require grad, and ``training`` is a bool. An
+    expanded buffer (one element for every channel), which the training update cannot write,
+    is refused by name; read-only in evaluation, it is fine."""
+    backend, device = backend_device
+    x = make((4, 3, 5), torch.float32, device)
+    for name in ("running_mean", "running_var"):
+        for training in (True, False):
+            bufs = {"running_mean": torch.zeros(3, device=device),
+                    "running_var": torch.ones(3, device=device)}
+            bufs[name].requires_grad_()
+            with pytest.raises(RuntimeError, match=f"{name} must not require grad"):
+                dlcv_fast.batch_norm(x, bufs["running_mean"], bufs["running_var"],
+                                     training=training)
+        bufs = {"running_mean": torch.zeros(3, device=device),
+                "running_var": torch.ones(3, device=device)}
+        bufs[name] = bufs[name][:1].expand(3)
+        with pytest.raises(RuntimeError, match=f"{name} is updated in place"):
+            dlcv_fast.batch_norm(x, bufs["running_mean"], bufs["running_var"], training=True)
+        if backend != "triton":  # the C++ op by itself checks too
+            with pytest.raises(RuntimeError, match=f"{name} is updated in place"):
+                torch.ops.dlcv_fast.batch_norm(x, None, None, bufs["running_mean"],
+                                               bufs["running_var"], True, 0.1, 1e-5, False)
+        out = dlcv_fast.batch_norm(x, bufs["running_mean"], bufs["running_var"], training=False)
+        want = reference(x, bufs["running_mean"], bufs["running_var"], None, None, False, 0.1,
+                         1e-5, False)[0]
+        assert_close(out, want, torch.float32, msg=name)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for bad in (1, None, "yes", torch.tensor(True)):
+        with pytest.raises(TypeError, match="training must be a bool"):
+            dlcv_fast.batch_norm(x, rm, rv, training=bad)
+
+
 BAD = [
     # (what, kwargs changes, exception, message)
     ("weight size", dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\)"),
@@ -424,62 +487,162 @@ def test_modules_are_drop_in():
     assert_close(ours(x.detach()), ref(x.detach()))
 
 
+def test_sync_batch_norm_keeps_fused_relu():
+    """SyncBatchNorm takes activation='relu' like the other layers; convert_sync_batchnorm
+    keeps it (and bias=False), so the converted model computes what the original did."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(4, bias=False),
+        torch.nn.Sequential(dlcv_fast.nn.BatchNorm2d(4, affine=False)),
+        dlcv_fast.nn.BatchNorm2d(4, eps=1e-3, momentum=0.2, activation="relu")).double()
+    with torch.no_grad():
+        model[2].weight.uniform_(0.5, 1.5)
+        model[2].bias.normal_()
+    original = copy.deepcopy(model)
+    sync = dlcv_fast.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layers = (sync[0], sync[1][0], sync[2])
+    assert [type(m) for m in layers] == [dlcv_fast.nn.SyncBatchNorm] * 3
+    assert [m.activation for m in layers] == [None, None, "relu"]
+    assert sync[0].bias is None and sync[0].weight is not None
+    assert repr(sync[2]) == repr(torch.nn.SyncBatchNorm(4, 1e-3, 0.2))[:-1] + \
+        ", activation='relu')"
+    for train in (True, False):
+        original.train(train)
+        sync.train(train)
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+        want, got = original(x), sync(x)
+        assert (got == 0).any() and (got > 0).any()  # the ReLU is live
+        assert_close(got, want, msg=f"train={train}")
+        assert_close(sync[2].running_mean, original[2].running_mean)
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        dlcv_fast.nn.SyncBatchNorm(4, activation="gelu")
+
+
 # --- SyncBatchNorm over two processes (gloo, CPU) --------------------------------------------
 
-SYNC_BATCHES = (2, 5)  # uneven per-process batches
+# One spawn of two processes runs every case (a spawn costs seconds). A case: per-process
+# batches, the per-sample shape (C, ...), the input's memory format, SyncBatchNorm's keywords,
+# training steps, eval mode, or the error every process must raise (alike, so none hangs).
+SYNC_CASES = {
+    "4d-uneven": dict(batches=(2, 5), shape=(3, 4, 5), kw=dict(momentum=0.3)),
+    "4d-channels-last": dict(batches=(2, 5), shape=(3, 4, 5), fmt="channels_last",
+                             kw=dict(momentum=0.3)),
+    "2d-batch-one": dict(batches=(1, 4), shape=(3,)),  # the last, uneven batch under DDP
+    "3d-batch-zero": dict(batches=(0, 3), shape=(3, 5)),
+    "5d-cumulative": dict(batches=(2, 3), shape=(3, 2, 3, 2), fmt="channels_last_3d",
+                          kw=dict(momentum=None), steps=2),
+    "not-affine": dict(batches=(3, 2), shape=(3, 4), kw=dict(affine=False)),
+    "no-running-stats": dict(batches=(2, 3), shape=(3, 2, 2),
+                             kw=dict(track_running_stats=False)),
+    "relu": dict(batches=(2, 3), shape=(3, 2, 3), kw=dict(activation="relu")),
+    "eval": dict(batches=(1, 3), shape=(3, 2, 2), eval=True),
+    "one-value-in-all": dict(batches=(1, 0), shape=(3,),
+                             error="Expected more than 1 value per channel"),
+    "eps-zero": dict(batches=(2, 2), shape=(3, 2), kw=dict(eps=0.0),
+                     error="eps must be positive during training"),
+}
 
 
-def _sync_worker(rank, world, init, out_dir, channels_last):
+def _sync_run(case: dict, rank: int | None) -> dict:
+    """A case on ``rank``'s share of the batch with dlcv_fast's SyncBatchNorm, or (rank None)
+    on the whole batch with torch's BatchNorm1d/2d/3d (then a ReLU where the case fuses one)."""
+    batches, shape = case["batches"], case["shape"]
+    C, kw = shape[0], dict(case.get("kw", {}))
+    relu = kw.get("activation") == "relu"
+    if rank is None:
+        kw.pop("activation", None)
+        cls = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[
+            max(len(shape) - 2, 0)]
+        start, stop = 0, sum(batches)
+    else:
+        cls = dlcv_fast.nn.SyncBatchNorm
+        start, stop = sum(batches[:rank]), sum(batches[:rank + 1])
+    m = cls(C, **kw).double().train(not case.get("eval", False))
+    with torch.no_grad():
+        if m.weight is not None:
+            m.weight.copy_(torch.linspace(0.5, 2.0, C))
+            m.bias.copy_(torch.linspace(-0.2, 0.3, C))
+        if m.running_mean is not None:
+            m.running_mean.copy_(torch.linspace(2.0, 4.0, C))
+            m.running_var.copy_(torch.linspace(3.0, 5.0, C))
+    result = {"out": [], "gx": []}
+    for step in range(case.get("steps", 1)):
+        g = torch.Generator().manual_seed(step)
+        full = torch.randn(sum(batches), *shape, generator=g, dtype=torch.float64) * 2 + 3
+        grad = torch.randn(full.shape, generator=g, dtype=torch.float64)
+        x = full[start:stop].clone()
+        if "fmt" in case:
+            x = x.contiguous(memory_format=getattr(torch, case["fmt"]))
+        x.requires_grad_()
+        out = m(x)
+        if rank is None and relu:
+            out = out.relu()
+        out.backward(grad[start:stop])
+        result["out"].append(out.detach())
+        result["gx"].append(x.grad)
+    result.update(gw=None if m.weight is None else m.weight.grad,
+                  gb=None if m.bias is None else m.bias.grad, rm=m.running_mean,
+                  rv=m.running_var, nbt=m.num_batches_tracked)
+    return result
+
+
+def _sync_worker(rank, world, init, out_dir):
+    import datetime
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # A timeout, so that processes that disagree fail instead of hanging.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
-        torch.manual_seed(0)
-        full = torch.randn(sum(SYNC_BATCHES), 3, 4, 5, dtype=torch.float64) * 2 + 3
-        grad = torch.randn_like(full)
-        start = sum(SYNC_BATCHES[:rank])
-        x = full[start:start + SYNC_BATCHES[rank]].clone()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        m = dlcv_fast.nn.SyncBatchNorm(3, momentum=0.3).double()
-        with torch.no_grad():
-            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
-            m.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-        out = m(x)
-        out.backward(grad[start:start + SYNC_BATCHES[rank]])
-        torch.save({"out": out.detach(), "gx": x.grad, "gw": m.weight.grad, "gb": m.bias.grad,
-                    "rm": m.running_mean, "rv": m.running_var},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for name, case in SYNC_CASES.items():
+            try:
+                results[name] = _sync_run(case, rank)
+            except Exception as e:  # compared with the case's error
+                results[name] = f"{type(e).__name__}: {e}"
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_sync_batch_norm_two_processes(tmp_path, channels_last):
+def test_sync_batch_norm_two_processes(tmp_path):
+    """Whole-group statistics against torch's batch norm on the whole batch: outputs, input
+    gradients, parameter gradients (summed over processes, as DDP does), running statistics."""
     import torch.multiprocessing as mp
 
     init = f"file://{tmp_path / 'init'}"
-    mp.spawn(_sync_worker, args=(2, init, str(tmp_path), channels_last), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    torch.manual_seed(0)
-    full = torch.randn(sum(SYNC_BATCHES), 3, 4, 5, dtype=torch.float64) * 2 + 3
-    grad = torch.randn_like(full)
-    ref = torch.nn.BatchNorm2d(3, momentum=0.3).double()
-    with torch.no_grad():
-        ref.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
-        ref.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    x = full.clone().requires_grad_()
-    out = ref(x)
-    out.backward(grad)
-    assert_close(torch.cat([g["out"] for g in got]), out.detach())
-    assert_close(torch.cat([g["gx"] for g in got]), x.grad)
-    # Parameter gradients are per process (DistributedDataParallel sums them).
-    assert_close(got[0]["gw"] + got[1]["gw"], ref.weight.grad)
-    assert_close(got[0]["gb"] + got[1]["gb"], ref.bias.grad)
-    for g in got:
-        assert_close(g["rm"], ref.running_mean)
-        assert_close(g["rv"], ref.running_var)
+    for name, case in SYNC_CASES.items():
+        if "error" in case:
+            for r in range(2):
+                assert isinstance(got[r][name], str) and case["error"] in got[r][name], \
+                    (name, r, got[r][name])
+            continue
+        for r in range(2):
+            assert not isinstance(got[r][name], str), (name, r, got[r][name])
+        want = _sync_run(case, None)
+        ours = [g[name] for g in got]
+        for step in range(len(want["out"])):
+            for key in ("out", "gx"):
+                assert_close(torch.cat([o[key][step] for o in ours]), want[key][step],
+                             msg=f"{name} step {step} {key}")
+        for key in ("gw", "gb"):
+            if want[key] is None:
+                assert all(o[key] is None for o in ours), (name, key)
+            else:
+                assert_close(ours[0][key] + ours[1][key], want[key], msg=f"{name} {key}")
+        for o in ours:
+            for key in ("rm", "rv", "nbt"):
+                if want[key] is None:
+                    assert o[key] is None, (name, key)
+                elif key == "nbt":
+                    assert torch.equal(o[key], want[key]), name
+                else:
+                    assert_close(o[key], want[key], msg=f"{name} {key}")
 
 
 @pytest.mark.parametrize("kind", ["1d", "2d"])

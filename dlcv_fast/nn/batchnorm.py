@@ -29,6 +29,8 @@ def _factor_and_buffers(m: torch.nn.modules.batchnorm._BatchNorm):
 
 
 class _Forward:
+    activation = None  # for a torch layer given this class in place (dlcv_fast.convert)
+
     def __init__(self, *args, activation: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation = checked_activation(type(self).__name__, activation)
@@ -115,13 +117,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
     """:class:`torch.nn.SyncBatchNorm` on dlcv_fast's kernels: in training, with
     torch.distributed initialised and more than one process in ``process_group``, the
     batch statistics are those of the whole group's batch (count-weighted, so per-process
-    batches may differ in size), forward and backward. Otherwise a plain batch norm. Runs on
-    CPU tensors (gloo) as well as CUDA tensors (nccl). A subclass: constructor, buffers,
-    state_dict keys and repr are torch's."""
+    batches may differ in size, and one process may hold a single sample or none), forward
+    and backward. Otherwise a plain batch norm. Runs on CPU tensors (gloo) as well as CUDA
+    tensors (nccl). A subclass: constructor, buffers, state_dict keys and repr are torch's.
+    One keyword more: ``activation='relu'`` applies a ReLU in the same pass (shown in the
+    repr)."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -131,22 +135,28 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
                                        and dist.is_initialized() else None)
         world = dist.get_world_size(group) if group is not None else 1
         if not (training and self.training and world > 1):
-            return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps)
+            return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
+                              activation=self.activation)
+        # One sample on this process is fine: the count that must exceed 1 is the group's,
+        # checked on the gathered counts (every process raises alike, so none hangs).
         bn_ops.check_forward(input, self.weight, self.bias, rm, rv, True, self.eps,
-                             op="SyncBatchNorm")
+                             op="SyncBatchNorm", local_count=False)
         parts = bn_ops.parts(backend.resolve("batch_norm", input))
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, rm, rv, factor,
-                                            self.eps, group, world, False, parts)
+                                            self.eps, group, world,
+                                            self.activation == "relu", parts)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
         """``module`` with every batch-norm layer (torch's or dlcv_fast's) replaced by a
-        dlcv_fast SyncBatchNorm holding the same parameters, buffers and mode."""
+        dlcv_fast SyncBatchNorm holding the same parameters, buffers, mode and fused
+        activation."""
         out = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
                 not isinstance(module, SyncBatchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.affine,
-                      module.track_running_stats, process_group)
+                      module.track_running_stats, process_group, bias=module.bias is not None,
+                      activation=getattr(module, "activation", None))
             if module.affine:
                 with torch.no_grad():
                     out.weight = module.weight

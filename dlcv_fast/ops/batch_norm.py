@@ -122,8 +122,35 @@ def _check_count(input: Tensor) -> None:
                          f"{input.size()}")
 
 
+def check_eps(op: str, eps, training: bool) -> None:
+    """torch's rule (F.batch_norm): eps > 0 in training, where a constant channel has
+    variance 0; eps >= 0 in evaluation."""
+    if training and eps <= 0:
+        raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
+
+
+def check_running(op: str, running_mean, running_var, training: bool) -> None:
+    """The running statistics are not differentiable (torch refuses them requiring grad), and
+    in training they are written in place, so no two of their elements may share memory
+    (an expanded view: torch writes one channel's value over all of them)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, Tensor):
+            continue
+        if t.requires_grad:
+            raise RuntimeError(f"{op}: {name} must not require grad: the running statistics "
+                               "are buffers, not differentiable inputs")
+        if training and t.dim() == 1 and t.stride(0) == 0 and t.shape[0] > 1:
+            raise RuntimeError(f"{op}: {name} is updated in place in training, but its "
+                               f"{t.shape[0]} elements share one memory location (an expanded "
+                               f"view?); pass a tensor of its own, e.g. {name}.clone()")
+
+
 def check_forward(input, weight, bias, running_mean, running_var, training, eps,
-                  op: str = "batch_norm") -> None:
+                  op: str = "batch_norm", *, local_count: bool = True) -> None:
+    """The checks of the forward op. ``local_count=False`` leaves out the one-value-per-channel
+    check (SyncBatchNorm checks the count of the whole group instead)."""
     _check_input(op, input)
     for name, t in (("weight", weight), ("bias", bias)):
         _check_param(op, name, t, input)
@@ -134,9 +161,9 @@ def check_forward(input, weight, bias, running_mean, running_var, training, eps,
                          "(training=False)")
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check_param(op, name, t, input)
-    if eps < 0:
-        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
-    if training:
+    check_running(op, running_mean, running_var, training)
+    check_eps(op, eps, training)
+    if training and local_count:
         _check_count(input)
 
 
@@ -521,13 +548,15 @@ def batch_norm(
             output takes the input's memory format).
         running_mean, running_var: (C,) buffers or None. In training they are updated in
             place: ``(1 - momentum) * running + momentum * batch`` with the unbiased batch
-            variance. Needed in evaluation mode.
+            variance (so not an expanded view). Needed in evaluation mode. Never requiring
+            grad.
         weight, bias: (C,) affine parameters or None. Per-channel tensors have the input's
             dtype, or float32 for a 16-bit input.
-        training: normalise with the batch's statistics (biased variance) instead of the
-            running ones.
+        training: a bool: normalise with the batch's statistics (biased variance) instead
+            of the running ones.
         momentum: the running statistics' update factor.
-        eps: added to the variance.
+        eps: added to the variance; positive in training, non-negative in evaluation (torch's
+            rule).
         activation: None or ``"relu"``: ``relu(batch_norm(...))`` in the same pass over
             memory, forward and backward.
 
@@ -538,7 +567,11 @@ def batch_norm(
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, but got {type(input).__name__}")
     relu = relu_flag("batch_norm", activation)
-    training = bool(training)
+    if training is not True and training is not False:
+        raise TypeError(f"batch_norm: training must be a bool, but got {training!r}")
+    check_eps("batch_norm", eps, training)
+    if running_mean is not None or running_var is not None:
+        check_running("batch_norm", running_mean, running_var, training)
     # The ops check the rest. This wrapper stays short: on small layers its Python time is a
     # visible part of the step.
     if backend.resolve("batch_norm", input) == "triton":
@@ -551,4 +584,4 @@ def batch_norm(
 _BATCH_NORM = torch.ops.dlcv_fast.batch_norm.default
 
 
-__all__ = ["batch_norm", "check_forward"]
+__all__ = ["batch_norm", "check_eps", "check_forward", "check_running"]
