@@ -11,6 +11,7 @@ error in that dtype plus a small absolute term (DESIGN.md's rule for reductions)
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -395,6 +396,20 @@ ERRORS = [
     ((1, 3, 4, 4), (2, 3, 3, 3), {"stride": (1, 2, 3)}, TypeError, "stride"),
     ((1, 3, 4, 4), (2, 3, 3, 3), {"activation": "tanh"}, ValueError, "activation"),
     ((1, 3, 4, 4), (2, 3, 3), {}, ValueError, "weight must be 4-D"),
+    # 'same' padding reads the kernel size: the weight's dimensions are checked first
+    ((1, 3, 6, 6), (3,), {"padding": "same"}, ValueError, "weight must be 4-D"),
+    ((1, 3, 6, 6), (), {"padding": "same"}, ValueError, "weight must be 4-D"),
+    # Integers only, as in torch: bools and floats (Python, NumPy or tensor) are refused
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"stride": True}, TypeError, "stride"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"stride": torch.tensor(2.0)}, TypeError, "stride"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"stride": torch.tensor([1, 2])}, TypeError, "stride"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"padding": (1, 2.0)}, TypeError, "padding"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"padding": np.bool_(True)}, TypeError, "padding"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"dilation": np.float64(2.0)}, TypeError, "dilation"),
+    ((1, 4, 6, 6), (2, 4, 3, 3), {"dilation": (torch.tensor(True), 1)}, TypeError, "dilation"),
+    ((1, 4, 6, 6), (2, 2, 3, 3), {"groups": True}, TypeError, "groups"),
+    ((1, 4, 6, 6), (2, 2, 3, 3), {"groups": 2.0}, TypeError, "groups"),
+    ((1, 4, 6, 6), (2, 2, 3, 3), {"groups": (2,)}, TypeError, "groups"),
     ((3, 4, 4, 4, 4), (2, 3, 3, 3), {}, ValueError, "input must be 3-D"),
 ]
 
@@ -406,6 +421,26 @@ def test_errors(backend_device, x_shape, w_shape, kwargs, error, message):
     w = torch.randn(w_shape, device=device)
     with pytest.raises(error, match=message):
         dlcv_fast.conv2d(x, w, **kwargs)
+
+
+# What torch takes as an int: NumPy integers and integer tensors of one element, alone or
+# in a tuple.
+INT_LIKE = [
+    {"stride": np.int64(2), "padding": np.int32(1), "dilation": torch.tensor(1),
+     "groups": np.int64(2)},
+    {"stride": (torch.tensor(1), np.int64(2)), "padding": torch.tensor([1]),
+     "dilation": [np.uint8(2)], "groups": torch.tensor(2)},
+    {"stride": [np.int16(1)], "padding": "same", "dilation": (np.int64(2), 1),
+     "groups": torch.tensor([2])},
+]
+
+
+@pytest.mark.parametrize("kwargs", INT_LIKE)
+def test_integer_like_arguments(backend_device, kwargs):
+    _, device = backend_device
+    x = make((1, 4, 7, 6), torch.float64, device)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, device=device)
+    assert_close(dlcv_fast.conv2d(x, w, **kwargs), F.conv2d(x, w, **kwargs))
 
 
 def test_dtype_and_bias_errors(backend_device):

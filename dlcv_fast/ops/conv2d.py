@@ -18,6 +18,7 @@ same backend.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 
@@ -32,15 +33,27 @@ from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _int(value):
+    """``value`` as an int where torch takes it as one (an int, a NumPy integer, an integer
+    tensor of one element, a SymInt), else None: bools and floats are refused, as by torch."""
+    if isinstance(value, torch.SymInt):
+        return value  # operator.index would specialise it
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _ints(op: str, name: str, value, n: int = 2) -> list[int]:
-    """An int, or a sequence of 1 or ``n`` ints, as a list of ``n`` ints."""
-    if type(value) is int:
-        return [value] * n
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        values = list(value)
-        if len(values) in (1, n) and all(
-            isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in values
-        ):
+    """An int, or a list or tuple of 1 or ``n`` ints, as a list of ``n`` ints."""
+    one = _int(value)
+    if one is not None:
+        return [one] * n
+    if isinstance(value, (list, tuple)) and len(value) in (1, n):
+        values = [_int(v) for v in value]
+        if None not in values:
             return values * n if len(values) == 1 else values
     raise TypeError(f"{op}: {name} must be an int or a tuple of {n} ints, but got {value!r}")
 
@@ -404,7 +417,9 @@ def conv2d(
             float32 or float64 on the CPU (16-bit inputs computed in float32).
         weight: (out_channels, in_channels / groups, kH, kW), same dtype and device.
         bias: optional (out_channels,).
-        stride, dilation: an int or a pair.
+        stride, dilation: an int or a pair. Here and in padding and groups, an int is what
+            torch takes as one: also a NumPy integer or an integer tensor of one element
+            (never a bool or a float).
         padding: an int, a pair, ``'valid'`` (none) or ``'same'`` (stride 1 only; an odd
             total goes to the bottom/right, as in PyTorch).
         groups: input and output channels split into this many groups; ``groups ==
@@ -422,18 +437,22 @@ def conv2d(
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"{op}: bias must be a Tensor or None, but got {type(bias).__name__}")
     relu = relu_flag(op, activation)
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    g = _int(groups)
+    if g is None:
         raise TypeError(f"{op}: groups must be an int, but got {groups!r}")
     if input.dim() not in (3, 4):
         raise ValueError(f"{op}: input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got "
                          f"shape {list(input.shape)}")
+    if weight.dim() != 4:  # before 'same' padding reads the kernel size
+        raise ValueError(f"{op}: weight must be 4-D (out_channels, in_channels / groups, kH, "
+                         f"kW), but got shape {list(weight.shape)}")
     s = _ints(op, "stride", stride)
     d = _ints(op, "dilation", dilation)
     p = resolve_padding(op, padding, weight.shape[-2:], s, d)
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
     ops = _TRITON if backend.resolve(op, x) == "triton" else _CPP
-    y = ops.forward(x, weight, bias, s, p, d, groups, relu)
+    y = ops.forward(x, weight, bias, s, p, d, g, relu)
     return y if batched else y.squeeze(0)
 
 
