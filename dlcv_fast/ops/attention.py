@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend
+from dlcv_fast.ops._autocast import cast_for_autocast, register_lower_precision
 
 _OP = "scaled_dot_product_attention"
 MAX_HEAD_DIM = 256
@@ -218,6 +219,8 @@ torch.library.register_autograd(
     setup_context=_setup_context)
 _sdpa_triton.register_autograd(_backward_with(torch.ops.dlcv_fast.sdpa_backward_triton),
                                setup_context=_setup_context)
+for _name in ("sdpa", "sdpa_triton"):  # autocast: in its dtype, as torch's SDPA
+    register_lower_precision(_name)
 
 _FORWARD = {
     "cpu": torch.ops.dlcv_fast.sdpa,
@@ -290,6 +293,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     """:func:`scaled_dot_product_attention`, and with ``return_lse=True`` also the
     log-sum-exp of each row's scores (natural log, float32, or float64 for float64 inputs;
     shape (N, H, L), or (N, L) for 3-D inputs): ``(out, lse)``."""
+    if isinstance(query, Tensor):
+        query, key, value, attn_mask = cast_for_autocast(query.device, query, key, value,
+                                                         attn_mask)
     q, k, v, mask, squeeze = _to_4d(query, key, value, attn_mask, enable_gqa)
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{_OP}: attn_mask requires grad, but gradients with respect to the "

@@ -28,6 +28,7 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from dlcv_fast import backend
 from dlcv_fast._ext import _C
+from dlcv_fast.ops._autocast import cast_for_autocast, register_lower_precision
 from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, relu_flag
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -391,6 +392,8 @@ for _ops in (_CPP, _TRITON):
             (_ops.bias_relu_backward, _bias_relu_backward_backward_with,
              _setup_bias_relu_context)):
         torch.library.register_autograd(_op.default, _backward(_ops), setup_context=_setup)
+for _name in ("conv2d", "conv2d_triton"):  # autocast: in its dtype, as torch's convolution
+    register_lower_precision(_name)
 
 
 # --- the functional entry point -------------------------------------------------------------
@@ -436,6 +439,7 @@ def conv2d(
             raise TypeError(f"{op}: {name} must be a Tensor, but got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"{op}: bias must be a Tensor or None, but got {type(bias).__name__}")
+    input, weight, bias = cast_for_autocast(input.device, input, weight, bias)
     relu = relu_flag(op, activation)
     g = _int(groups)
     if g is None:
