@@ -211,6 +211,38 @@ def test_cpu_forward_in_row_tiles(layout, dtype):
                                   f"{layout} k{k} s{s}")
 
 
+TRITON_DEVICES = [d for b, d in BACKEND_DEVICES if b == "triton"]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_groups_in_several_launches(monkeypatch, device, layout):
+    """Past the grid's limit of groups (65535; 2 here, so that the interpreter reaches it)
+    the Triton GEMMs run on views of each run of groups: every group's output and gradients
+    as PyTorch's."""
+    from dlcv_fast.triton_kernels import conv2d as kernels
+
+    monkeypatch.setattr(kernels, "MAX_GROUPS_PER_LAUNCH", 2)
+    assert kernels._group_runs(5) == [(0, 2), (2, 4), (4, 5)]
+    split = []  # the passes that split their groups
+    runs = kernels._group_runs
+    monkeypatch.setattr(kernels, "_group_runs", lambda g: split.append(g) or runs(g))
+    x = make((2, 10, 7, 6), torch.float64, device, layout)
+    w = make((15, 2, 3, 2), torch.float64, device, seed=1)
+    b = make((15,), torch.float64, device, seed=2)
+
+    def ours(x, w, b):
+        with dlcv_fast.use_backend("triton"):
+            return dlcv_fast.conv2d(x, w, b, (2, 1), 1, 1, 5, activation="relu")
+
+    mine = run(ours, [x, w, b])
+    theirs = run(lambda x, w, b: F.conv2d(x, w, b, (2, 1), 1, 1, 5).relu(),
+                 [t.cpu() for t in (x, w, b)])
+    assert split == [5, 5, 5]  # forward, dgrad, wgrad
+    for what, a, t in zip(["output", "grad_input", "grad_weight", "grad_bias"], mine, theirs):
+        assert_close(a.cpu(), t, msg=what)
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
 def test_unbatched_input_and_batch_zero(backend, device):
     w = weight_for((1, 3, 1, 1), 4, 3, 1, torch.float64, device)

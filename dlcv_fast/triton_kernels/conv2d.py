@@ -722,6 +722,19 @@ def _split(total: int, tiles: int, target: int, max_splits: int) -> tuple[int, i
     return max(1, triton.cdiv(total, chunk)), chunk
 
 
+# The GEMM kernels put the group on a grid's third axis, which holds at most 65535 programs
+# (CUDA's limit): more groups run in launches of at most that many, on views of their
+# channels (the kernels take any strides).
+_MAX_GRID_Z = 65535
+MAX_GROUPS_PER_LAUNCH = _MAX_GRID_Z
+
+
+def _group_runs(groups: int) -> list[tuple[int, int]]:
+    """[(first, end)) runs of at most MAX_GROUPS_PER_LAUNCH groups."""
+    step = MAX_GROUPS_PER_LAUNCH
+    return [(g, min(groups, g + step)) for g in range(0, groups, step)]
+
+
 def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
             allow_tf32: bool) -> None:
     """y = conv2d(x, w) (+ bias) (then relu), written into y."""
@@ -729,6 +742,13 @@ def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
         return
     if _depthwise(x, w, groups):
         _dw_forward(x, w, bias, y, stride, padding, dilation, relu)
+        return
+    if groups > MAX_GROUPS_PER_LAUNCH:
+        cg, og = x.shape[1] // groups, w.shape[0] // groups
+        for g0, g1 in _group_runs(groups):
+            o = slice(g0 * og, g1 * og)
+            forward(x[:, g0 * cg:g1 * cg], w[o], None if bias is None else bias[o], y[:, o],
+                    stride, padding, dilation, g1 - g0, relu, allow_tf32)
         return
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -758,6 +778,12 @@ def backward_input(gy, w, gx, stride, padding, dilation, groups, allow_tf32: boo
         return
     if _depthwise(gx, w, groups):
         _dw_backward_input(gy, w, gx, stride, padding, dilation)
+        return
+    if groups > MAX_GROUPS_PER_LAUNCH:
+        cg, og = gx.shape[1] // groups, w.shape[0] // groups
+        for g0, g1 in _group_runs(groups):
+            backward_input(gy[:, g0 * og:g1 * og], w[g0 * og:g1 * og], gx[:, g0 * cg:g1 * cg],
+                           stride, padding, dilation, g1 - g0, allow_tf32)
         return
     n, c, h, wd = gx.shape
     o, cg, kh, kw = w.shape
@@ -790,13 +816,20 @@ def backward_weight(gy, x, gw, stride, padding, dilation, groups, allow_tf32: bo
     if _depthwise(x, gw, groups):
         _dw_backward_weight(gy, x, gw, stride, padding, dilation)
         return
+    if groups > MAX_GROUPS_PER_LAUNCH:
+        cg, og = x.shape[1] // groups, gw.shape[0] // groups
+        for g0, g1 in _group_runs(groups):
+            backward_weight(gy[:, g0 * og:g1 * og], x[:, g0 * cg:g1 * cg], gw[g0 * og:g1 * og],
+                            stride, padding, dilation, g1 - g0, allow_tf32)
+        return
     n, c, h, wd = x.shape
     o, cg, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     og = o // groups
     m, ng, k = og, cg * kh * kw, n * oh * ow
     tiles = triton.cdiv(m, 64) * triton.cdiv(ng, 64) * groups
-    splits, k_split = _split(k, tiles, _target_programs(x), max(1, 65535 // groups))
+    splits, k_split = _split(k, tiles, _target_programs(x),
+                             max(1, _MAX_GRID_Z // groups))
     acc = _acc_type(x.dtype)
     if splits == 1:
         out, out_strides = gw, (0, *gw.stride())
