@@ -90,7 +90,7 @@ class EncoderBlock(nn.Module):
         self.mlp = MLPBlock(hidden_dim, mlp_dim, dropout)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 3:
+        if not isinstance(input, torch.fx.Proxy) and input.dim() != 3:  # fx: no sizes
             raise ValueError(f"EncoderBlock: input must be (batch_size, seq_length, "
                              f"hidden_dim), but got shape {tuple(input.shape)}")
         x = self.ln_1(input)
@@ -116,7 +116,7 @@ class Encoder(nn.Module):
         self.ln = norm_layer(hidden_dim)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 3:
+        if not isinstance(input, torch.fx.Proxy) and input.dim() != 3:  # fx: no sizes
             raise ValueError(f"Encoder: input must be (batch_size, seq_length, hidden_dim), "
                              f"but got shape {tuple(input.shape)}")
         return self.ln(self.layers(self.dropout(input + self.pos_embedding)))
@@ -212,23 +212,26 @@ class VisionTransformer(nn.Module):
 
     def _process_input(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, h, w) images -> (n, patches, hidden_dim) tokens."""
-        if x.dim() != 4:
-            raise ValueError(f"VisionTransformer: input must be (N, 3, H, W), but got shape "
-                             f"{tuple(x.shape)}")
-        n, _, h, w = x.shape
-        if h != self.image_size:
-            raise ValueError(f"VisionTransformer: wrong image height: expected "
-                             f"{self.image_size} (image_size) but got {h}")
-        if w != self.image_size:
-            raise ValueError(f"VisionTransformer: wrong image width: expected "
-                             f"{self.image_size} (image_size) but got {w}")
-        side = h // self.patch_size
+        # The checks need real sizes: under torch.fx's symbolic tracing they are proxies.
+        checked = not isinstance(x, torch.fx.Proxy)
+        if checked:
+            if x.dim() != 4:
+                raise ValueError(f"VisionTransformer: input must be (N, 3, H, W), but got "
+                                 f"shape {tuple(x.shape)}")
+            _, _, h, w = x.shape
+            if h != self.image_size:
+                raise ValueError(f"VisionTransformer: wrong image height: expected "
+                                 f"{self.image_size} (image_size) but got {h}")
+            if w != self.image_size:
+                raise ValueError(f"VisionTransformer: wrong image width: expected "
+                                 f"{self.image_size} (image_size) but got {w}")
+        side = self.image_size // self.patch_size
         x = self.conv_proj(x)
-        if tuple(x.shape[2:]) != (side, side):  # a convolutional stem of other strides
+        if checked and tuple(x.shape[2:]) != (side, side):  # a conv stem of other strides
             raise ValueError(f"VisionTransformer: conv_proj gives a {x.shape[2]}x{x.shape[3]} "
                              f"grid of tokens, but image_size / patch_size is {side}: the "
                              f"strides of conv_stem_configs must multiply to patch_size")
-        return x.reshape(n, self.hidden_dim, side * side).permute(0, 2, 1)
+        return x.reshape(x.shape[0], self.hidden_dim, side * side).permute(0, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._process_input(x)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlcv_fast.nn._fx import traced_as_leaf
 from dlcv_fast.ops.attention import scaled_dot_product_attention
 
 _NEG_INF = float("-inf")
@@ -101,6 +102,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        traced = traced_as_leaf(self, query, key, value, key_padding_mask=key_padding_mask,
+                                need_weights=need_weights, attn_mask=attn_mask,
+                                average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if traced is not None:
+            return traced
         _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
         if need_weights:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,

@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from dlcv_fast import backend
 from dlcv_fast.nn._activation import checked_activation, repr_with_activation
+from dlcv_fast.nn._fx import traced_as_leaf
 from dlcv_fast.ops import batch_norm as bn_ops
 from dlcv_fast.ops.batch_norm import batch_norm
 
@@ -39,6 +40,9 @@ class _Forward:
         return repr_with_activation(super().extra_repr(), self.activation)
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = traced_as_leaf(self, input)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         training, factor, rm, rv = _factor_and_buffers(self)
         return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
@@ -128,6 +132,9 @@ class SyncBatchNorm(_Forward, torch.nn.SyncBatchNorm):
     repr)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        traced = traced_as_leaf(self, input)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         training, factor, rm, rv = _factor_and_buffers(self)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dlcv_fast.nn._activation import checked_activation, repr_with_activation
+from dlcv_fast.nn._fx import traced_as_leaf
 from dlcv_fast.ops.conv2d import conv2d
 
 
@@ -26,6 +27,10 @@ class Conv2d(torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return repr_with_activation(super().extra_repr(), self.activation)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        traced = traced_as_leaf(self, input)
+        return super().forward(input) if traced is None else traced
 
     def _conv_forward(self, input, weight, bias):
         if self.padding_mode != "zeros":
