@@ -126,7 +126,7 @@ def _profile(args) -> int:
 
     try:
         model = profile.build_model(args.model, args.image_size)
-    except ValueError as e:
+    except profile.ModelChoiceError as e:
         print(f"python -m dlcv_fast profile: {e}", file=sys.stderr)
         return 2
     return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,

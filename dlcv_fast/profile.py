@@ -78,6 +78,10 @@ def layer_cost(m: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return type(m).__name__ + relu, 0.0, moved
 
 
+class ModelChoiceError(ValueError):
+    """A model name or image size the command cannot profile (a usage error)."""
+
+
 def build_model(name: str, image_size: int | None = None, num_classes: int | None = None
                 ) -> tuple[nn.Module, int, int, str]:
     """(model, input channels, image size, conversion summary text) for a dlcv_fast.models
@@ -86,8 +90,8 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name == "lenet5" and image_size not in (None, 32):
-        raise ValueError(f"lenet5 takes 32x32 images (its classifier is sized for them), but "
-                         f"got --image-size {image_size}")
+        raise ModelChoiceError(f"lenet5 takes 32x32 images (its classifier is sized for them), "
+                               f"but got --image-size {image_size}")
     if name in models.MODELS:
         if image_size is not None and name.startswith(("vit_", "diffusion_unet")):
             kwargs["image_size"] = image_size  # position embeddings, attention placement
@@ -98,8 +102,8 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
     import torchvision
 
     if name not in torchvision.models.list_models():
-        raise ValueError(f"profile: model must be one of {sorted(models.MODELS)} or a "
-                         f"torchvision model name, but got {name!r}")
+        raise ModelChoiceError(f"profile: model must be one of {sorted(models.MODELS)} or a "
+                               f"torchvision model name, but got {name!r}")
     if image_size is not None and name.startswith("vit_"):
         kwargs["image_size"] = image_size
     if name.startswith(("googlenet", "inception")):

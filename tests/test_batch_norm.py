@@ -321,7 +321,6 @@ def test_running_buffers_in_other_dtypes(backend_device):
     assert_close(rv, want_rv, torch.float16)
 
 
-
 def test_eps_zero_only_in_eval(backend_device):
     """torch's rule: eps > 0 in training (the variance of a constant channel is 0), eps >= 0 in
     evaluation; for the functional API, the nn modules and SyncBatchNorm alike."""
@@ -365,6 +364,9 @@ def test_running_buffer_checks(backend_device):
             with pytest.raises(RuntimeError, match=f"{name} must not require grad"):
                 dlcv_fast.batch_norm(x, bufs["running_mean"], bufs["running_var"],
                                      training=training)
+            if not training:
+                with torch.no_grad():  # torch takes it when no graph is recorded
+                    dlcv_fast.batch_norm(x, bufs["running_mean"], bufs["running_var"])
         bufs = {"running_mean": torch.zeros(3, device=device),
                 "running_var": torch.ones(3, device=device)}
         bufs[name] = bufs[name][:1].expand(3)

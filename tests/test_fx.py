@@ -58,3 +58,24 @@ def test_feature_extraction_on_a_converted_model():
     assert got.keys() == want.keys()
     for k in want:
         assert_close(got[k], want[k])
+
+
+def test_batch_norm_statistics_update_through_the_graph():
+    model = torch.nn.Sequential(dlcv_fast.nn.Conv2d(3, 4, 3), dlcv_fast.nn.BatchNorm2d(4),
+                                dlcv_fast.nn.MaxPool2d(2)).train()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    traced(x)
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 1
+    y = model[0](x)
+    mean = y.mean((0, 2, 3)).detach()
+    assert_close(bn.running_mean, 0.1 * mean)
+
+
+def test_a_layer_alone_says_how_to_trace_it():
+    with pytest.raises(TypeError, match="trace such a model"):
+        torch.fx.symbolic_trace(dlcv_fast.nn.Conv2d(3, 4, 3))
+    traced = torch.fx.symbolic_trace(torch.nn.Sequential(dlcv_fast.nn.Conv2d(3, 4, 3)))
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(traced(x), traced.get_submodule("0")(x))

@@ -177,10 +177,13 @@ def test_threshold_not_positive_gives_nan(backend_device):
     good = torch.tensor([1.5, 1.5, 1.5, 1.5], device=device)
     bad = torch.tensor([1.5, 0.0, -1.5, float("nan")], device=device)
     want_prev, want_x0 = op(m, s, None, None, good, coefficients, 2, 0, False)
+    m.requires_grad_()
     prev, x0 = op(m, s, None, None, bad, coefficients, 2, 0, False)
     for got, want in ((prev, want_prev), (x0, want_x0)):
         assert torch.equal(got[0], want[0])
         assert got[1:].isnan().all()
+    (grad,) = torch.autograd.grad(x0.sum(), m)  # and so are their gradients
+    assert grad[0].isfinite().all() and grad[1:].isnan().all()
 
 
 def test_generator_makes_steps_reproducible(backend_device):
@@ -296,6 +299,10 @@ def test_op_gradients(backend_device, clip, mode, recompute):
     inputs = (m, s, z, v, th)
     assert torch.autograd.gradcheck(step, inputs)
     assert torch.autograd.gradgradcheck(step, inputs)
+    # A sample that is only a batch (1-D), and no noise (the variance is then unread).
+    fm, fs, fv = (None if t is None else t.detach()[:, 0, 0].clone().requires_grad_()
+                  for t in (m, s, v))
+    assert torch.autograd.gradcheck(step, (fm, fs, None, fv, th))
 
 
 @pytest.mark.parametrize("thresh", [False, True])

@@ -175,6 +175,13 @@ def test_config_and_from_config():
         s.config.prediction_type = "epsilon"
     with pytest.raises(TypeError, match="read-only"):
         s.config["prediction_type"] = "epsilon"
+    for change in (lambda c: c.update(beta_start=0.5), lambda c: c.popitem(),
+                   lambda c: c.__ior__({"beta_start": 0.5}), lambda c: c.pop("beta_start")):
+        with pytest.raises(TypeError, match="read-only"):
+            change(s.config)
+    assert s.config.beta_start == 0.0001 and len(s.config) == len(names)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['prediciton_type'\]"):
+        DDPMScheduler.from_config(s.config, prediciton_type="epsilon")
     with pytest.raises(AttributeError, match="no 'eta'"):
         s.config.eta
     assert copy.deepcopy(s.config) == s.config == pickle.loads(pickle.dumps(s.config))
@@ -252,6 +259,8 @@ def test_timesteps_and_offsets_must_be_whole_numbers():
     want = s.step(m, 900, x).prev_sample
     for t in (900.0, np.int32(900), torch.tensor(900), torch.tensor([900.0])):
         assert torch.equal(s.step(m, t, x).prev_sample, want)
+    with pytest.raises(ValueError, match="timesteps must be a whole number"):
+        DDPMScheduler().set_timesteps(timesteps=[999.5, 500, 0])
     with pytest.raises(ValueError, match="steps_offset must be non-negative"):
         DDIMScheduler(steps_offset=-1)
     with pytest.raises(ValueError, match="past num_train_timesteps - 1 = 999"):

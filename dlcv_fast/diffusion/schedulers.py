@@ -71,7 +71,8 @@ class SchedulerConfig(dict):
         raise TypeError("a scheduler's config is read-only: build a new scheduler with "
                         "from_config(config, name=value)")
 
-    __setattr__ = __setitem__ = __delitem__ = update = pop = setdefault = clear = _read_only
+    __setattr__ = __setitem__ = __delitem__ = __ior__ = _read_only
+    update = pop = popitem = setdefault = clear = _read_only
 
     def __reduce__(self):  # copies and pickles are built whole, not key by key
         return SchedulerConfig, (dict(self),)
@@ -86,12 +87,15 @@ class _Scheduler:
     @classmethod
     def from_config(cls, config: Mapping, **kwargs):
         """A scheduler built from ``config`` (a mapping, e.g. another scheduler's
-        ``config``), its keys overridden by ``kwargs``; keys the constructor does not take
-        are ignored."""
+        ``config``), its keys overridden by ``kwargs``; keys of ``config`` the constructor
+        does not take are ignored, a keyword it does not take is an error."""
         params = inspect.signature(cls.__init__).parameters
-        args = {k: v for k, v in {**dict(config), **kwargs}.items()
-                if k in params and k != "self"}
-        return cls(**args)
+        unknown = sorted(k for k in kwargs if k not in params or k == "self")
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_config: unexpected keyword arguments "
+                            f"{unknown}")
+        args = {k: v for k, v in dict(config).items() if k in params and k != "self"}
+        return cls(**{**args, **kwargs})
 
     def _register_config(self, arguments: dict) -> None:
         params = inspect.signature(type(self).__init__).parameters
@@ -252,7 +256,7 @@ class DDPMScheduler(_Scheduler):
         if timesteps is None:
             self.custom_timesteps = False
             return super().set_timesteps(num_inference_steps, device)
-        steps = [int(t) for t in timesteps]
+        steps = [_integer("timesteps", t) for t in timesteps]
         if any(b >= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"custom timesteps must be strictly descending, but got {steps}")
         if not steps or steps[0] >= self.num_train_timesteps or steps[-1] < 0:

@@ -14,6 +14,10 @@ def traced_as_leaf(module, *args, **kwargs):
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.fx.Proxy):
             tracer = value.tracer
-            return tracer.create_proxy("call_module", tracer.path_of_module(module), args,
-                                       kwargs)
+            path = tracer.path_of_module(module)
+            if not path:  # the traced root: a graph cannot call its own module
+                raise TypeError(f"torch.fx: dlcv_fast's {type(module).__name__} traces as one "
+                                "node of the model that holds it; trace such a model (e.g. "
+                                "torch.nn.Sequential(layer)), not the layer alone")
+            return tracer.create_proxy("call_module", path, args, kwargs)
     return None

@@ -94,8 +94,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     hold the causal mask, and that mask is what is applied.
 
     A query that may attend to no key gives zeros (then ``out_proj``'s bias) on the fused
-    path, as torch's ``need_weights=False`` path does; with ``need_weights=True`` (torch's own
-    forward) it gives NaN, in torch and here.
+    path, as torch's ``need_weights=False`` path does in training or with grad; torch's
+    inference fast path (eval mode, no grad) gives NaN there. With ``need_weights=True``
+    (torch's own forward) it gives NaN, in torch and here.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,

@@ -132,13 +132,13 @@ def check_eps(op: str, eps, training: bool) -> None:
 
 
 def check_running(op: str, running_mean, running_var, training: bool) -> None:
-    """The running statistics are not differentiable (torch refuses them requiring grad), and
-    in training they are written in place, so no two of their elements may share memory
-    (an expanded view: torch writes one channel's value over all of them)."""
+    """The running statistics are not differentiable (with grad enabled, torch refuses them
+    requiring grad), and in training they are written in place, so no two of their elements
+    may share memory (an expanded view: torch writes one channel's value over all of them)."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
         if not isinstance(t, Tensor):
             continue
-        if t.requires_grad:
+        if t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"{op}: {name} must not require grad: the running statistics "
                                "are buffers, not differentiable inputs")
         if training and t.dim() == 1 and t.stride(0) == 0 and t.shape[0] > 1:
@@ -569,8 +569,8 @@ def batch_norm(
     relu = relu_flag("batch_norm", activation)
     if training is not True and training is not False:
         raise TypeError(f"batch_norm: training must be a bool, but got {training!r}")
-    check_eps("batch_norm", eps, training)
     if running_mean is not None or running_var is not None:
+        # What the ops cannot see: a buffer that requires grad would get none, silently.
         check_running("batch_norm", running_mean, running_var, training)
     # The ops check the rest. This wrapper stays short: on small layers its Python time is a
     # visible part of the step.

@@ -11,6 +11,8 @@ out below in PyTorch ops, so they are differentiable again."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
@@ -123,9 +125,11 @@ def _step_backward(ctx, grad_prev, grad_x0):
     elif clip == CLIP_THRESHOLD:
         t = th.to(acc).reshape(-1, *([1] * (s.dim() - 1)))
         inside = (u >= -t) & (u <= t)
-        g_u = g_x0 * inside / t
+        # A threshold that is not positive made the sample NaN: its gradients are NaN too.
+        g_u = torch.where(t > 0, g_x0 * inside / t, math.nan)
         # d(clamp(u, -t, t) / t) / dt: -u / t^2 inside, 0 where the clamp holds it at +-1.
-        g_th = (g_x0 * torch.where(inside, -u / (t * t), 0.0)).flatten(1).sum(1).to(th.dtype)
+        g_th = (g_x0 * torch.where(inside, -u / (t * t), 0.0)).reshape(s.shape[0], -1).sum(1)
+        g_th = torch.where(th.to(acc) > 0, g_th, math.nan).to(th.dtype)
     else:
         g_u = g_x0
     g_s = a * g_u + gp * (q + r * (e if recompute else c))
