@@ -669,6 +669,11 @@ MHA_BAD = [
      "only bool and floating types of attn_mask are supported, but got torch.int32"),
     ("attn_mask uint8 unbatched", True, False, dict(attn_mask=(5, 6), am_dtype=torch.uint8),
      TypeError, "only bool and floating types of attn_mask"),
+    ("attn_mask float64", False, False, dict(attn_mask=(5, 6), am_dtype=torch.float64),
+     TypeError, "a floating attn_mask must be float32 or query's dtype torch.float32, but got "
+     "torch.float64"),
+    ("kpm float16", False, True, dict(key_padding_mask=(3, 6), kpm_dtype=torch.float16),
+     TypeError, "a floating key_padding_mask must be float32 or query's dtype"),
     ("attn_mask (1, L, S)", False, False, dict(attn_mask=(1, 5, 6)), ValueError,
      r"attn_mask must have shape \(L, S\) = \(5, 6\) or \(N \* num_heads, L, S\) = "
      r"\(6, 5, 6\), but got \[1, 5, 6\]"),

@@ -59,6 +59,11 @@ def _check_inputs(module: torch.nn.MultiheadAttention, query: Tensor, key: Tenso
             # An integer mask would be added as 0 / 1 instead of masking.
             raise TypeError(f"{op}: only bool and floating types of {name} are supported, but "
                             f"got {m.dtype}")
+        if m is not None and m.is_floating_point() and m.dtype not in (torch.float32,
+                                                                       query.dtype):
+            # torch's rule for the mask it hands to SDPA (which refuses others).
+            raise TypeError(f"{op}: a floating {name} must be float32 or query's dtype "
+                            f"{query.dtype}, but got {m.dtype}")
     if key_padding_mask is not None:
         want, dims = ((S,), "(S,)") if unbatched else ((N, S), "(N, S)")
         if tuple(key_padding_mask.shape) != want:
