@@ -24,6 +24,8 @@ CASES = [
     ("googlenet", lambda: models.googlenet(num_classes=10, aux_logits=False,
                                            init_weights=True), (2, 3, 64, 64)),
     ("vit_tiny", lambda: models.vit_tiny(image_size=32, num_classes=10), (2, 3, 32, 32)),
+    # odd sizes: the decoder pads its upsampled maps to the skips' (a zero pad in the graph)
+    ("unet", lambda: models.unet(3, 2, base_channels=8, depth=3), (2, 3, 30, 27)),
 ]
 
 
@@ -79,3 +81,13 @@ def test_a_layer_alone_says_how_to_trace_it():
     traced = torch.fx.symbolic_trace(torch.nn.Sequential(dlcv_fast.nn.Conv2d(3, 4, 3)))
     x = torch.randn(1, 3, 5, 5)
     assert torch.equal(traced(x), traced.get_submodule("0")(x))
+
+
+def test_diffusion_unet_traces_with_its_timesteps():
+    torch.manual_seed(0)
+    model = models.diffusion_unet(in_channels=1, image_size=16).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 1, 16, 16)
+    for t in (torch.tensor([3, 500]), torch.tensor(7)):
+        with torch.no_grad():
+            assert torch.equal(traced(x, t), model(x, t))

@@ -211,6 +211,8 @@ class DiffusionUNet(nn.Module):
     def _timesteps(self, timesteps, x: torch.Tensor) -> torch.Tensor:
         """(N,) timesteps on x's device from an int, a 0-d tensor or an (N,) tensor."""
         n = x.shape[0]
+        if isinstance(timesteps, torch.fx.Proxy):  # torch.fx: a 0-d or (N,) tensor, unchecked
+            return timesteps.to(x.device).expand(n)
         if not isinstance(timesteps, torch.Tensor):
             if isinstance(timesteps, bool) or not isinstance(timesteps, (int, float)):
                 raise TypeError(f"DiffusionUNet: timesteps must be a tensor of shape (N,) or a "
@@ -226,13 +228,17 @@ class DiffusionUNet(nn.Module):
                              f"({n},), but got shape {tuple(timesteps.shape)}")
         return timesteps.to(x.device)
 
-    def forward(self, x: torch.Tensor, timesteps) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiffusionUNet: x must be (N, {self.in_channels}, H, W), but got "
                              f"shape {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"DiffusionUNet: H and W must be multiples of {self.factor} "
                              f"(2 ** (len(channel_mults) - 1)), but got {tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor, timesteps) -> torch.Tensor:
+        if not isinstance(x, torch.fx.Proxy):  # torch.fx: no sizes to check
+            self._check(x)
         t = self._timesteps(timesteps, x)
         temb = timestep_embedding(t, self.base_channels).to(x.dtype)
         temb = self.time_mlp(temb)

@@ -58,7 +58,7 @@ class Up(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
         dh, dw = skip.shape[2] - x.shape[2], skip.shape[3] - x.shape[3]
-        if dh or dw:
+        if isinstance(x, torch.fx.Proxy) or dh or dw:  # fx: sizes unknown, pad (maybe by 0)
             x = F.pad(x, (0, dw, 0, dh))
         return self.conv(torch.cat([skip, x], dim=1))
 
@@ -98,13 +98,17 @@ class UNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet: input must be (N, {self.in_channels}, H, W), but got "
                              f"shape {tuple(x.shape)}")
         if min(x.shape[2:]) < 2 ** self.depth:
             raise ValueError(f"UNet: H and W must be at least 2 ** depth = {2 ** self.depth}, "
                              f"but got {tuple(x.shape[2:])}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.fx.Proxy):  # torch.fx: no sizes to check
+            self._check(x)
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
