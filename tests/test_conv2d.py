@@ -211,6 +211,29 @@ def test_cpu_forward_in_row_tiles(layout, dtype):
                                   f"{layout} k{k} s{s}")
 
 
+@pytest.mark.parametrize("which", ["weight", "input", "unbatched"])
+def test_output_memory_format_follows_torch(backend_device, which):
+    """Channels_last output when the input or the weight is channels_last, as PyTorch's conv
+    (model.to(memory_format=torch.channels_last) with NCHW images); values and gradients
+    as PyTorch's."""
+    _, device = backend_device
+    cl = torch.channels_last
+    x = make((2, 3, 8, 7), torch.float64, device)
+    w = make((4, 3, 3, 3), torch.float64, device, seed=1)
+    if which == "input":
+        x = x.contiguous(memory_format=cl)
+    else:
+        w = w.contiguous(memory_format=cl)
+    if which == "unbatched":
+        x = x[0]
+    mine = run(lambda x, w: dlcv_fast.conv2d(x, w, padding=1), [x, w])
+    theirs = run(lambda x, w: F.conv2d(x, w, padding=1), [x.cpu(), w.cpu()])
+    assert mine[0].stride() == theirs[0].stride()
+    assert which == "unbatched" or mine[0].is_contiguous(memory_format=cl)
+    for what, a, t in zip(["output", "grad_input", "grad_weight"], mine, theirs):
+        assert_close(a.cpu(), t, msg=what)
+
+
 TRITON_DEVICES = [d for b, d in BACKEND_DEVICES if b == "triton"]
 
 

@@ -413,7 +413,8 @@ def conv2d(
 
     Args:
         input: (N, C, H, W) or unbatched (C, H, W); NCHW, channels_last or any strides
-            (the output takes the input's memory format). float32, float16 or bfloat16 on
+            (the output is channels_last when the input or the weight is, as in PyTorch,
+            else NCHW). float32, float16 or bfloat16 on
             a GPU (float32 accumulation; float32 uses TF32 tensor cores where PyTorch's
             convolution does: ``torch.backends.cudnn.conv.fp32_precision``, or the legacy
             ``torch.backends.cudnn.allow_tf32``);
@@ -455,6 +456,11 @@ def conv2d(
     p = resolve_padding(op, padding, weight.shape[-2:], s, d)
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
+    if (memory_format_of(weight) == torch.channels_last
+            and memory_format_of(x) != torch.channels_last):
+        # PyTorch's rule: a channels_last weight makes the convolution channels_last (the
+        # recipe model.to(memory_format=torch.channels_last) with NCHW images).
+        x = x.contiguous(memory_format=torch.channels_last)
     ops = _TRITON if backend.resolve(op, x) == "triton" else _CPP
     y = ops.forward(x, weight, bias, s, p, d, g, relu)
     return y if batched else y.squeeze(0)
