@@ -14,7 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlcv_fast.nn as dnn
-from dlcv_fast.models._weights import load_torchvision_weights, override_param
+from dlcv_fast.models._weights import (
+    load_torchvision_weights,
+    override_param,
+    verified_weights,
+)
 
 _OUTPUTS: type | None = None
 
@@ -205,14 +209,11 @@ def googlenet(*, weights=None, progress: bool = True, **kwargs: Any) -> GoogLeNe
     ``aux_logits=True`` is passed. Other keywords go to :class:`GoogLeNet`.
     """
     original_aux_logits = kwargs.get("aux_logits", False)
+    weights = verified_weights("googlenet", weights, kwargs)
     if weights is not None:
-        import torchvision
-
-        weights = torchvision.models.get_model_weights("googlenet").verify(weights)
         kwargs.setdefault("transform_input", True)
         override_param(kwargs, "aux_logits", True)
         override_param(kwargs, "init_weights", False)
-        override_param(kwargs, "num_classes", len(weights.meta["categories"]))
     model = load_torchvision_weights(GoogLeNet(**kwargs), "googlenet", weights, progress)
     if weights is not None:
         if not original_aux_logits:

@@ -17,7 +17,11 @@ import torch
 from torch import nn
 
 import dlcv_fast.nn as dnn
-from dlcv_fast.models._weights import load_torchvision_weights, override_param
+from dlcv_fast.models._weights import (
+    load_torchvision_weights,
+    override_param,
+    verified_weights,
+)
 
 
 class ConvStemConfig(NamedTuple):
@@ -243,11 +247,8 @@ class VisionTransformer(nn.Module):
 def _vision_transformer(name: str, patch_size: int, num_layers: int, num_heads: int,
                         hidden_dim: int, mlp_dim: int, weights, progress: bool,
                         **kwargs: Any) -> VisionTransformer:
+    weights = verified_weights(name, weights, kwargs)
     if weights is not None:
-        import torchvision
-
-        weights = torchvision.models.get_model_weights(name).verify(weights)
-        override_param(kwargs, "num_classes", len(weights.meta["categories"]))
         override_param(kwargs, "image_size", weights.meta["min_size"][0])
     image_size = kwargs.pop("image_size", 224)
     model = VisionTransformer(image_size=image_size, patch_size=patch_size,

@@ -735,6 +735,14 @@ def _group_runs(groups: int) -> list[tuple[int, int]]:
     return [(g, min(groups, g + step)) for g in range(0, groups, step)]
 
 
+def _channel_runs(groups: int, c: int, o: int) -> list[tuple[int, slice, slice]]:
+    """(groups, input channels, output channels) of each run of _group_runs, for c input
+    and o output channels."""
+    cg, og = c // groups, o // groups
+    return [(g1 - g0, slice(g0 * cg, g1 * cg), slice(g0 * og, g1 * og))
+            for g0, g1 in _group_runs(groups)]
+
+
 def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
             allow_tf32: bool) -> None:
     """y = conv2d(x, w) (+ bias) (then relu), written into y."""
@@ -744,11 +752,9 @@ def forward(x, w, bias, y, stride, padding, dilation, groups, relu: bool,
         _dw_forward(x, w, bias, y, stride, padding, dilation, relu)
         return
     if groups > MAX_GROUPS_PER_LAUNCH:
-        cg, og = x.shape[1] // groups, w.shape[0] // groups
-        for g0, g1 in _group_runs(groups):
-            o = slice(g0 * og, g1 * og)
-            forward(x[:, g0 * cg:g1 * cg], w[o], None if bias is None else bias[o], y[:, o],
-                    stride, padding, dilation, g1 - g0, relu, allow_tf32)
+        for g, ci, co in _channel_runs(groups, x.shape[1], w.shape[0]):
+            forward(x[:, ci], w[co], None if bias is None else bias[co], y[:, co], stride,
+                    padding, dilation, g, relu, allow_tf32)
         return
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -780,10 +786,9 @@ def backward_input(gy, w, gx, stride, padding, dilation, groups, allow_tf32: boo
         _dw_backward_input(gy, w, gx, stride, padding, dilation)
         return
     if groups > MAX_GROUPS_PER_LAUNCH:
-        cg, og = gx.shape[1] // groups, w.shape[0] // groups
-        for g0, g1 in _group_runs(groups):
-            backward_input(gy[:, g0 * og:g1 * og], w[g0 * og:g1 * og], gx[:, g0 * cg:g1 * cg],
-                           stride, padding, dilation, g1 - g0, allow_tf32)
+        for g, ci, co in _channel_runs(groups, gx.shape[1], w.shape[0]):
+            backward_input(gy[:, co], w[co], gx[:, ci], stride, padding, dilation, g,
+                           allow_tf32)
         return
     n, c, h, wd = gx.shape
     o, cg, kh, kw = w.shape
@@ -817,10 +822,9 @@ def backward_weight(gy, x, gw, stride, padding, dilation, groups, allow_tf32: bo
         _dw_backward_weight(gy, x, gw, stride, padding, dilation)
         return
     if groups > MAX_GROUPS_PER_LAUNCH:
-        cg, og = x.shape[1] // groups, gw.shape[0] // groups
-        for g0, g1 in _group_runs(groups):
-            backward_weight(gy[:, g0 * og:g1 * og], x[:, g0 * cg:g1 * cg], gw[g0 * og:g1 * og],
-                            stride, padding, dilation, g1 - g0, allow_tf32)
+        for g, ci, co in _channel_runs(groups, x.shape[1], gw.shape[0]):
+            backward_weight(gy[:, co], x[:, ci], gw[co], stride, padding, dilation, g,
+                            allow_tf32)
         return
     n, c, h, wd = x.shape
     o, cg, kh, kw = gw.shape
