@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backend_dtype_cases
+from conftest import assert_close, backend_dtype_cases, check_error
 
 import dlcv_fast
 
@@ -124,6 +124,48 @@ def test_gradients_match_torch(backend, device, dtype, training, relu):
             for name, a, e in zip(("input", "weight", "bias"), got, want_grads):
                 assert a.dtype == dtype
                 assert_close(a, e, dtype, msg=f"grad {name}, shape {shape}, {layout}")
+
+
+# channels_last shapes that reach every path of the row reductions: rows wider than 2 KiB
+# (four rows per visit of the accumulators; 300 channels only in float64), a row count that is
+# not a multiple of four, channels off the vector width, and more rows than one block.
+WIDE_AND_LONG = [(5, 515, 3, 3), (2, 300, 5, 5), (3, 70, 11, 13)]
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
+def test_channels_last_wide_and_long_rows(backend, device, dtype):
+    """Against float64 with DESIGN.md's rule for reductions (check_error): the weight and
+    bias gradients sum hundreds of terms of both signs."""
+    for i, shape in enumerate(WIDE_AND_LONG):
+        for relu in (False, True):
+            x = make(shape, dtype, device, "channels_last", seed=i, offset=3.0, scale=2.0)
+            w, b, rm, rv = params(shape[1], dtype, device, seed=i)
+            g = make(shape, dtype, device, "channels_last", seed=9 + i)
+
+            def run(fn, dt):
+                leaves = [t.detach().to(dt).requires_grad_() for t in (x, w, b)]
+                buffers = [rm.to(dt, copy=True), rv.to(dt, copy=True)]
+                out = fn(leaves[0], *buffers, *leaves[1:])
+                grads = torch.autograd.grad(out, leaves, g.to(dt))
+                return [out, *buffers, *grads]
+
+            def torch_fn(x, rm, rv, w, b):
+                out = F.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-5)
+                return out.relu() if relu else out
+
+            def ours(x, rm, rv, w, b):
+                return dlcv_fast.batch_norm(x, rm, rv, w, b, True, 0.3, 1e-5,
+                                            activation="relu" if relu else None)
+
+            with dlcv_fast.use_backend(backend):
+                got = run(ours, dtype)
+            theirs, exact = run(torch_fn, dtype), run(torch_fn, torch.float64)
+            msg = f"shape {shape}, relu={relu}"
+            assert got[0].is_contiguous(memory_format=torch.channels_last), msg
+            names = ("output", "running_mean", "running_var", "grad input", "grad weight",
+                     "grad bias")
+            for name, a, t, e in zip(names, got, theirs, exact):
+                check_error(a, e, t, dtype, f"{name}, {msg}")
 
 
 def test_fused_relu_masks_by_the_output(backend_device):

@@ -40,6 +40,8 @@ def _cases():
                           (training, relu)))
             cases.append((f"batch_norm-gradients-{tag}",
                           test_batch_norm.test_gradients_match_torch, (training, relu)))
+    cases.append(("batch_norm-channels-last-wide-and-long",
+                  test_batch_norm.test_channels_last_wide_and_long_rows, ()))
     for mask_kind in test_attention.MASKS:
         cases.append((f"attention-{mask_kind}", test_attention.test_forward_and_gradients,
                       (mask_kind,)))

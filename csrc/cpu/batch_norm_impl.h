@@ -138,64 +138,99 @@ inline int64_t row_tasks(int64_t rows, int64_t channels) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), std::min(rows, by_work)));
 }
 
-// Brings n rows of C values at p into the cache (nothing for n <= 0).
+// Per-task accumulator arrays of C values for a channels_last reduction over rows at `rows`,
+// the k-th starting (1 + k) KiB past the rows' offset within a 4 KiB page. A load whose
+// address matches an older, pending store in its low 12 bits waits for that store (4 KiB
+// aliasing); accumulators allocated anywhere made the same reduction up to 1.7x slower at
+// some offsets (one thread, 8x512x28x28: 1.27 ms at 1 KiB, 2.10 ms at 64 bytes).
 template <typename T>
-inline void prefetch_rows(const T* p, int64_t n, int64_t C) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t k = 0; k < n * C; k += kLine) __builtin_prefetch(p + k);
+class Accumulators {
+ public:
+  Accumulators(const T* rows, int64_t C, int count)
+      : C_(C), buf_(count * (C + kPage)), phase_(reinterpret_cast<uintptr_t>(rows) % 4096) {}
+  T* operator[](int k) {
+    T* base = buf_.data() + k * (C_ + kPage);
+    const uintptr_t want = (phase_ + (1 + k) * 1024) % 4096;
+    const uintptr_t have = reinterpret_cast<uintptr_t>(base) % 4096;
+    return base + (want + 4096 - have) % 4096 / sizeof(T);  // both sizeof(T)-aligned
+  }
+
+ private:
+  static constexpr int64_t kPage = 4096 / sizeof(T);
+  int64_t C_;
+  std::vector<T> buf_;
+  uintptr_t phase_;
+};
+
+// GCC's unroll-and-jam (-O3) fuses two rows of the one-row visits below into one loop that
+// stores each accumulator twice: 1.5x slower (C = 512, 8x512x28x28 moments, 1.24 -> 1.9 ms).
+#ifndef DLCV_NO_UNROLL_AND_JAM  // once for every instruction set
+#if defined(__GNUC__) && !defined(__clang__)
+#define DLCV_NO_UNROLL_AND_JAM __attribute__((optimize("no-loop-unroll-and-jam")))
+#else
+#define DLCV_NO_UNROLL_AND_JAM
+#endif
+#endif
+
+// Rows per visit of the per-channel accumulators in a channels_last block: 1 while the
+// accumulators (2 KiB each) and the rows stay in L1 together, 4 above, so that wide rows do not
+// push the accumulators out of L1 on every row. Four rows per visit of narrow rows put loads at
+// several 4 KiB offsets, some of which alias the accumulators' stores. Backward sums of
+// 8xCxHxW float32, one thread, cold caches (Zen 4), 4 rows -> 1 row per visit: C = 128 (28x28)
+// 0.69 -> 0.42 ms, C = 256 (28x28) 1.35 -> 0.73, C = 512 (28x28) 2.04 -> 1.55; the moments
+// stayed within the noise; at C = 2048 one row per visit was slower (1.22 -> 1.71 ms).
+template <typename T>
+constexpr bool narrow_rows(int64_t C) {
+  return C * int64_t(sizeof(T)) <= 2048;
 }
 
 // Block of nb rows of C channels: per channel the first-pass mean m, and the sum d and the
-// sum of squares q of the deviations from it. Both passes walk the rows in memory order, four
-// rows per visit of the per-channel accumulators (which stay in L1): walking down one channel's
-// column, accumulators in registers, missed the cache on every row of a cold block, and one
-// row per visit made the loop store-bound. The second pass reads the block from L2 and
-// prefetches the first `ahead` rows after it, so that memory keeps streaming meanwhile.
-// Measured on 8x128x28x28, cold caches, one thread: 0.69 ms -> 0.49 ms (a sum: 0.29 ms).
-template <typename T>
-void block_moments(const T* __restrict__ xb, int64_t nb, int64_t C, int64_t ahead,
-                   T* __restrict__ m, T* __restrict__ d, T* __restrict__ q) {
+// sum of squares q of the deviations from it. Both passes walk the rows in memory order, R
+// rows per visit of the per-channel accumulators (narrow_rows); walking down one channel's
+// column, accumulators in registers, missed the cache on every row of a cold block. The
+// second pass reads the block from L2.
+template <int R, typename T>
+DLCV_NO_UNROLL_AND_JAM void block_moments(const T* __restrict__ xb, int64_t nb, int64_t C,
+                                          T* __restrict__ m, T* __restrict__ d,
+                                          T* __restrict__ q) {
   using S = Lanes<T>;
   constexpr int L = S::L;
   const int64_t cv = C - C % L;  // channels on vector lanes; the rest one at a time
   std::fill(m, m + C, T(0));
   std::fill(d, d + C, T(0));
   std::fill(q, q + C, T(0));
-  int64_t i = 0;
-  for (; i + 4 <= nb; i += 4) {
+  const int64_t nr = nb - nb % R;  // rows in whole visits
+  for (int64_t i = 0; i < nr; i += R) {
     const T* __restrict__ x0 = xb + i * C;
     for (int64_t c = 0; c < cv; c += L) {
-      const auto s = (S::load(x0 + c) + S::load(x0 + C + c)) +
-                     (S::load(x0 + 2 * C + c) + S::load(x0 + 3 * C + c));
+      auto s = S::load(x0 + c);
+      for (int k = 1; k < R; ++k) s += S::load(x0 + k * C + c);
       S::store(m + c, S::load(m + c) + s);
     }
   }
-  for (; i < nb; ++i) {
+  for (int64_t i = nr; i < nb; ++i) {
     for (int64_t c = 0; c < cv; c += L) S::store(m + c, S::load(m + c) + S::load(xb + i * C + c));
   }
   for (int64_t r = 0; r < nb; ++r) {
     for (int64_t c = cv; c < C; ++c) m[c] += xb[r * C + c];
   }
   for (int64_t c = 0; c < C; ++c) m[c] /= T(nb);
-  i = 0;
-  for (; i + 4 <= nb; i += 4) {
-    const T* __restrict__ x0 = xb + i * C;
-    prefetch_rows(x0 + nb * C, std::min<int64_t>(4, ahead - i), C);
+  const auto deviations = [&](const T* __restrict__ x0, int rows) {
     for (int64_t c = 0; c < cv; c += L) {
       const auto vm = S::load(m + c);
-      const auto t0 = S::load(x0 + c) - vm, t1 = S::load(x0 + C + c) - vm;
-      const auto t2 = S::load(x0 + 2 * C + c) - vm, t3 = S::load(x0 + 3 * C + c) - vm;
-      S::store(d + c, S::load(d + c) + ((t0 + t1) + (t2 + t3)));
-      S::store(q + c, S::load(q + c) + ((t0 * t0 + t1 * t1) + (t2 * t2 + t3 * t3)));
+      auto t = S::load(x0 + c) - vm;
+      auto sd = t, sq = t * t;
+      for (int k = 1; k < rows; ++k) {
+        t = S::load(x0 + k * C + c) - vm;
+        sd += t;
+        sq += t * t;
+      }
+      S::store(d + c, S::load(d + c) + sd);
+      S::store(q + c, S::load(q + c) + sq);
     }
-  }
-  for (; i < nb; ++i) {
-    for (int64_t c = 0; c < cv; c += L) {
-      const auto t = S::load(xb + i * C + c) - S::load(m + c);
-      S::store(d + c, S::load(d + c) + t);
-      S::store(q + c, S::load(q + c) + t * t);
-    }
-  }
+  };
+  for (int64_t i = 0; i < nr; i += R) deviations(xb + i * C, R);
+  for (int64_t i = nr; i < nb; ++i) deviations(xb + i * C, 1);
   for (int64_t r = 0; r < nb; ++r) {
     for (int64_t c = cv; c < C; ++c) {
       const T t = xb[r * C + c] - m[c];
@@ -214,18 +249,22 @@ void rows_moments(const T* x, const BatchNormShape& s, std::vector<double>& mean
   std::vector<double> t_mean(tasks * C, 0.0), t_m2(tasks * C, 0.0);
   std::vector<int64_t> t_n(tasks, 0);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> bm(C), d(C), q(C);
+    Accumulators<T> acc(x, C, 3);
+    T* __restrict__ pm = acc[0];
+    T* __restrict__ pd = acc[1];
+    T* __restrict__ pq = acc[2];
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = rows * t / tasks, r1 = rows * (t + 1) / tasks;
       double* __restrict__ am = t_mean.data() + t * C;
       double* __restrict__ a2 = t_m2.data() + t * C;
-      T* __restrict__ pm = bm.data();
-      T* __restrict__ pd = d.data();
-      T* __restrict__ pq = q.data();
       int64_t n = 0;
       for (int64_t r = r0; r < r1; r += block_rows(C)) {
         const int64_t nb = std::min(block_rows(C), r1 - r);
-        block_moments(x + r * C, nb, C, std::min(nb, r1 - r - nb), pm, pd, pq);
+        if (narrow_rows<T>(C)) {
+          block_moments<1>(x + r * C, nb, C, pm, pd, pq);
+        } else {
+          block_moments<4>(x + r * C, nb, C, pm, pd, pq);
+        }
         const int64_t total = n + nb;
         const double fb = double(nb) / double(total), fab = double(n) * fb;
         for (int64_t c = 0; c < C; ++c) {
@@ -424,44 +463,39 @@ void channel_sums(const T* dy, const T* x, int64_t c, T mean, T scale, T bias,
 }
 
 // Block of nb rows: per channel the sums of g and g * (x - mean), where g is dy masked by the
-// ReLU's derivative when Relu. Rows in memory order, four at a time, into accumulators in L1,
-// as in block_moments (8x128x28x28, cold, one thread: 0.93 ms with the column walk, 0.79 ms).
-template <typename T, bool Relu>
-void block_sums(const T* __restrict__ gb, const T* __restrict__ xb, int64_t nb, int64_t C,
-                const T* __restrict__ mean, const T* __restrict__ scale, const T* __restrict__ bias,
-                T* __restrict__ sa, T* __restrict__ sb) {
+// ReLU's derivative when Relu. Rows in memory order, R per visit of the accumulators, as in
+// block_moments (8x128x28x28, cold, one thread: 0.93 ms with the column walk, 0.79 ms with
+// four rows per visit).
+template <int R, typename T, bool Relu>
+DLCV_NO_UNROLL_AND_JAM void block_sums(const T* __restrict__ gb, const T* __restrict__ xb,
+                                       int64_t nb, int64_t C, const T* __restrict__ mean,
+                                       const T* __restrict__ scale, const T* __restrict__ bias,
+                                       T* __restrict__ sa, T* __restrict__ sb) {
   using S = Lanes<T>;
   constexpr int L = S::L;
   const int64_t cv = C - C % L;  // channels on vector lanes; the rest one at a time
   const auto zero = S::splat(0);
   std::fill(sa, sa + C, T(0));
   std::fill(sb, sb + C, T(0));
-  // The masked gradient and x - mean of row r at channels [c, c + L).
-  const auto term = [&](int64_t r, int64_t c, typename S::V& g, typename S::V& xm) {
-    xm = S::load(xb + r * C + c) - S::load(mean + c);
-    g = S::load(gb + r * C + c);
-    if constexpr (Relu) g = (xm * S::load(scale + c) + S::load(bias + c) > zero) ? g : zero;
+  // Adds the masked gradient and its product with x - mean over `rows` rows from row i.
+  const auto visit = [&](int64_t i, int rows) {
+    for (int64_t c = 0; c < cv; c += L) {
+      const auto vm = S::load(mean + c);
+      auto a = zero, b = zero;
+      for (int k = 0; k < rows; ++k) {
+        const auto xm = S::load(xb + (i + k) * C + c) - vm;
+        auto g = S::load(gb + (i + k) * C + c);
+        if constexpr (Relu) g = (xm * S::load(scale + c) + S::load(bias + c) > zero) ? g : zero;
+        a += g;
+        b += g * xm;
+      }
+      S::store(sa + c, S::load(sa + c) + a);
+      S::store(sb + c, S::load(sb + c) + b);
+    }
   };
-  int64_t i = 0;
-  for (; i + 4 <= nb; i += 4) {
-    for (int64_t c = 0; c < cv; c += L) {
-      typename S::V g0, g1, g2, g3, t0, t1, t2, t3;
-      term(i, c, g0, t0);
-      term(i + 1, c, g1, t1);
-      term(i + 2, c, g2, t2);
-      term(i + 3, c, g3, t3);
-      S::store(sa + c, S::load(sa + c) + ((g0 + g1) + (g2 + g3)));
-      S::store(sb + c, S::load(sb + c) + ((g0 * t0 + g1 * t1) + (g2 * t2 + g3 * t3)));
-    }
-  }
-  for (; i < nb; ++i) {
-    for (int64_t c = 0; c < cv; c += L) {
-      typename S::V g, t;
-      term(i, c, g, t);
-      S::store(sa + c, S::load(sa + c) + g);
-      S::store(sb + c, S::load(sb + c) + g * t);
-    }
-  }
+  const int64_t nr = nb - nb % R;  // rows in whole visits
+  for (int64_t i = 0; i < nr; i += R) visit(i, R);
+  for (int64_t i = nr; i < nb; ++i) visit(i, 1);
   for (int64_t r = 0; r < nb; ++r) {
     for (int64_t c = cv; c < C; ++c) {
       const T xm = xb[r * C + c] - mean[c];
@@ -479,17 +513,21 @@ void rows_sums(const T* dy, const T* x, const T* mean, const T* scale, const T* 
   const int64_t tasks = row_tasks(rows, C);
   std::vector<double> t_a(tasks * C, 0.0), t_b(tasks * C, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> ba(C), bb(C);
+    Accumulators<T> acc(x, C, 2);
+    T* __restrict__ pa = acc[0];
+    T* __restrict__ pb = acc[1];
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = rows * t / tasks, r1 = rows * (t + 1) / tasks;
-      T* __restrict__ pa = ba.data();
-      T* __restrict__ pb = bb.data();
       const T* __restrict__ m = mean;
       const T* __restrict__ k = scale;
       const T* __restrict__ bi = bias;
       for (int64_t r = r0; r < r1; r += block_rows(C)) {
         const int64_t nb = std::min(block_rows(C), r1 - r);
-        block_sums<T, Relu>(dy + r * C, x + r * C, nb, C, m, k, bi, pa, pb);
+        if (narrow_rows<T>(C)) {
+          block_sums<1, T, Relu>(dy + r * C, x + r * C, nb, C, m, k, bi, pa, pb);
+        } else {
+          block_sums<4, T, Relu>(dy + r * C, x + r * C, nb, C, m, k, bi, pa, pb);
+        }
         for (int64_t c = 0; c < C; ++c) {
           t_a[t * C + c] += pa[c];
           t_b[t * C + c] += pb[c];
