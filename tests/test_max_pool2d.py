@@ -16,8 +16,8 @@ import dlcv_fast
 from dlcv_fast.ops._common import pool_output_size
 
 # (input shape, kernel_size, stride, padding, dilation, ceil_mode): odd sizes, sizes that
-# are no multiple of anything, a single channel, batch 1 and 0, unbatched input, square and
-# asymmetric windows, overlapping windows, dilation, and both rounding modes.
+# are no multiple of anything, a single channel, many channels, batch 1 and 0, unbatched input,
+# square and asymmetric windows, overlapping windows, dilation, and both rounding modes.
 CONFIGS = [
     ((2, 3, 7, 7), 2, None, 0, 1, False),
     ((1, 1, 1, 1), 1, 1, 0, 1, False),
@@ -32,6 +32,7 @@ CONFIGS = [
     ((1, 7, 123, 97), 3, 2, 1, 1, True),
     ((2, 16, 27, 27), 3, 2, 0, 1, False),
     ((1, 65, 11, 11), 2, 2, 0, 1, False),
+    ((2, 131, 9, 10), 3, 2, 1, 2, True),  # channels_last: more channels than 4 vectors
     ((0, 3, 8, 8), 2, None, 0, 1, False),
 ]
 LAYOUTS = ["nchw", "channels_last", "strided"]

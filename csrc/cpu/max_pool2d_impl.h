@@ -154,8 +154,51 @@ inline void pool_vectors(const T* x, int64_t C, int64_t in_w, int64_t h0, int64_
   for (int u = 0; u < U; ++u) S::store(best[u], best_at[u], out + u * S::L, idx + u * S::L);
 }
 
-// NHWC: one output pixel at a time, channels in blocks of 4 vectors (16 floats), then single
-// vectors, then scalars.
+// The first vc channels (whole vectors) of one output pixel, taps outer and channels inner:
+// each tap is one contiguous run of channels, and the running max and argmax stay in out and
+// a 32-bit buffer (in L1) until the argmax is widened into idx.
+template <typename T>
+inline void pool_runs(const T* x, int64_t vc, int64_t C, int64_t in_w, int64_t h0, int64_t h1,
+                      int64_t dh, int64_t w0, int64_t w1, int64_t dw, T* out, int64_t* idx,
+                      typename Simd<T>::I* buf) {
+  using S = Simd<T>;
+  using I = typename S::I;
+  const auto load_at = [&](int64_t c) {
+    typename S::M v;
+    std::memcpy(&v, buf + c, sizeof v);
+    return v;
+  };
+  const typename S::M first = S::splat_index(static_cast<I>(h0 * in_w + w0));
+  for (int64_t c = 0; c < vc; c += S::L) {
+    const typename S::V lowest = S::splat(-std::numeric_limits<T>::infinity());
+    std::memcpy(out + c, &lowest, sizeof lowest);
+    std::memcpy(buf + c, &first, sizeof first);
+  }
+  for (int64_t h = h0; h < h1; h += dh) {
+    for (int64_t w = w0; w < w1; w += dw) {
+      const int64_t at = h * in_w + w;
+      const T* v = x + at * C;
+      const typename S::M at_v = S::splat_index(static_cast<I>(at));
+      for (int64_t c = 0; c < vc; c += S::L) {
+        typename S::V best = S::load(out + c);
+        typename S::M best_at = load_at(c);
+        S::update(S::load(v + c), at_v, best, best_at);
+        std::memcpy(out + c, &best, sizeof best);
+        std::memcpy(buf + c, &best_at, sizeof best_at);
+      }
+    }
+  }
+  for (int64_t c = 0; c < vc; c += S::L) {
+    const typename S::W wide = __builtin_convertvector(load_at(c), typename S::W);
+    std::memcpy(idx + c, &wide, sizeof wide);
+  }
+}
+
+// NHWC: one output pixel at a time. Up to U vectors of channels: U max/argmax chains in
+// registers (pool_vectors), then single vectors, then scalars. More channels: pool_runs, then
+// scalars. Blocks of U vectors visited tap by tap read each tap's channels in pieces of U
+// vectors, jumping between the taps' pixels; on VGG-16's 2x2 pools of 128-512 channels (batch
+// 8, cold caches, 2 cores, AVX-512) that ran at 0.61x-0.92x PyTorch, pool_runs at 0.96x-0.99x.
 template <typename T>
 void forward_nhwc(const T* input, T* output, int64_t* indices, const Pool2dShape& shape) {
   using S = Simd<T>;
@@ -164,8 +207,10 @@ void forward_nhwc(const T* input, T* output, int64_t* indices, const Pool2dShape
   const int64_t C = s.channels;
   const int64_t vector_c = lanes_fit(s) ? C - C % S::L : 0;
   const int64_t block_c = vector_c - vector_c % (U * S::L);
+  const bool runs = vector_c > U * S::L;
   const int64_t pixels = s.batch * s.out_h * s.out_w;
   at::parallel_for(0, pixels, grain(C * s.kernel_h * s.kernel_w), [=](int64_t begin, int64_t end) {
+    std::vector<typename S::I> buf(runs ? vector_c : 0);
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t ow = pixel % s.out_w;
       const int64_t oh = (pixel / s.out_w) % s.out_h;
@@ -177,6 +222,11 @@ void forward_nhwc(const T* input, T* output, int64_t* indices, const Pool2dShape
       T* out = output + pixel * C;
       int64_t* idx = indices + pixel * C;
       int64_t c = 0;
+      if (runs) {
+        pool_runs(x, vector_c, C, s.in_w, h0, h1, s.dilation_h, w0, w1, s.dilation_w, out, idx,
+                  buf.data());
+        c = vector_c;
+      }
       for (; c < block_c; c += U * S::L) {
         pool_vectors<T, U>(x + c, C, s.in_w, h0, h1, s.dilation_h, w0, w1, s.dilation_w, out + c, idx + c);
       }
