@@ -198,7 +198,7 @@ inline void pool_runs(const T* x, int64_t vc, int64_t C, int64_t in_w, int64_t h
 // registers (pool_vectors), then single vectors, then scalars. More channels: pool_runs, then
 // scalars. Blocks of U vectors visited tap by tap read each tap's channels in pieces of U
 // vectors, jumping between the taps' pixels; on VGG-16's 2x2 pools of 128-512 channels (batch
-// 8, cold caches, 2 cores, AVX-512) that ran at 0.61x-0.92x PyTorch, pool_runs at 0.96x-0.99x.
+// 8, cold caches, 2 cores, AVX-512) that ran at 0.61x-0.92x PyTorch, pool_runs at 0.95x-1.04x.
 template <typename T>
 void forward_nhwc(const T* input, T* output, int64_t* indices, const Pool2dShape& shape) {
   using S = Simd<T>;
