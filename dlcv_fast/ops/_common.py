@@ -54,6 +54,18 @@ def on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def device_constants(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of ``values`` on ``device``, copied without waiting for the GPU.
+    ``torch.tensor(values, device="cuda")`` copies from pageable memory, which synchronises
+    the host with the current stream on every call (and fails under CUDA graph capture); a
+    pinned staging copy goes asynchronously, and PyTorch's caching host allocator keeps it
+    until the copy is done."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def autotune_bucket(n: int) -> int:
     """The power of two at or above n: a Triton autotune key for a size that varies between
     calls (batch size, sequence length), so that sizes in one bucket reuse one tuning instead

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dlcv_fast.backend import triton_interpreted
-from dlcv_fast.ops._common import autotune_bucket, empty_output, on_device_of
+from dlcv_fast.ops._common import autotune_bucket, device_constants, empty_output, on_device_of
 
 LOG2E = 1.4426950408889634
 
@@ -341,9 +341,9 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
     threshold = int(round(dropout_p * 2**24))
     # Float arguments reach a kernel as float32: the constants go in a tensor instead, so
     # that float64 keeps them exact.
-    consts = torch.tensor([scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)],
-                          dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
-                          device=q.device)
+    consts = device_constants([scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)],
+                              torch.float64 if q.dtype == torch.float64 else torch.float32,
+                              q.device)
     buckets = (autotune_bucket(q.shape[2]), autotune_bucket(k.shape[2]))
     return dict(acc=acc, mask_kind=mask_kind, m=m, m_strides=m_strides, buckets=buckets,
                 dropout=dropout_p > 0, threshold=threshold, consts=consts,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dlcv_fast.ops._common import empty_output, on_device_of
+from dlcv_fast.ops._common import device_constants, empty_output, on_device_of
 
 BLOCK = 1024  # not tuned on a GPU yet
 
@@ -69,7 +69,7 @@ def step(m, s, z, v, thresholds, coefficients, clip: int, variance_mode: int,
     x0 = empty_output(s.shape, s, memory_format=fmt)
     total = s.numel()
     if total:
-        coef = torch.tensor(coefficients, dtype=torch.float64, device=s.device)
+        coef = device_constants(coefficients, torch.float64, s.device)
         with on_device_of(s):
             _step_kernel[(triton.cdiv(total, BLOCK),)](
                 m, s, z if z is not None else s, v if v is not None else s,
