@@ -83,7 +83,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         count = input.numel() // C if C else 0
         mean, var = stats(input)
         acc = mean.dtype
-        packed = torch.cat([torch.tensor([count], dtype=acc, device=input.device), mean, var])
+        packed = torch.cat([mean.new_full((1,), count), mean, var])  # no host-to-device copy
         every = _all_gather(packed, group, world)
         counts, means, variances = every[:, :1], every[:, 1:C + 1], every[:, C + 1:]
         total = counts.sum()
