@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make gpu-check
+# make demo | make test | make bench | make gpu-check (gpu-build, gpu-test, gpu-sanitize, gpu-bench)
 # demo, test and bench create .venv when missing, install the pinned dependencies
 # (requirements.txt), build the extension (`pip install -e . --no-build-isolation`, which
 # recompiles only what changed: objects stay in build/temp), then run.
@@ -15,7 +15,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: demo test bench build gpu-check clean
+.PHONY: demo test bench build gpu-check gpu-build gpu-test gpu-sanitize gpu-bench clean
 
 demo: build
 	$(PY) -m dlcv_fast demo
@@ -42,16 +42,30 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 # build in place with every core, run the whole test suite on the GPU, run
 # compute-sanitizer (memcheck; initcheck: reads of unwritten memory) over the CUDA tests,
 # then the benchmarks of the ops and of whole models (results in benchmarks/results/).
-gpu-check:
+# Each step is also a target of its own (gpu-build, gpu-test, gpu-sanitize, gpu-bench), and
+# gpu-bench takes OPS="conv2d batch_norm ..." to run some of the op benchmarks only.
+gpu-check: gpu-build gpu-test gpu-sanitize gpu-bench
+
+gpu-build:
 	MAX_JOBS=$(NPROC) $(PYTHON) setup.py build_ext --inplace
+
+gpu-test: gpu-build
 	$(PYTHON) -m pytest -q
+
+gpu-sanitize: gpu-build
 	compute-sanitizer --tool memcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
 	compute-sanitizer --tool initcheck --error-exitcode 1 \
 		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" \
 		tests/test_max_pool2d.py tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py
+
+gpu-bench: gpu-build
+ifdef OPS
+	$(PYTHON) -m dlcv_fast bench --op $(OPS) --save benchmarks/results
+else
 	$(PYTHON) -m dlcv_fast bench --save benchmarks/results
 	$(PYTHON) -m dlcv_fast bench --op models --save benchmarks/results
+endif
 
 clean:
 	rm -rf build dlcv_fast/_C*.so $(VENV)/.built
