@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -36,8 +37,14 @@ def test_auto_resolves_by_device():
     assert backend.resolve("max_pool2d", torch.empty(1)) == "cpu"
     if torch.cuda.is_available():
         assert backend.resolve("max_pool2d", torch.empty(1, device="cuda")) in ("cuda", "triton")
-    with pytest.raises(dlcv_fast.BackendError, match="no dlcv_fast backend runs tensors on meta"):
-        backend.resolve("max_pool2d", torch.empty(1, device="meta"))
+    # Meta tensors (shapes only) go to the ops of the backend in force: their fake kernels.
+    meta = torch.empty(1, device="meta")
+    assert backend.resolve("max_pool2d", meta) == "cpu"
+    with dlcv_fast.use_backend("triton"):
+        assert backend.resolve("max_pool2d", meta) == "triton"
+    elsewhere = types.SimpleNamespace(is_cpu=False, device=torch.device("xpu"))
+    with pytest.raises(dlcv_fast.BackendError, match="no dlcv_fast backend runs tensors on xpu"):
+        backend.resolve("max_pool2d", elsewhere)
 
 
 def test_environment_variable_picks_the_backend():

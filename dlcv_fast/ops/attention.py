@@ -258,6 +258,8 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, q_len: int, kv_len: int
 
 def _draw_seed(device: torch.device) -> int:
     """A seed from torch's default generator of ``device`` (torch.manual_seed reproduces it)."""
+    if device.type == "meta":  # shapes only: no values to draw
+        return 0
     return int(torch.randint(0, 2**31 - 1, (), device=device).item())
 
 
