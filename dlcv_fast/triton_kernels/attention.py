@@ -107,22 +107,39 @@ def _scores(q, kt, M_ptr, mask_off, s_mi, s_mj, offs_m, offs_n, L, S, scale_log2
     return tl.where(visible, s, float("-inf"))
 
 
+@triton.jit
+def _constants(C, scale_in, scale_log2_in, keep_in, F64: tl.constexpr):
+    """(scale, scale * log2(e), 1 / (1 - dropout_p)). Python floats reach a kernel as float32:
+    float64 reads them from the float64 tensor C; the other types take the arguments, so that
+    no call copies from the host (which would wait for the GPU, and which a captured CUDA
+    graph would repeat from a host buffer)."""
+    if F64:
+        scale = tl.load(C)
+        scale_log2 = tl.load(C + 1)
+        keep_scale = tl.load(C + 2)
+    else:
+        scale = scale_in
+        scale_log2 = scale_log2_in
+        keep_scale = keep_in
+    return scale, scale_log2, keep_scale
+
+
 @triton.autotune(configs=_configs(_FWD_TILES), key=_TUNE_KEY)
 @triton.jit
 def _forward_kernel(Q, K, V, M_ptr, O, LSE,
                     s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_oh, s_ol,
                     s_mb, s_mh, s_mi, s_mj,
-                    H, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
+                    H, GROUP, L, S, D, DV, C, scale_in, scale_log2_in, keep_in, seed, threshold,
+                    L_BUCKET, S_BUCKET,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                    IEEE: tl.constexpr, ACC: tl.constexpr,
+                    F64: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, start_m = _program_tile(L, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    scale_log2 = tl.load(C + 1)
-    keep_scale = tl.load(C + 2)
+    _, scale_log2, keep_scale = _constants(C, scale_in, scale_log2_in, keep_in, F64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -205,17 +222,16 @@ def _score_grads(p, dp, delta):
 def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
                  s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                  s_mb, s_mh, s_mi, s_mj,
-                 H, HKV, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
+                 H, HKV, GROUP, L, S, D, DV, C, scale_in, scale_log2_in, keep_in, seed,
+                 threshold, L_BUCKET, S_BUCKET,
                  MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-                 IEEE: tl.constexpr, ACC: tl.constexpr,
+                 F64: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bhk, start_n = _program_tile(S, BLOCK_N)
     b = bhk // HKV
     hk = bhk % HKV
-    scale = tl.load(C)
-    scale_log2 = tl.load(C + 1)
-    keep_scale = tl.load(C + 2)
+    scale, scale_log2, keep_scale = _constants(C, scale_in, scale_log2_in, keep_in, F64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -273,18 +289,17 @@ def _dkdv_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DK, DV_ptr,
 def _dq_kernel(Q, K, V, M_ptr, DO, LSE, DELTA, DQ,
                s_qb, s_qh, s_ql, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                s_mb, s_mh, s_mi, s_mj,
-               H, GROUP, L, S, D, DV, C, seed, threshold, L_BUCKET, S_BUCKET,
+               H, GROUP, L, S, D, DV, C, scale_in, scale_log2_in, keep_in, seed, threshold,
+               L_BUCKET, S_BUCKET,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               IEEE: tl.constexpr, ACC: tl.constexpr,
+               F64: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, start_m = _program_tile(L, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    scale = tl.load(C)
-    scale_log2 = tl.load(C + 1)
-    keep_scale = tl.load(C + 2)
+    scale, scale_log2, keep_scale = _constants(C, scale_in, scale_log2_in, keep_in, F64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -339,14 +354,12 @@ def _common(q, k, v, mask, dropout_p, scale, seed):
         m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         m_strides = tuple(mask.stride())
     threshold = int(round(dropout_p * 2**24))
-    # Float arguments reach a kernel as float32: the constants go in a tensor instead, so
-    # that float64 keeps them exact.
-    consts = device_constants([scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)],
-                              torch.float64 if q.dtype == torch.float64 else torch.float32,
-                              q.device)
+    values = [scale, scale * LOG2E, 1.0 / (1.0 - dropout_p)]
+    f64 = q.dtype == torch.float64  # float64 takes them from a tensor (_constants)
+    consts = (device_constants(values, torch.float64, q.device) if f64 else q, *values)
     buckets = (autotune_bucket(q.shape[2]), autotune_bucket(k.shape[2]))
     return dict(acc=acc, mask_kind=mask_kind, m=m, m_strides=m_strides, buckets=buckets,
-                dropout=dropout_p > 0, threshold=threshold, consts=consts,
+                dropout=dropout_p > 0, threshold=threshold, consts=consts, f64=f64,
                 seed=int(seed) & 0xFFFFFFFF, ieee=q.dtype in (torch.float32, torch.float64))
 
 
@@ -370,10 +383,10 @@ def forward(q, k, v, mask, dropout_p: float, is_causal: bool, scale: float, seed
     with on_device_of(q):
         _forward_kernel[grid](
             q, k, v, c["m"], out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
+            *out.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, *c["consts"],
             c["seed"], c["threshold"], *c["buckets"], MASK=c["mask_kind"], CAUSAL=is_causal,
-            DROPOUT=c["dropout"], IEEE=c["ieee"], ACC=c["acc"], BLOCK_D=_block(D),
-            BLOCK_DV=_block(Dv))
+            DROPOUT=c["dropout"], F64=c["f64"], IEEE=c["ieee"], ACC=c["acc"],
+            BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
     return out, lse
 
 
@@ -389,8 +402,8 @@ def backward(grad_out, q, k, v, out, lse, mask, dropout_p: float, is_causal: boo
     dv = empty_output((B, Hkv, S, Dv), q)
     delta = torch.empty_like(lse)
     c = _common(q, k, v, mask, dropout_p, scale, seed)
-    common = dict(MASK=c["mask_kind"], CAUSAL=is_causal, DROPOUT=c["dropout"], IEEE=c["ieee"],
-                  ACC=c["acc"], BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
+    common = dict(MASK=c["mask_kind"], CAUSAL=is_causal, DROPOUT=c["dropout"], F64=c["f64"],
+                  IEEE=c["ieee"], ACC=c["acc"], BLOCK_D=_block(D), BLOCK_DV=_block(Dv))
     with on_device_of(q):
         if B * H * L > 0:
             _delta_kernel[(B * H * triton.cdiv(L, 16),)](grad_out, out, delta, L, Dv, BLOCK_M=16,
@@ -399,11 +412,11 @@ def backward(grad_out, q, k, v, out, lse, mask, dropout_p: float, is_causal: boo
             _dkdv_kernel[lambda meta: (B * Hkv * triton.cdiv(S, meta["BLOCK_N"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dk, dv, *q.stride()[:3],
                 *k.stride()[:3], *v.stride()[:3], *c["m_strides"], H, Hkv, H // Hkv, L, S, D,
-                Dv, c["consts"], c["seed"], c["threshold"], *c["buckets"], **common)
+                Dv, *c["consts"], c["seed"], c["threshold"], *c["buckets"], **common)
         if B * H * L > 0:
             _dq_kernel[lambda meta: (B * H * triton.cdiv(L, meta["BLOCK_M"]),)](
                 q, k, v, c["m"], grad_out, lse, delta, dq, *q.stride()[:3], *k.stride()[:3],
-                *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, c["consts"],
+                *v.stride()[:3], *c["m_strides"], H, H // Hkv, L, S, D, Dv, *c["consts"],
                 c["seed"], c["threshold"], *c["buckets"], **common)
     return dq, dk, dv
 
