@@ -64,7 +64,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def check_error(ours, ref64, torch_result, dtype, what):
     """float64: the conftest tolerance against the float64 reference. Other dtypes, the
-    rule DESIGN.md sets for reductions and attention: our error against the float64
+    library's rule for reductions and attention: our error against the float64
     reference at most twice PyTorch's own in the same dtype, plus the conftest absolute
     tolerance of the dtype (elementwise relative bounds fail where a result is a
     near-cancelling sum)."""

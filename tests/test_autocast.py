@@ -64,7 +64,7 @@ def test_float64_is_not_cast(case):
 def test_converted_model_under_autocast(case):
     """A torch op before a converted layer emits a 16-bit activation: the model runs, in the
     dtypes torch's runs in, and its output and gradients are as close to the float64 model's
-    as torch's (DESIGN's rule for reductions: within twice torch's error, plus the table's
+    as torch's (the reductions rule: within twice torch's error, plus the table's
     absolute term)."""
     _, device, dtype = case
     torch.manual_seed(0)

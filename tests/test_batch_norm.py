@@ -134,7 +134,7 @@ WIDE_AND_LONG = [(5, 515, 3, 3), (2, 300, 5, 5), (3, 70, 11, 13)]
 
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
 def test_channels_last_wide_and_long_rows(backend, device, dtype):
-    """Against float64 with DESIGN.md's rule for reductions (check_error): the weight and
+    """Against float64 with the rule for reductions (conftest.check_error): the weight and
     bias gradients sum hundreds of terms of both signs."""
     for i, shape in enumerate(WIDE_AND_LONG):
         for relu in (False, True):

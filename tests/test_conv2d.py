@@ -6,7 +6,7 @@ backend that runs here.
 
 Convolutions are sums: in float64 they match PyTorch within the float64 tolerance; in the
 other dtypes, our error against a float64 computation must be at most twice PyTorch's own
-error in that dtype plus a small absolute term (DESIGN.md's rule for reductions).
+error in that dtype plus a small absolute term (conftest.check_error's rule).
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def test_batch_norm_models_match_torchvision_in_train_and_eval(name):
     # PyTorch's own spread: the same loss with the batch reversed (another summation order;
     # its running statistics restored after). Through tens of train-mode batch norms it
     # reaches ~1e-12 relative in float64, past the table's elementwise 1e-12, so gradients
-    # follow DESIGN's rule for reductions: within twice PyTorch's own error, plus the
+    # follow the reductions rule: within twice PyTorch's own error, plus the
     # table's absolute term.
     theirs.zero_grad()
     theirs(x.flip(0)).square().sum().backward()

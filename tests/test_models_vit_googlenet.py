@@ -136,7 +136,7 @@ def _randomise_(model: nn.Module, seed: int) -> None:
 
 def assert_matches(ours: nn.Module, theirs: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ours(x) against theirs(x), both in eval mode and x's dtype: in float64 by the table;
-    in float32 by DESIGN's rule for reductions, since a deep network is a chain of them:
+    in float32 by the reductions rule, since a deep network is a chain of them:
     the error against torchvision's model in float64 at most twice torchvision's own, plus
     the table's absolute term. The errors are root-mean-squares over the output: the
     largest of a few values would be too noisy a measure to take a ratio of. Returns
@@ -199,7 +199,7 @@ def _loss(y) -> torch.Tensor:
 @pytest.mark.parametrize("aux_logits", [True, False])
 def test_googlenet_train_matches_torchvision(aux_logits):
     """Train mode, float64: outputs (the aux heads' too) with the same dropout masks by
-    seeding, running statistics, and gradients within DESIGN's rule for reductions (twice
+    seeding, running statistics, and gradients within the reductions rule (twice
     PyTorch's own spread, measured on the batch reversed, plus the table's absolute term):
     tens of train-mode batch norms over small batch statistics. Gradients without dropout,
     whose masks would not follow the reversed batch."""

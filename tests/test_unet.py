@@ -80,7 +80,7 @@ def test_unet_matches_its_torch_twin_in_train_and_eval(upsampling):
     assert all(g.abs().sum() > 0 for g in grads)  # every parameter is trained
     # Through train-mode batch norms the float64 gradients differ from PyTorch's by ~1e-12
     # relative, which is also how far PyTorch moves when the batch is merely reversed (the
-    # loss does not change): DESIGN's rule for reductions, within twice that spread plus
+    # loss does not change): the reductions rule, within twice that spread plus
     # the table's absolute term.
     twin.zero_grad()
     twin(x.flip(0)).square().sum().backward()

@@ -57,9 +57,10 @@ def on_device_of(t: torch.Tensor):
 def device_constants(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of ``values`` on ``device``, copied without waiting for the GPU.
     ``torch.tensor(values, device="cuda")`` copies from pageable memory, which synchronises
-    the host with the current stream on every call (and fails under CUDA graph capture); a
-    pinned staging copy goes asynchronously, and PyTorch's caching host allocator keeps it
-    until the copy is done."""
+    the host with the current stream on every call; a pinned staging copy goes
+    asynchronously, and PyTorch's caching host allocator keeps it until the copy is done.
+    Not for use under CUDA graph capture: a replay would copy from the host buffer again,
+    which the allocator may have handed to someone else by then."""
     t = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
