@@ -131,17 +131,23 @@ def check_eps(op: str, eps, training: bool) -> None:
         raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
 
 
-def check_running(op: str, running_mean, running_var, training: bool) -> None:
-    """The running statistics are not differentiable (with grad enabled, torch refuses them
-    requiring grad), and in training they are written in place, so no two of their elements
-    may share memory (an expanded view: torch writes one channel's value over all of them)."""
+def _check_running_grad(op: str, running_mean, running_var) -> None:
+    """The running statistics are not differentiable: with grad enabled, torch refuses them
+    requiring grad."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if not isinstance(t, Tensor):
-            continue
-        if t.requires_grad and torch.is_grad_enabled():
+        if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"{op}: {name} must not require grad: the running statistics "
                                "are buffers, not differentiable inputs")
-        if training and t.dim() == 1 and t.stride(0) == 0 and t.shape[0] > 1:
+
+
+def check_running(op: str, running_mean, running_var, training: bool) -> None:
+    """_check_running_grad, and in training, where they are written in place, no two
+    elements of the running statistics may share memory (an expanded view: torch writes one
+    channel's value over all of them)."""
+    _check_running_grad(op, running_mean, running_var)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if training and isinstance(t, Tensor) and t.dim() == 1 and t.stride(0) == 0 \
+                and t.shape[0] > 1:
             raise RuntimeError(f"{op}: {name} is updated in place in training, but its "
                                f"{t.shape[0]} elements share one memory location (an expanded "
                                f"view?); pass a tensor of its own, e.g. {name}.clone()")
@@ -571,7 +577,8 @@ def batch_norm(
         raise TypeError(f"batch_norm: training must be a bool, but got {training!r}")
     if running_mean is not None or running_var is not None:
         # What the ops cannot see: a buffer that requires grad would get none, silently.
-        check_running("batch_norm", running_mean, running_var, training)
+        # (Both ops refuse an expanded buffer in training themselves.)
+        _check_running_grad("batch_norm", running_mean, running_var)
     # The ops check the rest. This wrapper stays short: on small layers its Python time is a
     # visible part of the step.
     if backend.resolve("batch_norm", input) == "triton":
