@@ -1,4 +1,4 @@
-# make demo | make test | make bench | make gpu-check (gpu-build, gpu-test, gpu-sanitize, gpu-bench)
+# make demo | make test (test-cuda-emulated) | make bench | make gpu-check (gpu-build, gpu-test, gpu-sanitize, gpu-bench)
 # demo, test and bench create .venv when missing, install the pinned dependencies
 # (requirements.txt), build the extension (`pip install -e . --no-build-isolation`, which
 # recompiles only what changed: objects stay in build/temp), then run.
@@ -15,13 +15,31 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: demo test bench build gpu-check gpu-build gpu-test gpu-sanitize gpu-bench clean
+.PHONY: demo test test-cuda-emulated bench build gpu-check gpu-build gpu-test gpu-sanitize gpu-bench clean
 
 demo: build
 	$(PY) -m dlcv_fast demo
 
 test: build
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-cuda-emulated
+
+# The CUDA kernels run on the CPU (tests/cuda_emu.py) under the op tests, with each block's
+# threads in order, then (float32 cases) in reverse order: a missing __syncthreads fails one
+# of the two. Needs the CUDA toolkit's headers, not a GPU.
+EMULATED_TESTS := tests/test_max_pool2d.py tests/test_conv2d.py tests/test_batch_norm.py \
+	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py
+EMULATION := DLCV_FAST_EXTENSION=build/emu/_C.so
+
+test-cuda-emulated: build
+ifdef CUDA_HOME
+	$(PY) tests/cuda_emu.py
+	$(EMULATION) $(PY) -m pytest -q -m "not slow" $(EMULATED_TESTS)
+	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q -m "not slow" -k float32 \
+		$(EMULATED_TESTS)
+else
+	@echo "test-cuda-emulated: skipped, no CUDA toolkit (set CUDA_HOME) for the kernels' headers"
+endif
 
 bench: build
 	$(PY) -m dlcv_fast bench

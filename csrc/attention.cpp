@@ -98,7 +98,7 @@ Problem prepare(const at::Tensor& query, const at::Tensor& key, const at::Tensor
   p.dropout_threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * 16777216.0));
   p.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed));
 
-  const bool cpu_16bit = query.is_cpu() && (query.scalar_type() == at::kHalf ||
+  const bool cpu_16bit = cpu_kernels(query) && (query.scalar_type() == at::kHalf ||
                                             query.scalar_type() == at::kBFloat16);
   pr.compute = cpu_16bit ? at::kFloat : query.scalar_type();
   pr.stats = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> sdpa(const at::Tensor& query, const at::Tenso
   for (int a = 0; a < 3; ++a) p.o_stride[a] = out.stride(a);
   if (out.numel() > 0) {
     const DType dtype = kernel_dtype(pr.compute);
-    if (query.is_cpu()) {
+    if (cpu_kernels(query)) {
       cpu::attention_forward(dtype, p, pr.q.const_data_ptr(), pr.k.const_data_ptr(),
                              pr.v.const_data_ptr(), mask_ptr(pr), out.mutable_data_ptr(),
                              lse.mutable_data_ptr());
@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sdpa_backward(
   at::Tensor delta = at::empty(lse_shape, lse.options());
   if (dq.numel() > 0 || dk.numel() > 0) {
     const DType dtype = kernel_dtype(pr.compute);
-    if (query.is_cpu()) {
+    if (cpu_kernels(query)) {
       cpu::attention_backward(dtype, p, g.const_data_ptr(), pr.q.const_data_ptr(),
                               pr.k.const_data_ptr(), pr.v.const_data_ptr(), o.const_data_ptr(),
                               ls.const_data_ptr(), mask_ptr(pr), delta.mutable_data_ptr(),

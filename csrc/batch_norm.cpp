@@ -74,7 +74,7 @@ Dense dense_input(const char* op, const at::Tensor& input) {
     d.shape.channels_last = d.format != at::MemoryFormat::Contiguous;
   }
   d.acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  d.cpu_16bit = input.is_cpu() && is_16bit(input.scalar_type());
+  d.cpu_16bit = cpu_kernels(input) && is_16bit(input.scalar_type());
   d.x = d.like(input);
   return d;
 }
@@ -166,7 +166,7 @@ at::Tensor workspace(const Dense& d) {
 // Runs cpu_fn() on the CPU or cuda_fn(workspace pointer, stream) on the GPU.
 template <typename Cpu, typename Gpu>
 void run(const char* op, const Dense& d, Cpu&& cpu_fn, Gpu&& cuda_fn) {
-  if (d.x.is_cpu()) {
+  if (cpu_kernels(d.x)) {
     cpu_fn();
     return;
   }
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
   if (!training) {
     const at::Tensor rm = as_type(*running_mean, d.acc).contiguous();
     const at::Tensor rv = as_type(*running_var, d.acc).contiguous();
-    if (input.is_cpu()) {
+    if (cpu_kernels(input)) {
       with_acc(d.acc, [&](auto tag) {
         using T = decltype(tag);
         const T* m = rm.const_data_ptr<T>();
@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   at::Tensor gw = output_mask[1] ? at::Tensor() : none();
   if (output_mask[1]) {
     // grad_weight = sum(dy * (x - mean)) * invstd, per channel.
-    if (input.is_cpu()) {
+    if (cpu_kernels(input)) {
       gw = at::empty_like(sum_dy_xmu);
       with_acc(d.acc, [&](auto tag) {
         using T = decltype(tag);

@@ -12,7 +12,12 @@
 
 #include "pool2d_shape.h"
 
-#ifdef DLCV_FAST_WITH_CUDA
+#if defined(DLCV_FAST_CUDA_EMU)
+#include <cuda_runtime_api.h>
+namespace dlcv_fast::emu {
+const char* error_string(cudaError_t err);
+}
+#elif defined(DLCV_FAST_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -55,7 +60,23 @@ inline bool poison_outputs() {
   return v != nullptr && std::string(v) == "1";
 }
 
-#ifdef DLCV_FAST_WITH_CUDA
+// Whether x runs on the CPU kernels (else on the CUDA ones). The build that runs the CUDA
+// kernels on the CPU for tests (csrc/emu) sends every tensor to the CUDA kernels.
+#ifdef DLCV_FAST_CUDA_EMU
+constexpr bool cpu_kernels(const at::Tensor&) { return false; }
+#else
+inline bool cpu_kernels(const at::Tensor& x) { return x.is_cpu(); }
+#endif
+
+#if defined(DLCV_FAST_CUDA_EMU)
+// The emulated kernels run at once, on the CPU tensors they are given.
+template <typename F>
+void launch_cuda(const char* op, const at::Tensor& x, F&& launch) {
+  TORCH_CHECK(x.is_cpu(), op, ": the CUDA emulation runs on CPU tensors, not on ", x.device());
+  const cudaError_t err = launch(nullptr);
+  TORCH_CHECK(err == cudaSuccess, op, " (cuda): kernel launch failed: ", emu::error_string(err));
+}
+#elif defined(DLCV_FAST_WITH_CUDA)
 // Runs launch(stream) with x's GPU current and on its current stream; a failed launch
 // raises, naming the op.
 template <typename F>

@@ -146,7 +146,7 @@ at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight,
   if (s.n == 0) return y;
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  if (input.is_cpu()) {
+  if (cpu_kernels(input)) {
     cpu::conv2d_forward(input, weight, b, y, s, relu);
     return y;
   }
@@ -181,7 +181,7 @@ at::Tensor conv2d_backward_input(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor gy = dense(grad_output, format_of(input));
   at::Tensor gx = new_output(input.sizes(), input, format_of(input));
   if (s.n == 0) return gx;
-  if (input.is_cpu()) {
+  if (cpu_kernels(input)) {
     cpu::conv2d_backward_input(gy, weight, gx, s);
     return gx;
   }
@@ -215,7 +215,7 @@ at::Tensor conv2d_backward_weight(const at::Tensor& grad_output, const at::Tenso
   const at::Tensor gy = dense(grad_output, format_of(input));
   at::Tensor gw = new_output(weight.sizes(), weight, format_of(weight));
   if (s.n == 0) return gw.zero_();
-  if (input.is_cpu()) {
+  if (cpu_kernels(input)) {
     cpu::conv2d_backward_weight(gy, input, gw, s);
     return gw;
   }
@@ -271,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_bias_relu_backward(
     return {g, grad_bias};
   }
   const at::Tensor y = output.has_value() ? *output : at::Tensor();
-  if (gy.is_cpu()) {
+  if (cpu_kernels(gy)) {
     cpu::conv2d_bias_relu_backward(gy, y, output.has_value() ? g : at::Tensor(),
                                    bias ? grad_bias : at::Tensor(), s);
     return {g, grad_bias};

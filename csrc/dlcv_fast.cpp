@@ -602,6 +602,13 @@ TORCH_LIBRARY_IMPL(dlcv_fast, CUDA, m) { impl_kernels(m); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dlcv_fast's CPU and CUDA kernels (the ops are also under torch.ops.dlcv_fast)";
   m.def("cuda_built", &dlcv_fast::cuda_built, "whether this build holds the CUDA kernels");
+  m.def("cuda_emulated", [] {
+#ifdef DLCV_FAST_CUDA_EMU
+    return true;
+#else
+    return false;
+#endif
+  }, "whether this build runs the CUDA kernels on the CPU, for every tensor (tests/cuda_emu.py)");
   m.def("conv_allows_tf32", &dlcv_fast::conv_allows_tf32,
         "whether float32 convolutions may use TF32 (torch.backends.cudnn.conv.fp32_precision)");
   m.def("cpu_isa", [] { return dlcv_fast::cpu::isa_name(dlcv_fast::cpu::active_isa()); },

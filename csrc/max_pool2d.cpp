@@ -121,14 +121,14 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& self, at::IntArr
   const Pooling p = prepare("max_pool2d", self, kernel_size, stride, padding, dilation, ceil_mode);
   const Pool2dShape& s = p.shape;
   const bool channels_last = p.format == at::MemoryFormat::ChannelsLast;
-  const bool cpu_16bit = self.is_cpu() && is_16bit(self.scalar_type());
+  const bool cpu_16bit = cpu_kernels(self) && is_16bit(self.scalar_type());
   // The CPU kernels run 16-bit inputs in float32: the max of rounded values is exact.
   const at::Tensor input = cpu_16bit ? p.input.to(at::kFloat) : p.input;
   at::Tensor output = new_output(p, s.out_h, s.out_w, input.scalar_type());
   at::Tensor indices = new_output(p, s.out_h, s.out_w, at::kLong);
 
   if (output.numel() > 0) {
-    if (self.is_cpu()) {
+    if (cpu_kernels(self)) {
       cpu::max_pool2d_forward(kernel_dtype(input.scalar_type()), channels_last, input.const_data_ptr(),
                               output.mutable_data_ptr(), indices.mutable_data_ptr<int64_t>(), s);
     } else {
@@ -174,13 +174,13 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
     return (p.batched ? t : t.unsqueeze(0)).contiguous(p.format);
   };
   const bool channels_last = p.format == at::MemoryFormat::ChannelsLast;
-  const bool cpu_16bit = self.is_cpu() && is_16bit(self.scalar_type());
+  const bool cpu_16bit = cpu_kernels(self) && is_16bit(self.scalar_type());
   const at::Tensor gout = cpu_16bit ? as_4d(grad_output).to(at::kFloat) : as_4d(grad_output);
   const at::Tensor idx = as_4d(indices);
   at::Tensor grad_input = new_output(p, s.in_h, s.in_w, gout.scalar_type());
 
   if (grad_input.numel() > 0) {
-    if (self.is_cpu()) {
+    if (cpu_kernels(self)) {
       cpu::max_pool2d_backward(kernel_dtype(gout.scalar_type()), channels_last, gout.const_data_ptr(),
                                idx.const_data_ptr<int64_t>(), grad_input.mutable_data_ptr(), s);
     } else {

@@ -92,7 +92,7 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
 
   // The batch stays outermost in both formats, so sample b is one run of `inner` elements.
   const auto format = x.suggest_memory_format();
-  const bool cpu_16bit = x.is_cpu() && is_16bit(x.scalar_type());
+  const bool cpu_16bit = cpu_kernels(x) && is_16bit(x.scalar_type());
   at::Tensor xc = x.contiguous(format), ec = e.contiguous(format);
   if (cpu_16bit) {  // the CPU kernels compute 16-bit samples in float32
     xc = xc.to(at::kFloat);
@@ -103,7 +103,7 @@ at::Tensor combine(const char* op, NoiseKind kind, const at::Tensor& x, const at
   const bool table_double = table.scalar_type() == at::kDouble;
   if (out.numel() > 0) {
     const DType dtype = kernel_dtype(xc.scalar_type());
-    if (x.is_cpu()) {
+    if (cpu_kernels(x)) {
       cpu::noise_combine(dtype, table_double, kind, xc.const_data_ptr(), ec.const_data_ptr(),
                          t.const_data_ptr<int64_t>(), table.const_data_ptr(),
                          out.mutable_data_ptr(), s);
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
   const at::Tensor table = checked_table(op, alphas_cumprod, grad);
   const at::Tensor t = checked_timesteps(op, timesteps, grad.size(0), alphas_cumprod, grad);
   const NoiseKind kind = velocity ? NoiseKind::Velocity : NoiseKind::AddNoise;
-  const bool cpu_16bit = grad.is_cpu() && is_16bit(grad.scalar_type());
+  const bool cpu_16bit = cpu_kernels(grad) && is_16bit(grad.scalar_type());
   at::Tensor g = grad.contiguous(grad.suggest_memory_format());
   if (cpu_16bit) g = g.to(at::kFloat);
   at::Tensor grad_x = new_output(g), grad_e = new_output(g);
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> noise_backward(const at::Tensor& grad,
   const bool table_double = table.scalar_type() == at::kDouble;
   if (g.numel() > 0) {
     const DType dtype = kernel_dtype(g.scalar_type());
-    if (g.is_cpu()) {
+    if (cpu_kernels(g)) {
       cpu::noise_combine_backward(dtype, table_double, kind, g.const_data_ptr(), t.const_data_ptr<int64_t>(),
                                   table.const_data_ptr(), grad_x.mutable_data_ptr(),
                                   grad_e.mutable_data_ptr(), s);

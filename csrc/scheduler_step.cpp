@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(
   // Dense in the sample's memory format (the batch outermost); the CPU kernel computes
   // 16-bit tensors in float32.
   const auto format = sample.suggest_memory_format();
-  const bool cpu_16bit = sample.is_cpu() && (sample.scalar_type() == at::kHalf ||
+  const bool cpu_16bit = cpu_kernels(sample) && (sample.scalar_type() == at::kHalf ||
                                              sample.scalar_type() == at::kBFloat16);
   const auto dense = [&](const at::Tensor& t) {
     const at::Tensor d = t.contiguous(format);
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step(
 
   if (s.numel() > 0) {
     const DType dtype = kernel_dtype(s.scalar_type());
-    if (s.is_cpu()) {
+    if (cpu_kernels(s)) {
       cpu::scheduler_step(dtype, m.const_data_ptr(), s.const_data_ptr(), ptr(z), ptr(v), th_ptr,
                           prev.mutable_data_ptr(), x0.mutable_data_ptr(), p);
     } else {

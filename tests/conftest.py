@@ -24,14 +24,19 @@ os.environ["DLCV_FAST_POISON"] = "1"
 import dlcv_fast  # noqa: E402
 from dlcv_fast.backend import triton_interpreted  # noqa: E402
 
+# Whether the extension is the build that runs the CUDA kernels on the CPU
+# (tests/cuda_emu.py): then the cpu backend runs them, and only it is tested.
+CUDA_EMULATED = dlcv_fast._C.cuda_emulated()
+
 # (backend, device) pairs that can run here.
 BACKEND_DEVICES = [("cpu", "cpu")]
-if HAS_CUDA and dlcv_fast.cuda_built():
-    BACKEND_DEVICES.append(("cuda", "cuda"))
-if HAS_CUDA:
-    BACKEND_DEVICES.append(("triton", "cuda"))
-elif triton_interpreted():
-    BACKEND_DEVICES.append(("triton", "cpu"))
+if not CUDA_EMULATED:
+    if HAS_CUDA and dlcv_fast.cuda_built():
+        BACKEND_DEVICES.append(("cuda", "cuda"))
+    if HAS_CUDA:
+        BACKEND_DEVICES.append(("triton", "cuda"))
+    elif triton_interpreted():
+        BACKEND_DEVICES.append(("triton", "cpu"))
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 

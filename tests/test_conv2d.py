@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._prims_common import is_non_overlapping_and_dense_or_false
-from conftest import BACKEND_DEVICES, TOLERANCES, assert_close, backend_dtype_cases
+from conftest import (BACKEND_DEVICES, CUDA_EMULATED, TOLERANCES, assert_close,
+                      backend_dtype_cases)
 
 import dlcv_fast
 
@@ -185,14 +186,22 @@ LONG_DEPTHWISE = [
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# The GPU backends, on a GPU or (the CUDA kernels only) in their CPU emulation, where the
+# cpu backend runs them.
+if torch.cuda.is_available():
+    GPU_BACKENDS = [("cuda", "cuda"), ("triton", "cuda")]
+else:
+    GPU_BACKENDS = [("cpu", "cpu")] if CUDA_EMULATED else []
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a GPU (or the CUDA emulation)")
 @pytest.mark.parametrize(("case", "layout"), LONG_DEPTHWISE, ids=[c[0][0] for c in LONG_DEPTHWISE])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_depthwise_long_reductions(backend, dtype, case, layout):
+@pytest.mark.parametrize(("backend", "device"), GPU_BACKENDS, ids=[b for b, _ in GPU_BACKENDS])
+def test_depthwise_long_reductions(backend, device, dtype, case, layout):
     if backend == "cuda" and not dlcv_fast.cuda_built():
         pytest.skip("built without CUDA kernels")
-    check_case(backend, "cuda", dtype, case, layout, activation="relu", with_bias=True)
+    check_case(backend, device, dtype, case, layout, activation="relu", with_bias=True)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -557,16 +566,16 @@ def test_tf32_setting_read_as_pytorch_reads_it(backend_device):
     torch.testing.assert_close(dlcv_fast.conv2d(x, w), F.conv2d(x, w))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a GPU (or the CUDA emulation)")
 @pytest.mark.usefixtures("_fp32_settings")
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_tf32_follows_cudnn_flag(backend, api):
+@pytest.mark.parametrize(("backend", "device"), GPU_BACKENDS, ids=[b for b, _ in GPU_BACKENDS])
+def test_tf32_follows_cudnn_flag(backend, device, api):
     if backend == "cuda" and not dlcv_fast.cuda_built():
         pytest.skip("built without CUDA kernels")
-    x = torch.randn(4, 64, 16, 16, device="cuda", requires_grad=True)
-    w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).requires_grad_()
-    gy = torch.randn(4, 64, 16, 16, device="cuda")
+    x = torch.randn(4, 64, 16, 16, device=device, requires_grad=True)
+    w = (torch.randn(64, 64, 3, 3, device=device) / 24).requires_grad_()
+    gy = torch.randn(4, 64, 16, 16, device=device)
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     y64 = F.conv2d(x64, w64, padding=1)
     exact = (y64, *torch.autograd.grad(y64, (x64, w64), gy.double()))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (BACKEND_DEVICES, assert_close, backend_dtype_cases, dtypes_for,
-                      supported_isas)
+from conftest import (BACKEND_DEVICES, CUDA_EMULATED, assert_close, backend_dtype_cases,
+                      dtypes_for, supported_isas)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -428,8 +428,13 @@ def test_backward_op_checks_its_arguments():
         bwd(out, x, idx.int(), *params)
     with pytest.raises(TypeError, match="grad_output has dtype"):
         bwd(out.double(), x, idx, *params)
-    with pytest.raises(IndexError, match="outside an input plane"):
-        bwd(out, x, idx + 1000, *params)
+    if CUDA_EMULATED:
+        # The CUDA backward gathers over the windows that hold each element: an index that
+        # names none of them passes nothing (a check would make the host wait for the GPU).
+        assert torch.count_nonzero(bwd(out, x, idx + 1000, *params)) == 0
+    else:
+        with pytest.raises(IndexError, match="outside an input plane"):
+            bwd(out, x, idx + 1000, *params)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                    const T* __restrict__ v, const void* __restrict__ mask, T* __restrict__ out,
                    acc_t<T>* __restrict__ lse) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem_raw = dynamic_smem();
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   A* qs = reinterpret_cast<A*>(smem_raw);  // [TILE][D]
   A* ks = qs + TILE * D;                   // [TILE][D]
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                 const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
                 T* __restrict__ dk, T* __restrict__ dv) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem_raw = dynamic_smem();
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   A* ks = reinterpret_cast<A*>(smem_raw);  // [TILE][D]
   A* vs = ks + TILE * D;                   // [TILE][Dv]
@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kAttnThreads)
               const acc_t<T>* __restrict__ lse, const acc_t<T>* __restrict__ delta,
               T* __restrict__ dq) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem_raw = dynamic_smem();
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   A* qs = reinterpret_cast<A*>(smem_raw);  // [TILE][D]
   A* gs = qs + TILE * D;                   // [TILE][Dv] dO
@@ -419,9 +419,9 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
     const auto kernel = forward_kernel<T, TILE>;
     cudaError_t err = allow_smem(kernel, bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kAttnThreads, bytes, stream>>>(
-        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
-        static_cast<T*>(out), static_cast<acc_t<T>*>(lse));
+    launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, static_cast<const T*>(q),
+                  static_cast<const T*>(k), static_cast<const T*>(v), mask, static_cast<T*>(out),
+                  static_cast<acc_t<T>*>(lse));
     return cudaGetLastError();
   });
 }
@@ -434,8 +434,8 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
   using A = acc_t<T>;
   const int64_t rows = p.batch * p.heads * p.q_len;
   if (rows > 0) {
-    delta_kernel<T><<<blocks_for(rows), kThreads, 0, stream>>>(
-        p, static_cast<const T*>(dout), static_cast<const T*>(out), static_cast<A*>(delta));
+    launch_kernel(delta_kernel<T>, blocks_for(rows), kThreads, 0, stream, p,
+                  static_cast<const T*>(dout), static_cast<const T*>(out), static_cast<A*>(delta));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -447,10 +447,10 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
       const auto kernel = dkdv_kernel<T, TILE>;
       cudaError_t e = allow_smem(kernel, bytes);
       if (e != cudaSuccess) return e;
-      kernel<<<grid, kAttnThreads, bytes, stream>>>(
-          p, static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
-          static_cast<const T*>(v), mask, static_cast<const A*>(lse),
-          static_cast<const A*>(delta), static_cast<T*>(dk), static_cast<T*>(dv));
+      launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, static_cast<const T*>(dout),
+                    static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                    mask, static_cast<const A*>(lse), static_cast<const A*>(delta),
+                    static_cast<T*>(dk), static_cast<T*>(dv));
       return cudaGetLastError();
     });
     if (err != cudaSuccess) return err;
@@ -462,10 +462,10 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
       const auto kernel = dq_kernel<T, TILE>;
       cudaError_t e = allow_smem(kernel, bytes);
       if (e != cudaSuccess) return e;
-      kernel<<<grid, kAttnThreads, bytes, stream>>>(
-          p, static_cast<const T*>(dout), static_cast<const T*>(q), static_cast<const T*>(k),
-          static_cast<const T*>(v), mask, static_cast<const A*>(lse),
-          static_cast<const A*>(delta), static_cast<T*>(dq));
+      launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, static_cast<const T*>(dout),
+                    static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                    mask, static_cast<const A*>(lse), static_cast<const A*>(delta),
+                    static_cast<T*>(dq));
       return cudaGetLastError();
     });
   }

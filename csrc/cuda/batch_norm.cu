@@ -3,8 +3,9 @@
 //
 // Reductions are two kernels. The first gives each (channel or channel group, split) block
 // a share of the channel's values and writes one partial result per channel and split to
-// the workspace: Welford's (count, mean, m2) for the statistics, with blocks merged by Chan's
-// formula (exact for any offset, so values near 1e4 with unit variance normalise right), or
+// the workspace: Welford's (count, mean, m2) of x - shift for the statistics (shift: the
+// channel's first value, so values near 1e4 with unit variance normalise right), with blocks
+// merged by Chan's formula, or
 // the plain sums (sum g, sum g (x - mean)) for the backward pass. The second kernel, one
 // thread per channel, merges a channel's splits in a fixed order (deterministic) and
 // finishes: save_mean, save_invstd and the running statistics, or the sums.
@@ -84,21 +85,33 @@ __device__ __forceinline__ Affine<A> affine(const A* mean, const A* invstd, cons
   return {mean[c], w ? w[c] * is : is, b ? b[c] : A(0)};
 }
 
+// A channel's first value, x[c * channel_step] (channel_step: inner for NCHW, 1 for
+// channels_last). The statistics accumulate x - shift: near 1e4, float32 resolves a mean only
+// to 1e-3, so a Welford mean of the raw values drifts by several of those steps through the
+// updates and merges, while the shifted values keep their small steps (the shift is exact:
+// Sterbenz).
+template <typename T>
+struct Shift {
+  const T* x;
+  int64_t channel_step;
+  __device__ acc_t<T> operator()(int64_t c) const { return to_acc(x[c * channel_step]); }
+};
+
 // What a reduction accumulates per element.
 template <typename T>
 struct StatsOp {
   using A = acc_t<T>;
-  using State = Welford<A>;
-  using Const = int;  // nothing per channel
-  const T* x;
+  using State = Welford<A>;  // of x - shift
+  using Const = A;           // the shift
+  Shift<T> shift;
 
   __device__ State init() const { return {A(0), A(0), A(0)}; }
-  __device__ Const constants(int64_t) const { return 0; }
+  __device__ Const constants(int64_t c) const { return shift(c); }
   template <int V>
   __device__ void load(int64_t off, Vec<T, V>& xv, Vec<T, V>&) const {
-    xv = *reinterpret_cast<const Vec<T, V>*>(x + off);
+    xv = *reinterpret_cast<const Vec<T, V>*>(shift.x + off);
   }
-  __device__ void visit(State& s, const Const&, T xv, T) const { add(s, to_acc(xv)); }
+  __device__ void visit(State& s, const Const& k, T xv, T) const { add(s, to_acc(xv) - k); }
 };
 
 template <typename T, bool Relu>
@@ -209,8 +222,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One thread per channel: merge the splits, then finish.
-template <typename A>
+template <typename T>
 struct StatsFinish {
+  using A = acc_t<T>;
+  Shift<T> shift;
   A* mean;           // save_mean, or the mean (stats only)
   A* invstd_or_var;  // save_invstd (train), or the biased variance (stats only)
   A* running_mean;
@@ -220,14 +235,15 @@ struct StatsFinish {
 
   __device__ void operator()(int64_t c, const Welford<A>& s) const {
     const A var = s.m2 / s.n;
-    mean[c] = s.mean;
+    const A mu = shift(c) + s.mean;
+    mean[c] = mu;
     if (!train) {
       invstd_or_var[c] = var;
       return;
     }
     invstd_or_var[c] = A(1) / sqrt(var + A(eps));
     const A m = A(momentum);
-    if (running_mean) running_mean[c] = m * s.mean + (A(1) - m) * running_mean[c];
+    if (running_mean) running_mean[c] = m * mu + (A(1) - m) * running_mean[c];
     if (running_var) {
       const A unbiased = s.n > A(1) ? s.m2 / (s.n - A(1)) : var;
       running_var[c] = m * unbiased + (A(1) - m) * running_var[c];
@@ -308,17 +324,18 @@ cudaError_t reduce(const Op& op, const BatchNormShape& s, std::initializer_list<
     constexpr int V = decltype(width)::value;
     if (s.channels_last) {
       const dim3 grid(static_cast<unsigned>(p.groups), static_cast<unsigned>(p.splits));
-      partial_cl<T, Op, V><<<grid, dim3(p.bx, p.by), 0, stream>>>(op, s.channels, s.count(),
-                                                                  p.splits, ws);
+      launch_kernel(partial_cl<T, Op, V>, grid, dim3(p.bx, p.by), 0, stream, op, s.channels,
+                    s.count(), p.splits, ws);
     } else {
       const dim3 grid(static_cast<unsigned>(s.channels), static_cast<unsigned>(p.splits));
-      partial_nchw<T, Op, V><<<grid, kThreads, 0, stream>>>(op, s.channels, s.inner, s.count(),
-                                                            p.splits, ws);
+      launch_kernel(partial_nchw<T, Op, V>, grid, kThreads, 0, stream, op, s.channels, s.inner,
+                    s.count(), p.splits, ws);
     }
   });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  merge_splits<<<blocks_for(s.channels), kThreads, 0, stream>>>(ws, s.channels, p.splits, finish);
+  launch_kernel(merge_splits<State, Finish>, blocks_for(s.channels), kThreads, 0, stream, ws,
+                s.channels, p.splits, finish);
   return cudaGetLastError();
 }
 
@@ -401,11 +418,12 @@ cudaError_t elemt_typed(const void* x, const BatchNormParams& p, const void* mea
       constexpr int V = decltype(width)::value;
       const int64_t vectors = s.numel() / V;
       const auto launch = [&](auto relu) {
-        normalize<T, V, I, decltype(relu)::value><<<blocks_for(vectors), kThreads, 0, stream>>>(
-            static_cast<const T*>(x), static_cast<T*>(y), static_cast<const A*>(mean),
-            static_cast<const A*>(invstd), static_cast<const A*>(p.weight),
-            static_cast<const A*>(p.bias), s.channels_last, static_cast<I>(s.channels),
-            static_cast<I>(s.inner), static_cast<I>(vectors));
+        launch_kernel(normalize<T, V, I, decltype(relu)::value>, blocks_for(vectors), kThreads, 0,
+                      stream, static_cast<const T*>(x), static_cast<T*>(y),
+                      static_cast<const A*>(mean), static_cast<const A*>(invstd),
+                      static_cast<const A*>(p.weight), static_cast<const A*>(p.bias),
+                      s.channels_last, static_cast<I>(s.channels), static_cast<I>(s.inner),
+                      static_cast<I>(vectors));
       };
       p.relu ? launch(std::true_type{}) : launch(std::false_type{});
     });
@@ -425,13 +443,13 @@ cudaError_t grad_typed(const void* dy, const void* x, const BatchNormParams& p, 
       constexpr int V = decltype(width)::value;
       const int64_t vectors = s.numel() / V;
       const auto launch = [&](auto relu) {
-        grad_input<T, V, I, decltype(relu)::value><<<blocks_for(vectors), kThreads, 0, stream>>>(
-            static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx),
-            static_cast<const A*>(mean), static_cast<const A*>(invstd),
-            static_cast<const A*>(p.weight), static_cast<const A*>(p.bias),
-            static_cast<const A*>(sum_dy), static_cast<const A*>(sum_dy_xmu),
-            A(1) / A(count), s.channels_last, static_cast<I>(s.channels),
-            static_cast<I>(s.inner), static_cast<I>(vectors));
+        launch_kernel(grad_input<T, V, I, decltype(relu)::value>, blocks_for(vectors), kThreads, 0,
+                      stream, static_cast<const T*>(dy), static_cast<const T*>(x),
+                      static_cast<T*>(dx), static_cast<const A*>(mean),
+                      static_cast<const A*>(invstd), static_cast<const A*>(p.weight),
+                      static_cast<const A*>(p.bias), static_cast<const A*>(sum_dy),
+                      static_cast<const A*>(sum_dy_xmu), A(1) / A(count), s.channels_last,
+                      static_cast<I>(s.channels), static_cast<I>(s.inner), static_cast<I>(vectors));
       };
       p.relu ? launch(std::true_type{}) : launch(std::false_type{});
     });
@@ -460,8 +478,9 @@ cudaError_t stats_typed(const void* x, void* mean, void* second, void* running_m
                         void* running_var, const BatchNormShape& s, double momentum, double eps,
                         bool train, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
-  const StatsOp<T> op{static_cast<const T*>(x)};
-  const StatsFinish<A> finish{static_cast<A*>(mean), static_cast<A*>(second),
+  const Shift<T> shift{static_cast<const T*>(x), s.channels_last ? 1 : s.inner};
+  const StatsOp<T> op{shift};
+  const StatsFinish<T> finish{shift, static_cast<A*>(mean), static_cast<A*>(second),
                               static_cast<A*>(running_mean), static_cast<A*>(running_var),
                               momentum, eps, train};
   return reduce<T>(op, s, {x}, workspace, finish, stream);

@@ -10,8 +10,33 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace dlcv_fast::cuda {
+
+// kernel<<<grid, block, smem, stream>>>(args...), whose status cudaGetLastError returns.
+// A function, not the launch syntax, so that the kernels also build for the CPU emulation
+// that tests them without a GPU (csrc/emu).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+#ifdef DLCV_FAST_CUDA_EMU
+  (void)stream;
+  emu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+#endif
+}
+
+// The block's dynamic shared memory (the launch's `smem` bytes).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef DLCV_FAST_CUDA_EMU
+  return emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+#endif
+}
 
 // Arithmetic type of an element type: float for the 16-bit types, else itself.
 // Conversions are spelled out because torch builds with __CUDA_NO_HALF_CONVERSIONS__.

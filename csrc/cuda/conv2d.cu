@@ -824,9 +824,9 @@ cudaError_t launch_gemm(const P& p, bool vectors, int64_t m, int64_t n, int64_t 
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(z));
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   if (vectors) {
-    implicit_gemm<Cfg, P, V, V><<<grid, kGemmThreads, 0, stream>>>(p);
+    launch_kernel(implicit_gemm<Cfg, P, V, V>, grid, kGemmThreads, 0, stream, p);
   } else {
-    implicit_gemm<Cfg, P, 1, 1><<<grid, kGemmThreads, 0, stream>>>(p);
+    launch_kernel(implicit_gemm<Cfg, P, 1, 1>, grid, kGemmThreads, 0, stream, p);
   }
   return cudaGetLastError();
 }
@@ -1036,9 +1036,9 @@ cudaError_t backward_weight_typed(const void* gy, Strides4 gys, const void* x, S
     if (err != cudaSuccess) return err;
     const int64_t total = s.o * taps;
     if (total == 0) return cudaSuccess;
-    wgrad_reduce<T><<<blocks_for(total), kThreads, 0, stream>>>(
-        workspace, static_cast<T*>(gw), gws, total, static_cast<int>(sk.splits),
-        static_cast<int>(taps), TapDiv(s.c_per_group(), s.kw));
+    launch_kernel(wgrad_reduce<T>, blocks_for(total), kThreads, 0, stream, workspace,
+                  static_cast<T*>(gw), gws, total, static_cast<int>(sk.splits),
+                  static_cast<int>(taps), TapDiv(s.c_per_group(), s.kw));
     return cudaGetLastError();
   }
 }
@@ -1153,9 +1153,9 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
   if (conv2d_bias_relu_unsupported(s) != nullptr) return cudaErrorInvalidValue;
   const int64_t count = s.n * s.oh * s.ow;
   if (!channels_innermost(gys, s)) {
-    bias_relu_backward<T><<<static_cast<unsigned>(s.o), kBiasThreads, 0, stream>>>(
-        static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
-        static_cast<T*>(grad_bias), count, PixelDiv(s.oh, s.ow));
+    launch_kernel(bias_relu_backward<T>, static_cast<unsigned>(s.o), kBiasThreads, 0, stream,
+                  static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys,
+                  static_cast<T*>(g_out), static_cast<T*>(grad_bias), count, PixelDiv(s.oh, s.ow));
     return cudaGetLastError();
   }
   if (grad_bias != nullptr && workspace == nullptr) return cudaErrorInvalidValue;
@@ -1163,13 +1163,13 @@ cudaError_t bias_relu_backward_typed(const void* gy, Strides4 gys, const void* y
   A* partial = grad_bias != nullptr ? static_cast<A*>(workspace) : nullptr;
   const dim3 grid(static_cast<unsigned>(ceil_div(s.o, kRowLanes)),
                   static_cast<unsigned>(sl.count));
-  bias_relu_backward_rows<T><<<grid, kRowLanes * kRowWarps, 0, stream>>>(
-      static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys, static_cast<T*>(g_out),
-      partial, s.o, count, sl.per, PixelDiv(s.oh, s.ow));
+  launch_kernel(bias_relu_backward_rows<T>, grid, kRowLanes * kRowWarps, 0, stream,
+                static_cast<const T*>(gy), gys, static_cast<const T*>(y), ys,
+                static_cast<T*>(g_out), partial, s.o, count, sl.per, PixelDiv(s.oh, s.ow));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || partial == nullptr) return err;
-  sum_bias_slices<T><<<blocks_for(s.o), kThreads, 0, stream>>>(partial, sl.count, s.o,
-                                                              static_cast<T*>(grad_bias));
+  launch_kernel(sum_bias_slices<T>, blocks_for(s.o), kThreads, 0, stream, partial, sl.count, s.o,
+                static_cast<T*>(grad_bias));
   return cudaGetLastError();
 }
 

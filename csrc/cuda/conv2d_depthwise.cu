@@ -318,9 +318,11 @@ cudaError_t dw_forward_typed(const void* x, Strides4 xs, const void* w, Strides4
                                 dw_strides<I>(xs), dw_strides<I>(ws), dw_strides<I>(ys),
                                 dw_geo(s), relu};
     if (fast) {
-      dw_forward_kernel<T, I, true><<<blocks_for(total), kThreads, 0, stream>>>(a, I(total));
+      launch_kernel(dw_forward_kernel<T, I, true>, blocks_for(total), kThreads, 0, stream, a,
+                    I(total));
     } else {
-      dw_forward_kernel<T, I, false><<<blocks_for(total), kThreads, 0, stream>>>(a, I(total));
+      launch_kernel(dw_forward_kernel<T, I, false>, blocks_for(total), kThreads, 0, stream, a,
+                    I(total));
     }
     err = cudaGetLastError();
   });
@@ -345,9 +347,11 @@ cudaError_t dw_backward_input_typed(const void* gy, Strides4 gys, const void* w,
                               static_cast<T*>(gx), dw_strides<I>(gys), dw_strides<I>(ws),
                               dw_strides<I>(gxs), dw_geo(s)};
     if (fast) {
-      dw_dgrad_kernel<T, I, true><<<blocks_for(total), kThreads, 0, stream>>>(a, I(total));
+      launch_kernel(dw_dgrad_kernel<T, I, true>, blocks_for(total), kThreads, 0, stream, a,
+                    I(total));
     } else {
-      dw_dgrad_kernel<T, I, false><<<blocks_for(total), kThreads, 0, stream>>>(a, I(total));
+      launch_kernel(dw_dgrad_kernel<T, I, false>, blocks_for(total), kThreads, 0, stream, a,
+                    I(total));
     }
     err = cudaGetLastError();
   });
@@ -395,11 +399,12 @@ cudaError_t dw_backward_weight_typed(const void* gy, Strides4 gys, const void* x
       }
       const dim3 grid(static_cast<unsigned>(channel_blocks * taps),
                       static_cast<unsigned>(sl.count));
-      dw_wgrad_kernel<T, I, kLanes, kRows><<<grid, kLanes * kRows, 0, stream>>>(
-          a, static_cast<int>(channel_blocks), static_cast<I>(sl.per), sums);
+      launch_kernel(dw_wgrad_kernel<T, I, kLanes, kRows>, grid, kLanes * kRows, 0, stream, a,
+                    static_cast<int>(channel_blocks), static_cast<I>(sl.per), sums);
       err = cudaGetLastError();
       if (err != cudaSuccess || sums == nullptr) return;
-      dw_wgrad_reduce<T, I><<<blocks_for(s.o * taps), kThreads, 0, stream>>>(a, sums, sl.count);
+      launch_kernel(dw_wgrad_reduce<T, I>, blocks_for(s.o * taps), kThreads, 0, stream, a, sums,
+                    sl.count);
       err = cudaGetLastError();
     };
     if (fast) {

@@ -230,15 +230,15 @@ cudaError_t forward_typed(bool channels_last, const void* input, void* output, i
     const Params<I> p(s);
     if (!channels_last) {
       const int64_t total = s.output_numel();
-      forward_nchw<T, I><<<blocks_for(total), kThreads, 0, stream>>>(in, out, indices, p,
-                                                                     static_cast<I>(total));
+      launch_kernel(forward_nchw<T, I>, blocks_for(total), kThreads, 0, stream, in, out, indices, p,
+                    static_cast<I>(total));
       return;
     }
     with_vector_width<T>(vector_width<T>(s.channels, {in, out}, indices), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t total = s.output_numel() / V;
-      forward_nhwc<T, V, I><<<blocks_for(total), kThreads, 0, stream>>>(in, out, indices, p,
-                                                                        static_cast<I>(total));
+      launch_kernel(forward_nhwc<T, V, I>, blocks_for(total), kThreads, 0, stream, in, out, indices,
+                    p, static_cast<I>(total));
     });
   });
   return cudaGetLastError();
@@ -254,15 +254,15 @@ cudaError_t backward_typed(bool channels_last, const void* grad_output, const in
     const Params<I> p(s);
     if (!channels_last) {
       const int64_t total = s.input_numel();
-      backward_nchw<T, I><<<blocks_for(total), kThreads, 0, stream>>>(gout, indices, gin, p,
-                                                                      static_cast<I>(total));
+      launch_kernel(backward_nchw<T, I>, blocks_for(total), kThreads, 0, stream, gout, indices, gin,
+                    p, static_cast<I>(total));
       return;
     }
     with_vector_width<T>(vector_width<T>(s.channels, {gout, gin}, indices), [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t total = s.input_numel() / V;
-      backward_nhwc<T, V, I><<<blocks_for(total), kThreads, 0, stream>>>(gout, indices, gin, p,
-                                                                         static_cast<I>(total));
+      launch_kernel(backward_nhwc<T, V, I>, blocks_for(total), kThreads, 0, stream, gout, indices,
+                    gin, p, static_cast<I>(total));
     });
   });
   return cudaGetLastError();

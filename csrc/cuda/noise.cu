@@ -77,10 +77,10 @@ cudaError_t combine_typed(NoiseKind kind, const void* x, const void* e, const in
     with_vector_width<T>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t vectors = s.numel() / V;
-      combine<T, Tab, V, I><<<blocks_for(vectors), kThreads, 0, stream>>>(
-          kind, static_cast<const T*>(x), static_cast<const T*>(e), t,
-          static_cast<const Tab*>(table), static_cast<T*>(out), static_cast<I>(s.inner),
-          static_cast<I>(vectors));
+      launch_kernel(combine<T, Tab, V, I>, blocks_for(vectors), kThreads, 0, stream, kind,
+                    static_cast<const T*>(x), static_cast<const T*>(e), t,
+                    static_cast<const Tab*>(table), static_cast<T*>(out), static_cast<I>(s.inner),
+                    static_cast<I>(vectors));
     });
   });
   return cudaGetLastError();
@@ -96,10 +96,10 @@ cudaError_t combine_backward_typed(NoiseKind kind, const void* grad, const int64
     with_vector_width<T>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const int64_t vectors = s.numel() / V;
-      combine_backward<T, Tab, V, I><<<blocks_for(vectors), kThreads, 0, stream>>>(
-          kind, static_cast<const T*>(grad), t, static_cast<const Tab*>(table),
-          static_cast<T*>(grad_x), static_cast<T*>(grad_e), static_cast<I>(s.inner),
-          static_cast<I>(vectors));
+      launch_kernel(combine_backward<T, Tab, V, I>, blocks_for(vectors), kThreads, 0, stream, kind,
+                    static_cast<const T*>(grad), t, static_cast<const Tab*>(table),
+                    static_cast<T*>(grad_x), static_cast<T*>(grad_e), static_cast<I>(s.inner),
+                    static_cast<I>(vectors));
     });
   });
   return cudaGetLastError();

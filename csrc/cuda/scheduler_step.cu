@@ -39,11 +39,10 @@ cudaError_t step_typed(const void* m, const void* s, const void* z, const void* 
   with_index_type(p.numel(), [&](auto index_tag) {
     using I = decltype(index_tag);
     with_step_modes(p, [&](auto mode, auto has_noise) {
-      step<T, decltype(mode)::value, decltype(has_noise)::value, I>
-          <<<blocks_for(p.numel()), kThreads, 0, stream>>>(
-              static_cast<const T*>(m), static_cast<const T*>(s), static_cast<const T*>(z),
-              static_cast<const T*>(v), th, static_cast<T*>(prev), static_cast<T*>(x0), p,
-              static_cast<I>(p.numel()));
+      launch_kernel(step<T, decltype(mode)::value, decltype(has_noise)::value, I>,
+                    blocks_for(p.numel()), kThreads, 0, stream, static_cast<const T*>(m),
+                    static_cast<const T*>(s), static_cast<const T*>(z), static_cast<const T*>(v),
+                    th, static_cast<T*>(prev), static_cast<T*>(x0), p, static_cast<I>(p.numel()));
     });
   });
   return cudaGetLastError();

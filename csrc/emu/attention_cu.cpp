@@ -1,0 +1,3 @@
+// csrc/cuda/attention.cu built for the CPU emulation.
+#include "cuda_emu.h"
+#include "../cuda/attention.cu"

@@ -1,0 +1,338 @@
+// The fiber scheduler and CUDA runtime calls of the CPU emulation (cuda_emu.h).
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdarg>
+#include <cstdlib>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+namespace dlcv_fast::emu {
+namespace {
+
+// sm_90 limits.
+constexpr size_t kStaticSmemLimit = 48 * 1024;   // dynamic memory above this needs opting in
+constexpr int kOptinSmemLimit = 227 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  unsigned char* stack;
+  void* asan_fake_stack;
+  uint3 index;
+  int linear;
+  State state;
+};
+
+struct Launch {
+  dim3 grid, block;
+  uint3 block_index;
+  void (*body)(void*);
+  void* state;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  ucontext_t scheduler;
+  std::vector<unsigned char> dynamic_smem;
+  std::vector<uint64_t> slots;  // a shuffle's value per thread
+  bool failed = false;
+  std::string message;
+};
+
+Launch* active = nullptr;
+bool reverse_order = false;  // this launch's, from DLCV_FAST_EMU_SCHEDULE
+cudaError_t last_error = cudaSuccess;
+std::string last_message;
+std::map<const void*, int> max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+
+Launch& launch_in_progress() {
+  if (active == nullptr || active->current == nullptr) {
+    std::fprintf(stderr, "dlcv_fast emulation: a device function called outside a kernel\n");
+    std::abort();
+  }
+  return *active;
+}
+
+// Stack switches, told to AddressSanitizer where the build has it (else it takes a
+// fiber's stack for a stray one and reports errors that are not there).
+#if defined(__SANITIZE_ADDRESS__)
+const void* asan_scheduler_bottom = nullptr;
+size_t asan_scheduler_size = 0;
+void* asan_scheduler_fake_stack = nullptr;
+#endif
+
+void to_fiber(Launch& l, Fiber& f) {
+  l.current = &f;
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(&asan_scheduler_fake_stack, f.stack, kStackBytes);
+#endif
+  swapcontext(&l.scheduler, &f.context);
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(asan_scheduler_fake_stack, nullptr, nullptr);
+#endif
+  l.current = nullptr;
+}
+
+// In the fiber, after a switch to it.
+void arrived(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &asan_scheduler_bottom,
+                                  &asan_scheduler_size);
+#else
+  (void)f;
+#endif
+}
+
+// Back to the scheduler; returns when the scheduler resumes the fiber (never if `final`).
+void to_scheduler(Launch& l, Fiber& f, bool final) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(final ? nullptr : &f.asan_fake_stack, asan_scheduler_bottom,
+                                 asan_scheduler_size);
+#endif
+  swapcontext(&f.context, &l.scheduler);
+  arrived(f);
+}
+
+void yield(State s) {
+  Launch& l = launch_in_progress();
+  Fiber& f = *l.current;
+  f.state = s;
+  to_scheduler(l, f, false);
+}
+
+void fiber_main() {
+  Launch& l = *active;
+  arrived(*l.current);
+  l.body(l.state);
+  l.current->state = State::kDone;
+  to_scheduler(l, *l.current, true);
+}
+
+int warp_of(const Fiber& f) { return f.linear / 32; }
+
+// Releases the threads waiting at a barrier that every live thread it needs has reached;
+// false if there is none (a deadlock, unless every thread is done).
+bool release(Launch& l) {
+  const int n = static_cast<int>(l.fibers.size());
+  const int warps = (n + 31) / 32;
+  bool released = false;
+  for (int w = 0; w < warps; ++w) {
+    bool all = true, any = false;
+    for (int t = w * 32; t < std::min(n, w * 32 + 32); ++t) {
+      const State s = l.fibers[t].state;
+      if (s == State::kWarpBarrier) any = true;
+      else if (s != State::kDone) all = false;
+    }
+    if (any && all) {
+      for (int t = w * 32; t < std::min(n, w * 32 + 32); ++t) {
+        if (l.fibers[t].state == State::kWarpBarrier) l.fibers[t].state = State::kReady;
+      }
+      released = true;
+    }
+  }
+  if (released) return true;
+  bool all = true, any = false;
+  for (const Fiber& f : l.fibers) {
+    if (f.state == State::kBlockBarrier) any = true;
+    else if (f.state != State::kDone) all = false;
+  }
+  if (any && all) {
+    for (Fiber& f : l.fibers) {
+      if (f.state == State::kBlockBarrier) f.state = State::kReady;
+    }
+    return true;
+  }
+  return false;
+}
+
+void run_block(Launch& l, unsigned char* stacks) {
+  const int n = static_cast<int>(l.fibers.size());
+  for (int t = 0; t < n; ++t) {
+    Fiber& f = l.fibers[t];
+    f.linear = t;
+    f.index = make_uint3(t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y));
+    f.state = State::kReady;
+    f.stack = stacks + static_cast<size_t>(t) * kStackBytes;
+    f.asan_fake_stack = nullptr;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  std::fill(l.dynamic_smem.begin(), l.dynamic_smem.end(), 0xCD);  // not zero: as on a GPU
+  for (;;) {
+    bool ran = false;
+    for (int i = 0; i < n; ++i) {
+      Fiber& f = l.fibers[reverse_order ? n - 1 - i : i];
+      if (f.state != State::kReady) continue;
+      to_fiber(l, f);
+      ran = true;
+      if (l.failed) return;
+    }
+    if (ran) continue;
+    if (!release(l)) break;
+  }
+  for (const Fiber& f : l.fibers) {
+    if (f.state != State::kDone) {
+      l.failed = true;
+      l.message = "deadlock: some threads wait at __syncthreads or a warp operation that the "
+                  "others never reach (thread " + std::to_string(f.linear) + " waits at " +
+                  (f.state == State::kBlockBarrier ? "__syncthreads" : "a warp operation") + ")";
+      return;
+    }
+  }
+}
+
+cudaError_t finish(cudaError_t err, std::string message) {
+  last_error = err;
+  last_message = std::move(message);
+  return err;
+}
+
+}  // namespace
+
+uint3 thread_idx() { return launch_in_progress().current->index; }
+uint3 block_idx() { return launch_in_progress().block_index; }
+dim3 block_dim() { return launch_in_progress().block; }
+dim3 grid_dim() { return launch_in_progress().grid; }
+int lane() { return launch_in_progress().current->linear % 32; }
+unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem.data(); }
+
+void sync_threads() { yield(State::kBlockBarrier); }
+void sync_warp() { yield(State::kWarpBarrier); }
+
+uint64_t shuffle(unsigned mask, uint64_t bits, int src) {
+  Launch& l = launch_in_progress();
+  const Fiber& f = *l.current;
+  const int n = static_cast<int>(l.fibers.size());
+  const int base = warp_of(f) * 32;
+  const int lanes = std::min(32, n - base);
+  const unsigned live = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  if (mask != live) {
+    fail("warp shuffle: mask 0x%08x does not name exactly the warp's %d threads (this "
+         "emulation runs whole warps only)", mask, lanes);
+  }
+  l.slots[f.linear] = bits;
+  sync_warp();
+  for (int t = base; t < base + lanes; ++t) {
+    if (l.fibers[t].state == State::kDone) {
+      fail("warp shuffle: thread %d of the mask has exited", t);
+    }
+  }
+  if (src >= lanes) fail("warp shuffle: source lane %d does not exist", src);
+  const uint64_t out = l.slots[base + src];
+  sync_warp();
+  return out;
+}
+
+void fail(const char* format, ...) {
+  Launch& l = launch_in_progress();
+  char buf[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buf, sizeof buf, format, args);
+  va_end(args);
+  l.failed = true;
+  l.message = std::string(buf) + " (block (" + std::to_string(l.block_index.x) + ", " +
+              std::to_string(l.block_index.y) + ", " + std::to_string(l.block_index.z) +
+              "), thread " + std::to_string(l.current->linear) + ")";
+  to_scheduler(l, *l.current, true);  // the launch is abandoned: never resumed
+  std::abort();
+}
+
+cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*body)(void*),
+                void* state) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 ||
+      block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x > 2147483647u ||
+      grid.y > 65535 || grid.z > 65535) {
+    return finish(cudaErrorInvalidConfiguration,
+                  "invalid launch: grid (" + std::to_string(grid.x) + ", " +
+                      std::to_string(grid.y) + ", " + std::to_string(grid.z) + "), block (" +
+                      std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                      std::to_string(block.z) + ")");
+  }
+  if (smem > kStaticSmemLimit) {
+    const auto it = max_dynamic_smem.find(kernel);
+    if (it == max_dynamic_smem.end() || static_cast<size_t>(it->second) < smem) {
+      return finish(cudaErrorInvalidValue,
+                    std::to_string(smem) + " bytes of dynamic shared memory without "
+                    "cudaFuncAttributeMaxDynamicSharedMemorySize set that high");
+    }
+  }
+  if (active != nullptr) return finish(cudaErrorLaunchFailure, "a launch inside a kernel");
+
+  const char* schedule = std::getenv("DLCV_FAST_EMU_SCHEDULE");
+  reverse_order = schedule != nullptr && std::string(schedule) == "reverse";
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.body = body;
+  l.state = state;
+  l.fibers.resize(threads);
+  l.slots.resize(threads);
+  l.dynamic_smem.resize(smem);
+  const size_t stack_bytes = threads * kStackBytes;
+  void* stacks = mmap(nullptr, stack_bytes, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (stacks == MAP_FAILED) return finish(cudaErrorMemoryAllocation, "no memory for stacks");
+  active = &l;
+  for (unsigned z = 0; z < grid.z && !l.failed; ++z)
+    for (unsigned y = 0; y < grid.y && !l.failed; ++y)
+      for (unsigned x = 0; x < grid.x && !l.failed; ++x) {
+        l.block_index = make_uint3(x, y, z);
+        run_block(l, static_cast<unsigned char*>(stacks));
+      }
+  active = nullptr;
+  munmap(stacks, stack_bytes);
+  if (l.failed) return finish(cudaErrorLaunchFailure, l.message);
+  return finish(cudaSuccess, "");
+}
+
+cudaError_t get_last_error() {
+  const cudaError_t err = last_error;
+  last_error = cudaSuccess;
+  return err;
+}
+
+const char* error_string(cudaError_t err) {
+  if (err == cudaSuccess) return "no error";
+  static thread_local std::string text;
+  text = "emulated CUDA error " + std::to_string(static_cast<int>(err)) + ": " + last_message;
+  return text.c_str();
+}
+
+cudaError_t get_device(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kOptinSmemLimit; break;
+    case cudaDevAttrMultiProcessorCount: *value = 132; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  if (value < 0 || value > kOptinSmemLimit) return cudaErrorInvalidValue;
+  max_dynamic_smem[kernel] = value;
+  return cudaSuccess;
+}
+
+}  // namespace dlcv_fast::emu
