@@ -25,8 +25,8 @@ test: build
 	$(MAKE) --no-print-directory test-cuda-emulated
 
 # The CUDA kernels run on the CPU (tests/cuda_emu.py) under the op tests, with each block's
-# threads in order, then (float32 cases) in reverse order: a missing __syncthreads fails one
-# of the two. Needs the CUDA toolkit's headers, not a GPU.
+# threads in order, then (float32 and float16 cases) in reverse order: a missing
+# __syncthreads or __syncwarp fails one of the two. Needs the CUDA toolkit's headers only.
 EMULATED_TESTS := tests/test_max_pool2d.py tests/test_conv2d.py tests/test_batch_norm.py \
 	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py
 EMULATION := DLCV_FAST_EXTENSION=build/emu/_C.so
@@ -35,8 +35,8 @@ test-cuda-emulated: build
 ifdef CUDA_HOME
 	$(PY) tests/cuda_emu.py
 	$(EMULATION) $(PY) -m pytest -q -m "not slow" $(EMULATED_TESTS)
-	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q -m "not slow" -k float32 \
-		$(EMULATED_TESTS)
+	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q -m "not slow" \
+		-k "float32 or float16" $(EMULATED_TESTS)
 else
 	@echo "test-cuda-emulated: skipped, no CUDA toolkit (set CUDA_HOME) for the kernels' headers"
 endif

@@ -28,12 +28,12 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
 #endif
 }
 
-// The block's dynamic shared memory (the launch's `smem` bytes).
+// The block's dynamic shared memory (the launch's `smem` bytes), 128-byte aligned.
 __device__ __forceinline__ unsigned char* dynamic_smem() {
 #ifdef DLCV_FAST_CUDA_EMU
   return emu::dynamic_smem();
 #else
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   return smem;
 #endif
 }

@@ -23,6 +23,7 @@ namespace {
 constexpr size_t kStaticSmemLimit = 48 * 1024;   // dynamic memory above this needs opting in
 constexpr int kOptinSmemLimit = 227 * 1024;
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kDynamicSmemAlign = 128;  // as common.cuh's dynamic_smem() declares
 
 enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
 
@@ -43,7 +44,8 @@ struct Launch {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   ucontext_t scheduler;
-  std::vector<unsigned char> dynamic_smem;
+  std::vector<unsigned char> dynamic_smem_buffer;  // kDynamicSmemAlign bytes over the need
+  unsigned char* dynamic_smem = nullptr;             // aligned within it
   std::vector<uint64_t> slots;  // a shuffle's value per thread
   bool failed = false;
   std::string message;
@@ -170,7 +172,7 @@ void run_block(Launch& l, unsigned char* stacks) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
   }
-  std::fill(l.dynamic_smem.begin(), l.dynamic_smem.end(), 0xCD);  // not zero: as on a GPU
+  std::fill(l.dynamic_smem_buffer.begin(), l.dynamic_smem_buffer.end(), 0xCD);  // not zero
   for (;;) {
     bool ran = false;
     for (int i = 0; i < n; ++i) {
@@ -207,7 +209,7 @@ uint3 block_idx() { return launch_in_progress().block_index; }
 dim3 block_dim() { return launch_in_progress().block; }
 dim3 grid_dim() { return launch_in_progress().grid; }
 int lane() { return launch_in_progress().current->linear % 32; }
-unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem.data(); }
+unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem; }
 
 void sync_threads() { yield(State::kBlockBarrier); }
 void sync_warp() { yield(State::kWarpBarrier); }
@@ -282,7 +284,9 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*b
   l.state = state;
   l.fibers.resize(threads);
   l.slots.resize(threads);
-  l.dynamic_smem.resize(smem);
+  l.dynamic_smem_buffer.resize(smem + kDynamicSmemAlign);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(l.dynamic_smem_buffer.data());
+  l.dynamic_smem = l.dynamic_smem_buffer.data() + (kDynamicSmemAlign - base % kDynamicSmemAlign);
   const size_t stack_bytes = threads * kStackBytes;
   void* stacks = mmap(nullptr, stack_bytes, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

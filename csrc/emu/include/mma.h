@@ -74,13 +74,14 @@ template <int M, int N, int K, typename E>
 void store_matrix_sync(E* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
                        layout_t layout) {
   detail::check<E>("store_matrix_sync", p, ldm);
-  ::dlcv_fast::emu::sync_warp();  // every lane stores the same values: one writes
+  // Every lane holds the same values: lane 0 stores them all, when it gets here. Without a
+  // __syncwarp between this store and other lanes' reads, those reads see stale memory in
+  // one of the two thread orders, as they may on a GPU.
   if (::dlcv_fast::emu::lane() == 0) {
     for (int r = 0; r < M; ++r)
       for (int c = 0; c < N; ++c)
         (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = f.x[r * N + c];
   }
-  ::dlcv_fast::emu::sync_warp();
 }
 
 template <typename Use, int M, int N, int K, typename T, typename L, typename V>
