@@ -24,18 +24,22 @@ test: build
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-cuda-emulated
 
-# The CUDA kernels run on the CPU (tests/cuda_emu.py) under the op tests, with each block's
-# threads in order, then (float32 and float16 cases) in reverse order: a missing
-# __syncthreads or __syncwarp fails one of the two. Needs the CUDA toolkit's headers only.
+# The CUDA kernels run on the CPU (tests/cuda_emu.py) under the op tests, built with
+# AddressSanitizer (an access outside a tensor or a __shared__ array fails the run), with
+# each block's threads in order, then (float32 and float16 cases) in reverse order: a
+# missing __syncthreads or __syncwarp fails one of the two. Needs the CUDA toolkit's
+# headers (not a GPU) and GCC's libasan.
 EMULATED_TESTS := tests/test_max_pool2d.py tests/test_conv2d.py tests/test_batch_norm.py \
 	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py
-EMULATION := DLCV_FAST_EXTENSION=build/emu/_C.so
+ASAN_PRELOAD = $(shell c++ -print-file-name=libasan.so):$(shell c++ -print-file-name=libstdc++.so)
+EMULATION = LD_PRELOAD=$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
+	DLCV_FAST_EXTENSION=build/emu-asan/_C.so
 
 test-cuda-emulated: build
 ifdef CUDA_HOME
-	$(PY) tests/cuda_emu.py
-	$(EMULATION) $(PY) -m pytest -q -m "not slow" $(EMULATED_TESTS)
-	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q -m "not slow" \
+	$(EMULATION) $(PY) tests/cuda_emu.py --asan
+	$(EMULATION) $(PY) -m pytest -q --capture=sys -m "not slow" $(EMULATED_TESTS)
+	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q --capture=sys -m "not slow" \
 		-k "float32 or float16" $(EMULATED_TESTS)
 else
 	@echo "test-cuda-emulated: skipped, no CUDA toolkit (set CUDA_HOME) for the kernels' headers"

@@ -33,8 +33,8 @@ AUTO_GPU: dict[str, str] = {
     "conv2d": "cuda", "batch_norm": "cuda", "max_pool2d": "cuda", "add_noise": "cuda",
     "get_velocity": "cuda", "scheduler_step": "cuda",
 }
-# Attention: the CUDA kernels use tensor cores (WMMA) only in the 16-bit forward so far, the
-# Triton ones use them throughout through tl.dot.
+# Attention: the CUDA kernels use tensor cores (WMMA tiles through shared memory) for 16-bit
+# types only, the Triton ones (FlashAttention-2's structure) throughout through tl.dot.
 AUTO_GPU["scaled_dot_product_attention"] = "triton"
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -28,8 +28,10 @@ def cuda_include() -> str | None:
     return path if path and os.path.exists(os.path.join(path, "cuda_runtime.h")) else None
 
 
-def build(verbose: bool = False) -> str:
-    """Builds (or brings up to date) the emulated extension; returns its path."""
+def build(verbose: bool = False, asan: bool = False) -> str:
+    """Builds (or brings up to date) the emulated extension; returns its path. With `asan`,
+    under AddressSanitizer, into build/emu-asan (run it with the ASan runtime preloaded:
+    asan_preload())."""
     from torch.utils import cpp_extension
 
     include = cuda_include()
@@ -39,15 +41,17 @@ def build(verbose: bool = False) -> str:
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
     sources += [os.path.join(csrc, "cpu", "isa.cpp"), os.path.join(csrc, "emu", "runtime.cpp")]
     sources += [os.path.join(csrc, "emu", f"{k}_cu.cpp") for k in KERNELS]
-    build_dir = os.path.join(ROOT, "build", "emu")
+    build_dir = os.path.join(ROOT, "build", "emu-asan" if asan else "emu")
     os.makedirs(build_dir, exist_ok=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
     module = cpp_extension.load(
         name="_C",
         sources=sources,
         # -O2 also drops the calls to the CPU kernels (not built here) from the entry points,
         # where DLCV_FAST_CUDA_EMU makes their branch dead.
         extra_cflags=["-O2", "-DDLCV_FAST_WITH_CUDA=1", "-DDLCV_FAST_CUDA_EMU=1",
-                      f"-I{os.path.join(csrc, 'emu', 'include')}", f"-I{include}"],
+                      f"-I{os.path.join(csrc, 'emu', 'include')}", f"-I{include}", *sanitize],
+        extra_ldflags=sanitize,
         build_directory=build_dir,
         with_cuda=False,
         verbose=verbose,
@@ -55,5 +59,15 @@ def build(verbose: bool = False) -> str:
     return module.__file__
 
 
+def asan_preload() -> str:
+    """The AddressSanitizer runtime of the compiler that builds the extension."""
+    import subprocess
+
+    return subprocess.check_output(["c++", "-print-file-name=libasan.so"], text=True).strip()
+
+
 if __name__ == "__main__":
-    print(build(verbose="-v" in sys.argv))
+    if "--asan-runtime" in sys.argv:
+        print(asan_preload())
+    else:
+        print(build(verbose="-v" in sys.argv, asan="--asan" in sys.argv))

@@ -13,8 +13,8 @@
 //
 // These are the plain CUDA-core kernels (one scalar FMA per product): correct for every
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
-// The float16 / bfloat16 forward with head dims that are multiples of 16 runs instead on
-// tensor cores (forward_tc_kernel, below); the backward has no tensor-core version yet.
+// float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores
+// (the *_tc_kernel below), the forward up to head dim 256, the backward up to 128.
 
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -189,49 +189,115 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
 }
 
-// ---- tensor-core forward: float16 and bfloat16, head dims multiples of 16 ---------------
+// ---- tensor cores: float16 and bfloat16, head dims multiples of 16 ----------------------
 //
-// A block of kTcWarps warps owns kTcRows query rows, 16 per warp, and streams the keys in
-// tiles of kTcKeys. Per key tile, each warp: S = Q K^T for its 16 rows on WMMA (16x16x16,
-// float accumulators) into shared memory; the online softmax of its rows, two lanes per row,
-// writing P in the element type (as FlashAttention feeds P V) and each row's rescale alpha;
-// then O = O alpha + P V, O in shared memory as float (a WMMA accumulator's rows are opaque,
-// so the rescale happens there, between a store and a load). The warps share only the K and
-// V tiles; everything else is a warp's own rows, ordered by __syncwarp.
-constexpr int kTcWarps = 4, kTcRows = 16 * kTcWarps, kTcKeys = 64;
+// A block has kTcWarps warps and works on tiles of kTcTile query rows and kTcTile keys; a
+// warp owns 16 of the tile's rows (queries for scores, keys for dK and dV). Products run on
+// WMMA fragments (16x16x16, float accumulators) between shared-memory tiles; the elementwise
+// steps (softmax, dS) take two lanes per row, 32 keys each. P and dS enter their products in
+// the element type, as FlashAttention feeds them.
+//   forward  per key tile: S = Q K^T; the online softmax of each row, giving P and the
+//            rescale alpha; O = O alpha + P V, with O in shared memory as float (a fragment's
+//            rows are opaque, so the rescale happens between a store and a load).
+//   dK, dV   a block per key tile, looping over the group's heads and the query tiles:
+//            S = Q K^T, dP = dO V^T, then P z and dS; dV += (P z)^T dO, dK += dS^T Q.
+//   dQ       a block per query tile, looping over the key tiles: S, dP, dS; dQ += dS K.
+// Warps share the tiles loaded from global memory (and, for dK and dV, the P z and dS of
+// every query row); the rest is a warp's own rows, ordered by __syncwarp.
+constexpr int kTcWarps = 4, kTcTile = 16 * kTcWarps;
+constexpr int kTcThreads = kTcWarps * 32;
 
-// Shared-memory layout of the tensor-core forward, in bytes; rows padded by 16 bytes (8 or
-// 4 elements) against bank conflicts, arrays on 128-byte boundaries (WMMA wants 32).
-struct TcLayout {
-  int ldq, ldv, lds, ldp, ldo;  // leading dimensions (elements) of Q/K, V, S, P, O
-  size_t q, k, v, s, p, o, stats, bytes;
-
-  __host__ __device__ TcLayout(int d, int dv, int elem) {
-    ldq = d + 8;
-    ldv = dv + 8;
-    lds = kTcKeys + 4;
-    ldp = kTcKeys + 8;
-    ldo = dv + 4;
-    size_t at = 0;
-    const auto take = [&at](size_t n) {
-      const size_t here = at;
-      at += (n + 127) / 128 * 128;
-      return here;
-    };
-    q = take(size_t(kTcRows) * ldq * elem);
-    k = take(size_t(kTcKeys) * ldq * elem);
-    v = take(size_t(kTcKeys) * ldv * elem);
-    s = take(size_t(kTcRows) * lds * sizeof(float));
-    p = take(size_t(kTcRows) * ldp * elem);
-    o = take(size_t(kTcRows) * ldo * sizeof(float));
-    stats = take(3 * size_t(kTcRows) * sizeof(float));  // m, l, alpha
-    bytes = at;
+// Shared-memory offsets: each array on a 128-byte boundary (WMMA wants 32 bytes).
+struct SmemPlan {
+  size_t bytes = 0;
+  __host__ __device__ size_t take(size_t n) {
+    const size_t at = bytes;
+    bytes += (n + 127) / 128 * 128;
+    return at;
   }
 };
 
-bool tc_forward_fits(const AttentionParams& p) {
-  return p.head_dim % 16 == 0 && p.v_dim % 16 == 0 && p.head_dim <= 256 && p.v_dim <= 256;
+// Leading dimensions (elements) of the tiles: rows padded by 16 bytes against bank
+// conflicts. Q and K rows hold D elements, V and dO rows Dv, S and dP rows kTcTile floats.
+struct TcLd {
+  int qk, vo, s, p, acc_qk, acc_vo;  // 16-bit tiles, float tiles (S, P's elements, dQ/dK, O/dV)
+  __host__ __device__ TcLd(int d, int dv)
+      : qk(d + 8), vo(dv + 8), s(kTcTile + 4), p(kTcTile + 8), acc_qk(d + 4), acc_vo(dv + 4) {}
+};
+
+struct TcForwardLayout {
+  TcLd ld;
+  size_t q, k, v, s, p, o, stats, bytes;
+  __host__ __device__ TcForwardLayout(int d, int dv, int elem) : ld(d, dv) {
+    SmemPlan plan;
+    q = plan.take(size_t(kTcTile) * ld.qk * elem);
+    k = plan.take(size_t(kTcTile) * ld.qk * elem);
+    v = plan.take(size_t(kTcTile) * ld.vo * elem);
+    s = plan.take(size_t(kTcTile) * ld.s * sizeof(float));
+    p = plan.take(size_t(kTcTile) * ld.p * elem);
+    o = plan.take(size_t(kTcTile) * ld.acc_vo * sizeof(float));
+    stats = plan.take(3 * size_t(kTcTile) * sizeof(float));  // m, l, alpha
+    bytes = plan.bytes;
+  }
+};
+
+// Both backward kernels: the four input tiles, S, dP, dS and the row statistics; dK and dV
+// (with P z) or dQ.
+struct TcBackwardLayout {
+  TcLd ld;
+  size_t q, g, k, v, s, dp, ds, pz, dk, dv, dq, stats, bytes;
+  __host__ __device__ TcBackwardLayout(int d, int dv_, int elem, bool key_tiles) : ld(d, dv_) {
+    SmemPlan plan;
+    q = plan.take(size_t(kTcTile) * ld.qk * elem);
+    g = plan.take(size_t(kTcTile) * ld.vo * elem);
+    k = plan.take(size_t(kTcTile) * ld.qk * elem);
+    v = plan.take(size_t(kTcTile) * ld.vo * elem);
+    s = plan.take(size_t(kTcTile) * ld.s * sizeof(float));
+    dp = plan.take(size_t(kTcTile) * ld.s * sizeof(float));
+    ds = plan.take(size_t(kTcTile) * ld.p * elem);
+    pz = key_tiles ? plan.take(size_t(kTcTile) * ld.p * elem) : 0;
+    dk = key_tiles ? plan.take(size_t(kTcTile) * ld.acc_qk * sizeof(float)) : 0;
+    dv = key_tiles ? plan.take(size_t(kTcTile) * ld.acc_vo * sizeof(float)) : 0;
+    dq = key_tiles ? 0 : plan.take(size_t(kTcTile) * ld.acc_qk * sizeof(float));
+    stats = plan.take(2 * size_t(kTcTile) * sizeof(float));  // lse, delta
+    bytes = plan.bytes;
+  }
+};
+
+// 16-bit types and head dims that are multiples of 16; the backward's tiles fit in shared
+// memory up to 128.
+bool tc_head_dims(const AttentionParams& p, int64_t most) {
+  return p.head_dim % 16 == 0 && p.v_dim % 16 == 0 && p.head_dim <= most && p.v_dim <= most;
 }
+
+// C (16 x n, float, shared) = [C +] A (16 x k) B (k x n) for one warp on 16x16x16 fragments.
+// A and B are 16-bit tiles in shared memory, each row- or column-major.
+template <typename T, typename LayoutA, typename LayoutB>
+__device__ __forceinline__ void warp_gemm(float* c, int ldc, const T* a, int lda, const T* b,
+                                          int ldb, int n, int k, bool accumulate) {
+  namespace wmma = nvcuda::wmma;
+  constexpr bool kARows = std::is_same_v<LayoutA, wmma::row_major>;
+  constexpr bool kBRows = std::is_same_v<LayoutB, wmma::row_major>;
+  for (int n0 = 0; n0 < n; n0 += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate) {
+      wmma::load_matrix_sync(acc, c + n0, ldc, wmma::mem_row_major);
+    } else {
+      wmma::fill_fragment(acc, 0.0f);
+    }
+    for (int k0 = 0; k0 < k; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
+      wmma::load_matrix_sync(fa, kARows ? a + k0 : a + k0 * lda, lda);
+      wmma::load_matrix_sync(fb, kBRows ? b + k0 * ldb + n0 : b + n0 * ldb + k0, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c + n0, acc, ldc, wmma::mem_row_major);
+  }
+}
+
+using RowMajor = nvcuda::wmma::row_major;
+using ColMajor = nvcuda::wmma::col_major;
 
 // rows x cols elements at src (row stride `stride`) into shared memory (leading dimension
 // ld), zero past row `valid`: the block's threads, consecutive ones along a row.
@@ -245,21 +311,24 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t 
   }
 }
 
+// rows x cols floats of shared memory (leading dimension ld) set to zero.
+__device__ __forceinline__ void zero_rows(float* dst, int ld, int rows, int cols) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    dst[(idx / cols) * ld + idx % cols] = 0.0f;
+  }
+}
+
 // NaN-propagating max (a NaN score makes its row NaN, as the reference does).
 __device__ __forceinline__ float max_nan(float a, float b) { return b > a || isnan(b) ? b : a; }
 
 template <typename T>
-__global__ void __launch_bounds__(kTcWarps * 32)
+__global__ void __launch_bounds__(kTcThreads)
     forward_tc_kernel(const AttentionParams p, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const void* __restrict__ mask,
                       T* __restrict__ out, float* __restrict__ lse) {
-  namespace wmma = nvcuda::wmma;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-  using FragKt = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
-  using FragV = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
-  const TcLayout lay(D, Dv, sizeof(T));
+  const TcForwardLayout lay(D, Dv, sizeof(T));
+  const TcLd& ld = lay.ld;
   unsigned char* const smem = dynamic_smem();
   T* const qs = reinterpret_cast<T*>(smem + lay.q);
   T* const ks = reinterpret_cast<T*>(smem + lay.k);
@@ -268,53 +337,40 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   T* const ps = reinterpret_cast<T*>(smem + lay.p);
   float* const os = reinterpret_cast<float*>(smem + lay.o);
   float* const m = reinterpret_cast<float*>(smem + lay.stats);
-  float* const l = m + kTcRows;
-  float* const alpha = l + kTcRows;
+  float* const l = m + kTcTile;
+  float* const alpha = l + kTcTile;
 
-  const int64_t tiles = (p.q_len + kTcRows - 1) / kTcRows;
+  const int64_t tiles = (p.q_len + kTcTile - 1) / kTcTile;
   const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = (blockIdx.x % tiles) * kTcRows;
+  const int64_t i0 = (blockIdx.x % tiles) * kTcTile;
   const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
   const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r0 = warp * 16;  // the warp's rows
 
-  load_rows(qs, lay.ldq, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcRows,
+  load_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
-  for (int idx = threadIdx.x; idx < kTcRows * Dv; idx += blockDim.x) {
-    os[(idx / Dv) * lay.ldo + idx % Dv] = 0.0f;
-  }
-  for (int r = threadIdx.x; r < kTcRows; r += blockDim.x) {
+  zero_rows(os, ld.acc_vo, kTcTile, Dv);
+  for (int r = threadIdx.x; r < kTcTile; r += blockDim.x) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
   __syncthreads();  // other warps' threads set some of this warp's rows
-  // Two lanes per row: lane 2r' + half takes keys [half * 32, half * 32 + 32) of row r0 + r'.
+  // Lane 2 r' + half takes keys [32 half, 32 half + 32) of row r0 + r'.
   const int r = r0 + lane / 2, half = lane % 2;
   const int64_t i = i0 + r;
-  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcRows) : p.kv_len;
-  for (int64_t j0 = 0; j0 < key_end; j0 += kTcKeys) {
+  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTcTile) {
     __syncthreads();  // every warp is done with the previous K and V tiles
-    load_rows(ks, lay.ldq, kh, p.k_stride[2], j0, kTcKeys, p.kv_len, D);
-    load_rows(vs, lay.ldv, vh, p.v_stride[2], j0, kTcKeys, p.kv_len, Dv);
+    load_rows(ks, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
+    load_rows(vs, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
     __syncthreads();
-
-    for (int n = 0; n < kTcKeys / 16; ++n) {  // S = Q K^T, the warp's 16 rows
-      FragC acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int kk = 0; kk < D; kk += 16) {
-        FragA a;
-        FragKt bt;
-        wmma::load_matrix_sync(a, qs + r0 * lay.ldq + kk, lay.ldq);
-        wmma::load_matrix_sync(bt, ks + n * 16 * lay.ldq + kk, lay.ldq);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(ss + r0 * lay.lds + n * 16, acc, lay.lds, wmma::mem_row_major);
-    }
+    warp_gemm<T, RowMajor, ColMajor>(ss + r0 * ld.s, ld.s, qs + r0 * ld.qk, ld.qk, ks, ld.qk,
+                                     kTcTile, D, false);  // S = Q K^T
     __syncwarp();
 
-    float* const sr = ss + r * lay.lds + half * 32;
+    float* const sr = ss + r * ld.s + half * 32;
     float row_max = -INFINITY;
     for (int c = 0; c < 32; ++c) {
       const int64_t j = j0 + half * 32 + c;
@@ -322,7 +378,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
       row_max = max_nan(row_max, sr[c]);
     }
     const float m_new = max_nan(max_nan(m[r], row_max), __shfl_xor_sync(0xffffffffu, row_max, 1));
-    T* const pr = ps + r * lay.ldp + half * 32;
+    T* const pr = ps + r * ld.p + half * 32;
     float sum = 0.0f, a = 1.0f;
     if (m_new == -INFINITY) {  // nothing visible yet: keep m, l and O
       for (int c = 0; c < 32; ++c) pr[c] = from_acc<T>(0.0f);
@@ -348,21 +404,11 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 
     for (int idx = lane; idx < 16 * Dv; idx += 32) {  // O = O alpha + P V
       const int rr = r0 + idx / Dv;
-      os[rr * lay.ldo + idx % Dv] *= alpha[rr];
+      os[rr * ld.acc_vo + idx % Dv] *= alpha[rr];
     }
     __syncwarp();
-    for (int n = 0; n < Dv / 16; ++n) {
-      FragC acc;
-      wmma::load_matrix_sync(acc, os + r0 * lay.ldo + n * 16, lay.ldo, wmma::mem_row_major);
-      for (int kk = 0; kk < kTcKeys; kk += 16) {
-        FragA a;
-        FragV bv;
-        wmma::load_matrix_sync(a, ps + r0 * lay.ldp + kk, lay.ldp);
-        wmma::load_matrix_sync(bv, vs + kk * lay.ldv + n * 16, lay.ldv);
-        wmma::mma_sync(acc, a, bv, acc);
-      }
-      wmma::store_matrix_sync(os + r0 * lay.ldo + n * 16, acc, lay.ldo, wmma::mem_row_major);
-    }
+    warp_gemm<T, RowMajor, RowMajor>(os + r0 * ld.acc_vo, ld.acc_vo, ps + r0 * ld.p, ld.p, vs,
+                                     ld.vo, Dv, kTcTile, true);
   }
   __syncwarp();
 
@@ -373,11 +419,186 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     if (row < p.q_len) {
       // A fully masked row (l = 0) gives zeros and lse = -inf, a NaN l NaN for both.
       const float inv = l[rr] == 0.0f ? 0.0f : 1.0f / l[rr];
-      oh[row * p.o_stride[2] + d] = from_acc<T>(os[rr * lay.ldo + d] * inv);
+      oh[row * p.o_stride[2] + d] = from_acc<T>(os[rr * ld.acc_vo + d] * inv);
     }
   }
   if (half == 0 && i < p.q_len) {
     lse[bh * p.q_len + i] = l[r] == 0.0f ? -INFINITY : m[r] + logf(l[r]);
+  }
+}
+
+// The backward's common step for one warp and a (query tile i0, key tile j0) pair: S = Q K^T
+// and dP = dO V^T for the warp's 16 query rows, then, two lanes per row, P z (if pz) and
+// dS = p (dP z - delta) in the element type. The probability p is 0 where the pair is not
+// visible or masked, and in a fully masked row (lse = -inf).
+template <typename T>
+__device__ __forceinline__ void tc_grad_scores(const AttentionParams& p, const TcLd& ld,
+                                               const T* qs, const T* gs, const T* ks,
+                                               const T* vs, float* ss, float* dps, T* ds, T* pz,
+                                               const float* lse_s, const float* delta_s,
+                                               const void* mask, int64_t mask_base,
+                                               uint32_t bh, int64_t i0, int64_t j0) {
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
+  const int r0 = threadIdx.x / 32 * 16, lane = threadIdx.x % 32;
+  warp_gemm<T, RowMajor, ColMajor>(ss + r0 * ld.s, ld.s, qs + r0 * ld.qk, ld.qk, ks, ld.qk,
+                                   kTcTile, D, false);
+  warp_gemm<T, RowMajor, ColMajor>(dps + r0 * ld.s, ld.s, gs + r0 * ld.vo, ld.vo, vs, ld.vo,
+                                   kTcTile, Dv, false);
+  __syncwarp();
+  const int r = r0 + lane / 2, c0 = lane % 2 * 32;
+  const int64_t i = i0 + r;
+  const float lse_i = lse_s[r], delta_i = delta_s[r];
+  for (int c = c0; c < c0 + 32; ++c) {
+    const int64_t j = j0 + c;
+    float pr = 0.0f;
+    if (i < p.q_len && lse_i != -INFINITY && visible(p, i, j)) {
+      const float s = score<T, float>(p, ss[r * ld.s + c], mask, mask_base, i, j);
+      pr = s == -INFINITY ? 0.0f : expf(s - lse_i);
+    }
+    const float z = pr != 0.0f ? dropout_factor<float>(p, bh, i, j) : 0.0f;
+    if (pz != nullptr) pz[r * ld.p + c] = from_acc<T>(pr * z);
+    // A masked score (p = 0) passes no gradient, even when the row's delta is NaN.
+    ds[r * ld.p + c] = from_acc<T>(pr == 0.0f ? 0.0f : pr * (dps[r * ld.s + c] * z - delta_i));
+  }
+}
+
+// lse and delta of the query tile at i0 of head bh into shared memory (-inf and 0 past L).
+__device__ __forceinline__ void load_row_stats(float* lse_s, float* delta_s, const float* lse,
+                                               const float* delta, int64_t bh, int64_t i0,
+                                               int64_t q_len) {
+  for (int r = threadIdx.x; r < kTcTile; r += blockDim.x) {
+    const int64_t i = i0 + r;
+    lse_s[r] = i < q_len ? lse[bh * q_len + i] : -INFINITY;
+    delta_s[r] = i < q_len ? delta[bh * q_len + i] : 0.0f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads)
+    dkdv_tc_kernel(const AttentionParams p, const T* __restrict__ dout, const T* __restrict__ q,
+                   const T* __restrict__ k, const T* __restrict__ v,
+                   const void* __restrict__ mask, const float* __restrict__ lse,
+                   const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
+  const TcBackwardLayout lay(D, Dv, sizeof(T), true);
+  const TcLd& ld = lay.ld;
+  unsigned char* const smem = dynamic_smem();
+  T* const qs = reinterpret_cast<T*>(smem + lay.q);
+  T* const gs = reinterpret_cast<T*>(smem + lay.g);
+  T* const ks = reinterpret_cast<T*>(smem + lay.k);
+  T* const vs = reinterpret_cast<T*>(smem + lay.v);
+  float* const ss = reinterpret_cast<float*>(smem + lay.s);
+  float* const dps = reinterpret_cast<float*>(smem + lay.dp);
+  T* const ds = reinterpret_cast<T*>(smem + lay.ds);
+  T* const pz = reinterpret_cast<T*>(smem + lay.pz);
+  float* const dks = reinterpret_cast<float*>(smem + lay.dk);
+  float* const dvs = reinterpret_cast<float*>(smem + lay.dv);
+  float* const lse_s = reinterpret_cast<float*>(smem + lay.stats);
+  float* const delta_s = lse_s + kTcTile;
+
+  const int64_t tiles = (p.kv_len + kTcTile - 1) / kTcTile;
+  const int64_t bhk = blockIdx.x / tiles, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int64_t j0 = (blockIdx.x % tiles) * kTcTile;
+  load_rows(ks, ld.qk, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kTcTile,
+            p.kv_len, D);
+  load_rows(vs, ld.vo, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kTcTile,
+            p.kv_len, Dv);
+  zero_rows(dks, ld.acc_qk, kTcTile, D);
+  zero_rows(dvs, ld.acc_vo, kTcTile, Dv);
+  __syncthreads();
+
+  const int k0 = threadIdx.x / 32 * 16;  // the warp's keys in dK and dV
+  // Causal: query rows before j0 see none of these keys.
+  const int64_t first = p.causal ? (min64(j0, p.q_len) / kTcTile) * kTcTile : 0;
+  for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+    const int64_t bh = b * p.heads + h;
+    const T* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* gh = dout + b * p.do_stride[0] + h * p.do_stride[1];
+    const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+    for (int64_t i0 = first; i0 < p.q_len; i0 += kTcTile) {
+      __syncthreads();  // the previous tile's Q, dO, P z and dS are consumed
+      load_rows(qs, ld.qk, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
+      load_rows(gs, ld.vo, gh, p.do_stride[2], i0, kTcTile, p.q_len, Dv);
+      load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
+      __syncthreads();
+      tc_grad_scores(p, ld, qs, gs, ks, vs, ss, dps, ds, pz, lse_s, delta_s, mask, mask_base,
+                     static_cast<uint32_t>(bh), i0, j0);
+      __syncthreads();  // dK and dV take every warp's rows of P z and dS
+      warp_gemm<T, ColMajor, RowMajor>(dvs + k0 * ld.acc_vo, ld.acc_vo, pz + k0, ld.p, gs, ld.vo,
+                                       Dv, kTcTile, true);  // dV += (P z)^T dO
+      warp_gemm<T, ColMajor, RowMajor>(dks + k0 * ld.acc_qk, ld.acc_qk, ds + k0, ld.p, qs, ld.qk,
+                                       D, kTcTile, true);  // dK += dS^T Q
+    }
+  }
+  __syncwarp();
+  const float scale = static_cast<float>(p.scale);
+  const int lane = threadIdx.x % 32;
+  const int64_t base = bhk * p.kv_len + j0;
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int c = k0 + idx / D, d = idx % D;
+    if (j0 + c < p.kv_len) dk[(base + c) * D + d] = from_acc<T>(dks[c * ld.acc_qk + d] * scale);
+  }
+  for (int idx = lane; idx < 16 * Dv; idx += 32) {
+    const int c = k0 + idx / Dv, d = idx % Dv;
+    if (j0 + c < p.kv_len) dv[(base + c) * Dv + d] = from_acc<T>(dvs[c * ld.acc_vo + d]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads)
+    dq_tc_kernel(const AttentionParams p, const T* __restrict__ dout, const T* __restrict__ q,
+                 const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+                 const float* __restrict__ lse, const float* __restrict__ delta,
+                 T* __restrict__ dq) {
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
+  const TcBackwardLayout lay(D, Dv, sizeof(T), false);
+  const TcLd& ld = lay.ld;
+  unsigned char* const smem = dynamic_smem();
+  T* const qs = reinterpret_cast<T*>(smem + lay.q);
+  T* const gs = reinterpret_cast<T*>(smem + lay.g);
+  T* const ks = reinterpret_cast<T*>(smem + lay.k);
+  T* const vs = reinterpret_cast<T*>(smem + lay.v);
+  float* const ss = reinterpret_cast<float*>(smem + lay.s);
+  float* const dps = reinterpret_cast<float*>(smem + lay.dp);
+  T* const ds = reinterpret_cast<T*>(smem + lay.ds);
+  float* const dqs = reinterpret_cast<float*>(smem + lay.dq);
+  float* const lse_s = reinterpret_cast<float*>(smem + lay.stats);
+  float* const delta_s = lse_s + kTcTile;
+
+  const int64_t tiles = (p.q_len + kTcTile - 1) / kTcTile;
+  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
+  const int64_t i0 = (blockIdx.x % tiles) * kTcTile;
+  const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
+  const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+  load_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+            p.q_len, D);
+  load_rows(gs, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
+            kTcTile, p.q_len, Dv);
+  load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
+  zero_rows(dqs, ld.acc_qk, kTcTile, D);
+
+  const int r0 = threadIdx.x / 32 * 16;
+  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTcTile) {
+    __syncthreads();  // every warp is done with the previous K and V tiles
+    load_rows(ks, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
+    load_rows(vs, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
+    __syncthreads();
+    tc_grad_scores<T>(p, ld, qs, gs, ks, vs, ss, dps, ds, nullptr, lse_s, delta_s, mask,
+                      mask_base, static_cast<uint32_t>(bh), i0, j0);
+    __syncwarp();
+    warp_gemm<T, RowMajor, RowMajor>(dqs + r0 * ld.acc_qk, ld.acc_qk, ds + r0 * ld.p, ld.p, ks,
+                                     ld.qk, D, kTcTile, true);  // dQ += dS K
+  }
+  __syncthreads();  // with no key tile, other warps' threads zeroed this warp's rows
+  const float scale = static_cast<float>(p.scale);
+  const int lane = threadIdx.x % 32;
+  for (int idx = lane; idx < 16 * D; idx += 32) {
+    const int rr = r0 + idx / D, d = idx % D;
+    if (i0 + rr < p.q_len) {
+      dq[(bh * p.q_len + i0 + rr) * D + d] = from_acc<T>(dqs[rr * ld.acc_qk + d] * scale);
+    }
   }
 }
 
@@ -621,32 +842,26 @@ cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
                               static_cast<int>(bytes));
 }
 
-// The tensor-core forward where it applies (16-bit types, head dims multiples of 16, its
-// shared memory within the device's: D = Dv = 256 needs 195 KiB, more than an A100 has);
-// false in `launched` otherwise.
 template <typename T>
-cudaError_t forward_tc(const AttentionParams& p, const void* q, const void* k, const void* v,
-                       const void* mask, void* out, void* lse, cudaStream_t stream,
-                       bool* launched) {
+constexpr bool kTensorCoreType = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// Launches kernel on one block per tile of kTcTile rows (queries or keys) of every head, if
+// its `bytes` of shared memory fit the device (D = Dv = 256 needs 195 KiB in the forward,
+// more than an A100 has); false in `launched` otherwise.
+template <typename Kernel, typename... Args>
+cudaError_t launch_tc(Kernel kernel, size_t bytes, int64_t len, int64_t heads,
+                      cudaStream_t stream, bool* launched, Args... args) {
   *launched = false;
-  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
-    if (!tc_forward_fits(p)) return cudaSuccess;
-    const TcLayout lay(static_cast<int>(p.head_dim), static_cast<int>(p.v_dim), sizeof(T));
-    int optin = 0;
-    cudaError_t err = smem_optin(&optin);
-    if (err != cudaSuccess || lay.bytes > static_cast<size_t>(optin)) return err;
-    const int64_t blocks = (p.q_len + kTcRows - 1) / kTcRows * p.batch * p.heads;
-    if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
-    const auto kernel = forward_tc_kernel<T>;
-    err = allow_smem(kernel, static_cast<int64_t>(lay.bytes));
-    if (err != cudaSuccess) return err;
-    *launched = true;
-    launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), kTcWarps * 32, lay.bytes, stream,
-                  p, static_cast<const T*>(q), static_cast<const T*>(k),
-                  static_cast<const T*>(v), mask, static_cast<T*>(out), static_cast<float*>(lse));
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
+  int optin = 0;
+  cudaError_t err = smem_optin(&optin);
+  if (err != cudaSuccess || bytes > static_cast<size_t>(optin)) return err;
+  const int64_t blocks = (len + kTcTile - 1) / kTcTile * heads;
+  if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidConfiguration;
+  err = allow_smem(kernel, static_cast<int64_t>(bytes));
+  if (err != cudaSuccess) return err;
+  *launched = true;
+  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), kTcThreads, bytes, stream, args...);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -654,9 +869,18 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
                           const void* mask, void* out, void* lse, cudaStream_t stream) {
   const int64_t bh = p.batch * p.heads;
   if (bh == 0 || p.q_len == 0) return cudaSuccess;
-  bool launched = false;
-  const cudaError_t err = forward_tc<T>(p, q, k, v, mask, out, lse, stream, &launched);
-  if (err != cudaSuccess || launched) return err;
+  if constexpr (kTensorCoreType<T>) {
+    if (tc_head_dims(p, 256)) {
+      const TcForwardLayout lay(static_cast<int>(p.head_dim), static_cast<int>(p.v_dim),
+                                sizeof(T));
+      bool launched = false;
+      const cudaError_t err = launch_tc(
+          forward_tc_kernel<T>, lay.bytes, p.q_len, bh, stream, &launched, p,
+          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
+          static_cast<T*>(out), static_cast<float*>(lse));
+      if (err != cudaSuccess || launched) return err;
+    }
+  }
   return with_tile(forward_smem, p, sizeof(acc_t<T>), p.q_len, bh,
                    [&](auto tile, dim3 grid, int64_t bytes) {
     constexpr int TILE = decltype(tile)::value;
@@ -676,44 +900,61 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
                            const void* mask, void* delta, void* dq, void* dk, void* dv,
                            cudaStream_t stream) {
   using A = acc_t<T>;
+  const auto in = [](const void* t) { return static_cast<const T*>(t); };
+  const auto acc = [](const void* t) { return static_cast<const A*>(t); };
   const int64_t rows = p.batch * p.heads * p.q_len;
   if (rows > 0) {
-    launch_kernel(delta_kernel<T>, blocks_for(rows), kThreads, 0, stream, p,
-                  static_cast<const T*>(dout), static_cast<const T*>(out), static_cast<A*>(delta));
+    launch_kernel(delta_kernel<T>, blocks_for(rows), kThreads, 0, stream, p, in(dout), in(out),
+                  static_cast<A*>(delta));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  // Tensor cores where they apply and fit (launched), else the CUDA-core kernels.
+  const int d = static_cast<int>(p.head_dim), dv_ = static_cast<int>(p.v_dim);
   const int64_t bhk = p.batch * p.kv_heads;
   if (bhk > 0 && p.kv_len > 0) {
-    cudaError_t err = with_tile(dkdv_smem, p, sizeof(A), p.kv_len, bhk,
-                                [&](auto tile, dim3 grid, int64_t bytes) {
-      constexpr int TILE = decltype(tile)::value;
-      const auto kernel = dkdv_kernel<T, TILE>;
-      cudaError_t e = allow_smem(kernel, bytes);
-      if (e != cudaSuccess) return e;
-      launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, static_cast<const T*>(dout),
-                    static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                    mask, static_cast<const A*>(lse), static_cast<const A*>(delta),
-                    static_cast<T*>(dk), static_cast<T*>(dv));
-      return cudaGetLastError();
-    });
+    bool launched = false;
+    cudaError_t err = cudaSuccess;
+    if constexpr (kTensorCoreType<T>) {
+      if (tc_head_dims(p, 128)) {
+        err = launch_tc(dkdv_tc_kernel<T>, TcBackwardLayout(d, dv_, sizeof(T), true).bytes,
+                        p.kv_len, bhk, stream, &launched, p, in(dout), in(q), in(k), in(v), mask,
+                        acc(lse), acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
+      }
+    }
+    if (err == cudaSuccess && !launched) {
+      err = with_tile(dkdv_smem, p, sizeof(A), p.kv_len, bhk,
+                      [&](auto tile, dim3 grid, int64_t bytes) {
+        const auto kernel = dkdv_kernel<T, decltype(tile)::value>;
+        cudaError_t e = allow_smem(kernel, bytes);
+        if (e != cudaSuccess) return e;
+        launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, in(dout), in(q), in(k),
+                      in(v), mask, acc(lse), acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
+        return cudaGetLastError();
+      });
+    }
     if (err != cudaSuccess) return err;
   }
-  if (rows > 0) {
-    return with_tile(dq_smem, p, sizeof(A), p.q_len, p.batch * p.heads,
-                     [&](auto tile, dim3 grid, int64_t bytes) {
-      constexpr int TILE = decltype(tile)::value;
-      const auto kernel = dq_kernel<T, TILE>;
-      cudaError_t e = allow_smem(kernel, bytes);
-      if (e != cudaSuccess) return e;
-      launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, static_cast<const T*>(dout),
-                    static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                    mask, static_cast<const A*>(lse), static_cast<const A*>(delta),
-                    static_cast<T*>(dq));
-      return cudaGetLastError();
-    });
+  if (rows == 0) return cudaSuccess;
+  if constexpr (kTensorCoreType<T>) {
+    if (tc_head_dims(p, 128)) {
+      bool launched = false;
+      const cudaError_t err =
+          launch_tc(dq_tc_kernel<T>, TcBackwardLayout(d, dv_, sizeof(T), false).bytes, p.q_len,
+                    p.batch * p.heads, stream, &launched, p, in(dout), in(q), in(k), in(v), mask,
+                    acc(lse), acc(delta), static_cast<T*>(dq));
+      if (err != cudaSuccess || launched) return err;
+    }
   }
-  return cudaSuccess;
+  return with_tile(dq_smem, p, sizeof(A), p.q_len, p.batch * p.heads,
+                   [&](auto tile, dim3 grid, int64_t bytes) {
+    const auto kernel = dq_kernel<T, decltype(tile)::value>;
+    cudaError_t e = allow_smem(kernel, bytes);
+    if (e != cudaSuccess) return e;
+    launch_kernel(kernel, grid, kAttnThreads, bytes, stream, p, in(dout), in(q), in(k), in(v),
+                  mask, acc(lse), acc(delta), static_cast<T*>(dq));
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace dlcv_fast::emu {
 
@@ -35,6 +36,14 @@ void sync_warp();
 uint64_t shuffle(unsigned mask, uint64_t bits, int src);
 int lane();
 unsigned char* dynamic_smem();
+// The memo of the calling lane's next warp-matrix multiply (its k-th of the block) in its
+// warp: the warp's lanes make the same calls with the same operands, so one computes each
+// product and the others find it here (include/mma.h).
+struct MmaMemo {
+  std::vector<unsigned char> operands;
+  std::vector<float> product;
+};
+MmaMemo& next_mma_memo();
 // Ends the launch with cudaErrorLaunchFailure and `message` (printf-style).
 [[noreturn]] void fail(const char* format, ...);
 

@@ -47,6 +47,8 @@ struct Launch {
   std::vector<unsigned char> dynamic_smem_buffer;  // kDynamicSmemAlign bytes over the need
   unsigned char* dynamic_smem = nullptr;             // aligned within it
   std::vector<uint64_t> slots;  // a shuffle's value per thread
+  std::vector<std::vector<MmaMemo>> mma_memos;  // per warp, by call
+  std::vector<size_t> mma_calls;                // per thread, this block
   bool failed = false;
   std::string message;
 };
@@ -172,6 +174,8 @@ void run_block(Launch& l, unsigned char* stacks) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
   }
+  l.mma_memos.assign((n + 31) / 32, {});
+  l.mma_calls.assign(n, 0);
   std::fill(l.dynamic_smem_buffer.begin(), l.dynamic_smem_buffer.end(), 0xCD);  // not zero
   for (;;) {
     bool ran = false;
@@ -210,6 +214,15 @@ dim3 block_dim() { return launch_in_progress().block; }
 dim3 grid_dim() { return launch_in_progress().grid; }
 int lane() { return launch_in_progress().current->linear % 32; }
 unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem; }
+
+MmaMemo& next_mma_memo() {
+  Launch& l = launch_in_progress();
+  const int t = l.current->linear;
+  std::vector<MmaMemo>& memos = l.mma_memos[t / 32];
+  const size_t k = l.mma_calls[t]++;
+  if (k == memos.size()) memos.emplace_back();
+  return memos[k];
+}
 
 void sync_threads() { yield(State::kBlockBarrier); }
 void sync_warp() { yield(State::kWarpBarrier); }

@@ -89,18 +89,33 @@ void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) {
   for (auto& e : f.x) e = static_cast<typename fragment<Use, M, N, K, T, L>::element_type>(v);
 }
 
-// d = a b + c, products and sums in float.
+// d = a b + c, products and sums in float; computed by the first lane of the warp to make
+// the call, copied by the others (their operands compared byte for byte).
 template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d,
               const fragment<matrix_a, M, N, K, TA, LA>& a,
               const fragment<matrix_b, M, N, K, TB, LB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
+  ::dlcv_fast::emu::MmaMemo& memo = ::dlcv_fast::emu::next_mma_memo();
+  const size_t bytes = sizeof a.x + sizeof b.x + sizeof c.x;
+  unsigned char operands[sizeof a.x + sizeof b.x + sizeof c.x];
+  std::memcpy(operands, a.x, sizeof a.x);
+  std::memcpy(operands + sizeof a.x, b.x, sizeof b.x);
+  std::memcpy(operands + sizeof a.x + sizeof b.x, c.x, sizeof c.x);
+  if (memo.operands.size() == bytes && std::memcmp(memo.operands.data(), operands, bytes) == 0) {
+    std::memcpy(d.x, memo.product.data(), sizeof d.x);
+    return;
+  }
+  float out[M * N];
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
       float s = c.x[i * N + j];
       for (int k = 0; k < K; ++k) s += detail::value(a.x[i * K + k]) * detail::value(b.x[k * N + j]);
-      d.x[i * N + j] = s;
+      out[i * N + j] = s;
     }
+  std::memcpy(d.x, out, sizeof out);
+  memo.operands.assign(operands, operands + bytes);
+  memo.product.assign(out, out + M * N);
 }
 
 }  // namespace nvcuda::wmma
