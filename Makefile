@@ -15,7 +15,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: demo test test-cuda-emulated bench build gpu-check gpu-build gpu-test gpu-sanitize gpu-bench clean
+.PHONY: demo test test-cuda-emulated test-cuda-emulated-models bench build gpu-check gpu-build gpu-test gpu-sanitize gpu-bench clean
 
 demo: build
 	$(PY) -m dlcv_fast demo
@@ -44,6 +44,14 @@ ifdef CUDA_HOME
 else
 	@echo "test-cuda-emulated: skipped, no CUDA toolkit (set CUDA_HOME) for the kernels' headers"
 endif
+
+# Not in `make test` (8 minutes): the models, conversion and autocast tests on the emulated
+# CUDA kernels, without AddressSanitizer.
+test-cuda-emulated-models: build
+	$(PY) tests/cuda_emu.py
+	DLCV_FAST_EXTENSION=build/emu/_C.so $(PY) -m pytest -q -m "not slow" tests/test_models.py \
+		tests/test_models_vit_googlenet.py tests/test_unet.py tests/test_convert.py \
+		tests/test_autocast.py tests/test_autograd_fast_path.py
 
 bench: build
 	$(PY) -m dlcv_fast bench

@@ -27,6 +27,10 @@ from dlcv_fast.backend import triton_interpreted  # noqa: E402
 # Whether the extension is the build that runs the CUDA kernels on the CPU
 # (tests/cuda_emu.py): then the cpu backend runs them, and only it is tested.
 CUDA_EMULATED = dlcv_fast._C.cuda_emulated()
+if CUDA_EMULATED:
+    # The tests expect the CPU's float32 convolutions (no TF32 on a CPU); the TF32 tests set
+    # the flag themselves.
+    torch.backends.cudnn.allow_tf32 = False
 
 # (backend, device) pairs that can run here.
 BACKEND_DEVICES = [("cpu", "cpu")]
