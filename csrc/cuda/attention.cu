@@ -99,6 +99,25 @@ __device__ __forceinline__ void load_tile(A* dst, const T* src, int64_t row_stri
   }
 }
 
+// What a block of a grid over (batch * heads) x query tiles of `rows` rows (one head's tiles
+// adjacent) works on: head bh = b * heads + h, first row i0, the head's mask base, and the
+// keys and values of its key/value head.
+template <typename T>
+struct QueryBlock {
+  int64_t bh, b, h, i0, mask_base;
+  const T* kh;
+  const T* vh;
+};
+
+template <typename T>
+__device__ __forceinline__ QueryBlock<T> query_block(const AttentionParams& p, int rows,
+                                                     const T* k, const T* v) {
+  const int64_t tiles = (p.q_len + rows - 1) / rows;
+  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
+  return {bh, b, h, (blockIdx.x % tiles) * rows, b * p.mask_stride[0] + h * p.mask_stride[1],
+          k + b * p.k_stride[0] + hk * p.k_stride[1], v + b * p.v_stride[0] + hk * p.v_stride[1]};
+}
+
 template <typename T, int TILE>
 __global__ void __launch_bounds__(kAttnThreads)
     forward_kernel(const AttentionParams p, const T* __restrict__ q, const T* __restrict__ k,
@@ -116,13 +135,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   A* l = m + TILE;                         // [TILE] running sum
   A* alpha = l + TILE;                     // [TILE] rescale of this step
 
-  const int64_t tiles = (p.q_len + TILE - 1) / TILE;
-  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = (blockIdx.x % tiles) * TILE;
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, TILE, k, v);
   const T* qh = q + b * p.q_stride[0] + h * p.q_stride[1];
-  const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
 
   load_tile<T, A>(qs, qh + i0 * p.q_stride[2], p.q_stride[2], 0, TILE, p.q_len - i0, D);
   for (int idx = threadIdx.x; idx < TILE * Dv; idx += blockDim.x) os[idx] = A(0);
@@ -340,12 +354,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float* const l = m + kTcTile;
   float* const alpha = l + kTcTile;
 
-  const int64_t tiles = (p.q_len + kTcTile - 1) / kTcTile;
-  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = (blockIdx.x % tiles) * kTcTile;
-  const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r0 = warp * 16;  // the warp's rows
 
@@ -565,12 +574,7 @@ __global__ void __launch_bounds__(kTcThreads)
   float* const lse_s = reinterpret_cast<float*>(smem + lay.stats);
   float* const delta_s = lse_s + kTcTile;
 
-  const int64_t tiles = (p.q_len + kTcTile - 1) / kTcTile;
-  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = (blockIdx.x % tiles) * kTcTile;
-  const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
   load_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
   load_rows(gs, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
@@ -742,12 +746,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   A* lse_s = dss + TILE * TILE;            // [TILE]
   A* delta_s = lse_s + TILE;               // [TILE]
 
-  const int64_t tiles = (p.q_len + TILE - 1) / TILE;
-  const int64_t bh = blockIdx.x / tiles, b = bh / p.heads, h = bh % p.heads, hk = h / p.group();
-  const int64_t i0 = (blockIdx.x % tiles) * TILE;
-  const T* kh = k + b * p.k_stride[0] + hk * p.k_stride[1];
-  const T* vh = v + b * p.v_stride[0] + hk * p.v_stride[1];
-  const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, TILE, k, v);
   load_tile<T, A>(qs, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, TILE,
                   p.q_len, D);
   load_tile<T, A>(gs, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0, TILE,
