@@ -278,6 +278,29 @@ struct TcBackwardLayout {
   }
 };
 
+// The backward's arrays in the block's shared memory (pz, dk and dv null in the dQ kernel,
+// dq null in the dK / dV kernel).
+template <typename T>
+struct TcBackwardTiles {
+  T *q, *g, *k, *v, *ds, *pz;
+  float *s, *dp, *dk, *dv, *dq, *lse, *delta;
+  __device__ TcBackwardTiles(unsigned char* smem, const TcBackwardLayout& lay, bool key_tiles) {
+    q = reinterpret_cast<T*>(smem + lay.q);
+    g = reinterpret_cast<T*>(smem + lay.g);
+    k = reinterpret_cast<T*>(smem + lay.k);
+    v = reinterpret_cast<T*>(smem + lay.v);
+    ds = reinterpret_cast<T*>(smem + lay.ds);
+    pz = key_tiles ? reinterpret_cast<T*>(smem + lay.pz) : nullptr;
+    s = reinterpret_cast<float*>(smem + lay.s);
+    dp = reinterpret_cast<float*>(smem + lay.dp);
+    dk = key_tiles ? reinterpret_cast<float*>(smem + lay.dk) : nullptr;
+    dv = key_tiles ? reinterpret_cast<float*>(smem + lay.dv) : nullptr;
+    dq = key_tiles ? nullptr : reinterpret_cast<float*>(smem + lay.dq);
+    lse = reinterpret_cast<float*>(smem + lay.stats);
+    delta = lse + kTcTile;
+  }
+};
+
 // 16-bit types and head dims that are multiples of 16; the backward's tiles fit in shared
 // memory up to 128.
 bool tc_head_dims(const AttentionParams& p, int64_t most) {
@@ -437,37 +460,35 @@ __global__ void __launch_bounds__(kTcThreads)
 }
 
 // The backward's common step for one warp and a (query tile i0, key tile j0) pair: S = Q K^T
-// and dP = dO V^T for the warp's 16 query rows, then, two lanes per row, P z (if pz) and
+// and dP = dO V^T for the warp's 16 query rows, then, two lanes per row, P z (if sm.pz) and
 // dS = p (dP z - delta) in the element type. The probability p is 0 where the pair is not
 // visible or masked, and in a fully masked row (lse = -inf).
 template <typename T>
 __device__ __forceinline__ void tc_grad_scores(const AttentionParams& p, const TcLd& ld,
-                                               const T* qs, const T* gs, const T* ks,
-                                               const T* vs, float* ss, float* dps, T* ds, T* pz,
-                                               const float* lse_s, const float* delta_s,
-                                               const void* mask, int64_t mask_base,
-                                               uint32_t bh, int64_t i0, int64_t j0) {
+                                               const TcBackwardTiles<T>& sm, const void* mask,
+                                               int64_t mask_base, uint32_t bh, int64_t i0,
+                                               int64_t j0) {
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   const int r0 = threadIdx.x / 32 * 16, lane = threadIdx.x % 32;
-  warp_gemm<T, RowMajor, ColMajor>(ss + r0 * ld.s, ld.s, qs + r0 * ld.qk, ld.qk, ks, ld.qk,
+  warp_gemm<T, RowMajor, ColMajor>(sm.s + r0 * ld.s, ld.s, sm.q + r0 * ld.qk, ld.qk, sm.k, ld.qk,
                                    kTcTile, D, false);
-  warp_gemm<T, RowMajor, ColMajor>(dps + r0 * ld.s, ld.s, gs + r0 * ld.vo, ld.vo, vs, ld.vo,
+  warp_gemm<T, RowMajor, ColMajor>(sm.dp + r0 * ld.s, ld.s, sm.g + r0 * ld.vo, ld.vo, sm.v, ld.vo,
                                    kTcTile, Dv, false);
   __syncwarp();
   const int r = r0 + lane / 2, c0 = lane % 2 * 32;
   const int64_t i = i0 + r;
-  const float lse_i = lse_s[r], delta_i = delta_s[r];
+  const float lse_i = sm.lse[r], delta_i = sm.delta[r];
   for (int c = c0; c < c0 + 32; ++c) {
     const int64_t j = j0 + c;
     float pr = 0.0f;
     if (i < p.q_len && lse_i != -INFINITY && visible(p, i, j)) {
-      const float s = score<T, float>(p, ss[r * ld.s + c], mask, mask_base, i, j);
+      const float s = score<T, float>(p, sm.s[r * ld.s + c], mask, mask_base, i, j);
       pr = s == -INFINITY ? 0.0f : expf(s - lse_i);
     }
     const float z = pr != 0.0f ? dropout_factor<float>(p, bh, i, j) : 0.0f;
-    if (pz != nullptr) pz[r * ld.p + c] = from_acc<T>(pr * z);
+    if (sm.pz != nullptr) sm.pz[r * ld.p + c] = from_acc<T>(pr * z);
     // A masked score (p = 0) passes no gradient, even when the row's delta is NaN.
-    ds[r * ld.p + c] = from_acc<T>(pr == 0.0f ? 0.0f : pr * (dps[r * ld.s + c] * z - delta_i));
+    sm.ds[r * ld.p + c] = from_acc<T>(pr == 0.0f ? 0.0f : pr * (sm.dp[r * ld.s + c] * z - delta_i));
   }
 }
 
@@ -491,29 +512,17 @@ __global__ void __launch_bounds__(kTcThreads)
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   const TcBackwardLayout lay(D, Dv, sizeof(T), true);
   const TcLd& ld = lay.ld;
-  unsigned char* const smem = dynamic_smem();
-  T* const qs = reinterpret_cast<T*>(smem + lay.q);
-  T* const gs = reinterpret_cast<T*>(smem + lay.g);
-  T* const ks = reinterpret_cast<T*>(smem + lay.k);
-  T* const vs = reinterpret_cast<T*>(smem + lay.v);
-  float* const ss = reinterpret_cast<float*>(smem + lay.s);
-  float* const dps = reinterpret_cast<float*>(smem + lay.dp);
-  T* const ds = reinterpret_cast<T*>(smem + lay.ds);
-  T* const pz = reinterpret_cast<T*>(smem + lay.pz);
-  float* const dks = reinterpret_cast<float*>(smem + lay.dk);
-  float* const dvs = reinterpret_cast<float*>(smem + lay.dv);
-  float* const lse_s = reinterpret_cast<float*>(smem + lay.stats);
-  float* const delta_s = lse_s + kTcTile;
+  const TcBackwardTiles<T> sm(dynamic_smem(), lay, true);
 
   const int64_t tiles = (p.kv_len + kTcTile - 1) / kTcTile;
   const int64_t bhk = blockIdx.x / tiles, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
   const int64_t j0 = (blockIdx.x % tiles) * kTcTile;
-  load_rows(ks, ld.qk, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kTcTile,
+  load_rows(sm.k, ld.qk, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kTcTile,
             p.kv_len, D);
-  load_rows(vs, ld.vo, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kTcTile,
+  load_rows(sm.v, ld.vo, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kTcTile,
             p.kv_len, Dv);
-  zero_rows(dks, ld.acc_qk, kTcTile, D);
-  zero_rows(dvs, ld.acc_vo, kTcTile, Dv);
+  zero_rows(sm.dk, ld.acc_qk, kTcTile, D);
+  zero_rows(sm.dv, ld.acc_vo, kTcTile, Dv);
   __syncthreads();
 
   const int k0 = threadIdx.x / 32 * 16;  // the warp's keys in dK and dV
@@ -526,17 +535,16 @@ __global__ void __launch_bounds__(kTcThreads)
     const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
     for (int64_t i0 = first; i0 < p.q_len; i0 += kTcTile) {
       __syncthreads();  // the previous tile's Q, dO, P z and dS are consumed
-      load_rows(qs, ld.qk, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
-      load_rows(gs, ld.vo, gh, p.do_stride[2], i0, kTcTile, p.q_len, Dv);
-      load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
+      load_rows(sm.q, ld.qk, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
+      load_rows(sm.g, ld.vo, gh, p.do_stride[2], i0, kTcTile, p.q_len, Dv);
+      load_row_stats(sm.lse, sm.delta, lse, delta, bh, i0, p.q_len);
       __syncthreads();
-      tc_grad_scores(p, ld, qs, gs, ks, vs, ss, dps, ds, pz, lse_s, delta_s, mask, mask_base,
-                     static_cast<uint32_t>(bh), i0, j0);
+      tc_grad_scores(p, ld, sm, mask, mask_base, static_cast<uint32_t>(bh), i0, j0);
       __syncthreads();  // dK and dV take every warp's rows of P z and dS
-      warp_gemm<T, ColMajor, RowMajor>(dvs + k0 * ld.acc_vo, ld.acc_vo, pz + k0, ld.p, gs, ld.vo,
-                                       Dv, kTcTile, true);  // dV += (P z)^T dO
-      warp_gemm<T, ColMajor, RowMajor>(dks + k0 * ld.acc_qk, ld.acc_qk, ds + k0, ld.p, qs, ld.qk,
-                                       D, kTcTile, true);  // dK += dS^T Q
+      warp_gemm<T, ColMajor, RowMajor>(sm.dv + k0 * ld.acc_vo, ld.acc_vo, sm.pz + k0, ld.p, sm.g,
+                                       ld.vo, Dv, kTcTile, true);  // dV += (P z)^T dO
+      warp_gemm<T, ColMajor, RowMajor>(sm.dk + k0 * ld.acc_qk, ld.acc_qk, sm.ds + k0, ld.p, sm.q,
+                                       ld.qk, D, kTcTile, true);  // dK += dS^T Q
     }
   }
   __syncwarp();
@@ -545,11 +553,11 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t base = bhk * p.kv_len + j0;
   for (int idx = lane; idx < 16 * D; idx += 32) {
     const int c = k0 + idx / D, d = idx % D;
-    if (j0 + c < p.kv_len) dk[(base + c) * D + d] = from_acc<T>(dks[c * ld.acc_qk + d] * scale);
+    if (j0 + c < p.kv_len) dk[(base + c) * D + d] = from_acc<T>(sm.dk[c * ld.acc_qk + d] * scale);
   }
   for (int idx = lane; idx < 16 * Dv; idx += 32) {
     const int c = k0 + idx / Dv, d = idx % Dv;
-    if (j0 + c < p.kv_len) dv[(base + c) * Dv + d] = from_acc<T>(dvs[c * ld.acc_vo + d]);
+    if (j0 + c < p.kv_len) dv[(base + c) * Dv + d] = from_acc<T>(sm.dv[c * ld.acc_vo + d]);
   }
 }
 
@@ -562,38 +570,27 @@ __global__ void __launch_bounds__(kTcThreads)
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.v_dim);
   const TcBackwardLayout lay(D, Dv, sizeof(T), false);
   const TcLd& ld = lay.ld;
-  unsigned char* const smem = dynamic_smem();
-  T* const qs = reinterpret_cast<T*>(smem + lay.q);
-  T* const gs = reinterpret_cast<T*>(smem + lay.g);
-  T* const ks = reinterpret_cast<T*>(smem + lay.k);
-  T* const vs = reinterpret_cast<T*>(smem + lay.v);
-  float* const ss = reinterpret_cast<float*>(smem + lay.s);
-  float* const dps = reinterpret_cast<float*>(smem + lay.dp);
-  T* const ds = reinterpret_cast<T*>(smem + lay.ds);
-  float* const dqs = reinterpret_cast<float*>(smem + lay.dq);
-  float* const lse_s = reinterpret_cast<float*>(smem + lay.stats);
-  float* const delta_s = lse_s + kTcTile;
+  const TcBackwardTiles<T> sm(dynamic_smem(), lay, false);
 
   const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
-  load_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+  load_rows(sm.q, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
-  load_rows(gs, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
+  load_rows(sm.g, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
             kTcTile, p.q_len, Dv);
-  load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
-  zero_rows(dqs, ld.acc_qk, kTcTile, D);
+  load_row_stats(sm.lse, sm.delta, lse, delta, bh, i0, p.q_len);
+  zero_rows(sm.dq, ld.acc_qk, kTcTile, D);
 
   const int r0 = threadIdx.x / 32 * 16;
   const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTcTile) {
     __syncthreads();  // every warp is done with the previous K and V tiles
-    load_rows(ks, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
-    load_rows(vs, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
+    load_rows(sm.k, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
+    load_rows(sm.v, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
     __syncthreads();
-    tc_grad_scores<T>(p, ld, qs, gs, ks, vs, ss, dps, ds, nullptr, lse_s, delta_s, mask,
-                      mask_base, static_cast<uint32_t>(bh), i0, j0);
+    tc_grad_scores(p, ld, sm, mask, mask_base, static_cast<uint32_t>(bh), i0, j0);
     __syncwarp();
-    warp_gemm<T, RowMajor, RowMajor>(dqs + r0 * ld.acc_qk, ld.acc_qk, ds + r0 * ld.p, ld.p, ks,
-                                     ld.qk, D, kTcTile, true);  // dQ += dS K
+    warp_gemm<T, RowMajor, RowMajor>(sm.dq + r0 * ld.acc_qk, ld.acc_qk, sm.ds + r0 * ld.p, ld.p,
+                                     sm.k, ld.qk, D, kTcTile, true);  // dQ += dS K
   }
   __syncthreads();  // with no key tile, other warps' threads zeroed this warp's rows
   const float scale = static_cast<float>(p.scale);
@@ -601,7 +598,7 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int idx = lane; idx < 16 * D; idx += 32) {
     const int rr = r0 + idx / D, d = idx % D;
     if (i0 + rr < p.q_len) {
-      dq[(bh * p.q_len + i0 + rr) * D + d] = from_acc<T>(dqs[rr * ld.acc_qk + d] * scale);
+      dq[(bh * p.q_len + i0 + rr) * D + d] = from_acc<T>(sm.dq[rr * ld.acc_qk + d] * scale);
     }
   }
 }

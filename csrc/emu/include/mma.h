@@ -110,7 +110,9 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
       float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += detail::value(a.x[i * K + k]) * detail::value(b.x[k * N + j]);
+      for (int k = 0; k < K; ++k) {
+        s += detail::value(a.x[i * K + k]) * detail::value(b.x[k * N + j]);
+      }
       out[i * N + j] = s;
     }
   std::memcpy(d.x, out, sizeof out);
