@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -286,6 +287,10 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*b
                     "cudaFuncAttributeMaxDynamicSharedMemorySize set that high");
     }
   }
+  // One launch at a time, whichever host thread makes it: the launch state and the kernels'
+  // __shared__ variables are global. (Recursive: a launch from a kernel fails, not hangs.)
+  static std::recursive_mutex one_at_a_time;
+  const std::lock_guard<std::recursive_mutex> lock(one_at_a_time);
   if (active != nullptr) return finish(cudaErrorLaunchFailure, "a launch inside a kernel");
 
   const char* schedule = std::getenv("DLCV_FAST_EMU_SCHEDULE");
