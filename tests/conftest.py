@@ -7,6 +7,10 @@ triton backends run on it and the cpu backend on the host.
 
 Every kernel output starts as NaN (DLCV_FAST_POISON=1), so an element a kernel forgets to
 write fails the comparison.
+
+With the build that runs the CUDA kernels on the CPU loaded (DLCV_FAST_EXTENSION, see
+tests/cuda_emu.py and `make test-cuda-emulated`), the cpu backend runs the CUDA kernels and
+is the only backend tested.
 """
 
 from __future__ import annotations
