@@ -38,6 +38,48 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 #endif
 }
 
+// Asynchronous copies from global to shared memory (cp.async, sm_80 and newer): `Bytes`
+// (4, 8 or 16, aligned to them at both ends) from src to dst, or zeros where !valid (src is
+// then not read, but must still be an aligned address). A thread's copies form a group at
+// async_copy_commit; async_copy_wait<N> returns once at most N of its groups are in flight.
+// Other threads see the bytes only after a barrier that follows their copier's wait.
+template <int Bytes>
+__device__ __forceinline__ void async_copy(void* dst, const void* src, bool valid) {
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  const int src_bytes = valid ? Bytes : 0;
+#ifdef DLCV_FAST_CUDA_EMU
+  emu::async_copy(dst, src, src_bytes, Bytes);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (Bytes == 16) {  // .cg: straight to shared memory, not kept in L1
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
+                 "n"(Bytes), "r"(src_bytes)
+                 : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ void async_copy_commit() {
+#ifdef DLCV_FAST_CUDA_EMU
+  emu::async_copy_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void async_copy_wait() {
+#ifdef DLCV_FAST_CUDA_EMU
+  emu::async_copy_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Arithmetic type of an element type: float for the 16-bit types, else itself.
 // Conversions are spelled out because torch builds with __CUDA_NO_HALF_CONVERSIONS__.
 template <typename T> struct Acc { using type = T; };

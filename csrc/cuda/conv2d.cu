@@ -14,13 +14,17 @@
 // One group per blockIdx.z (wgrad: split * groups + group). The channel index is the fastest
 // part of k (and of wgrad's n), so on channels_last tensors 16-byte vectors run along it.
 //
-// A block computes a kM x kN tile of C with 256 threads. Each k tile (kK deep) of A and B is
-// gathered from global memory into registers, written to shared memory, and multiplied
-// there; the next tile's loads are issued before the current tile's products, into the other
-// of two shared buffers, so one barrier per k tile suffices. 16-bit types multiply on tensor
-// cores (WMMA, float accumulators), float32 on TF32 tensor cores when allowed, else (and
-// float64) with FMAs. The epilogue goes through shared memory: the tile is stored there,
-// then written with bias, ReLU and the element type's rounding by coalesced strided stores.
+// A block computes a kM x kN tile of C with 256 threads, multiplying k tiles (kK deep) of A
+// and B in shared memory. Where the gather moves 4 bytes or more per vector (channels_last,
+// or any float32/float64 tensor), the tiles go straight from global to shared memory by
+// cp.async, in a 3-stage ring: two tiles are in flight while the third is multiplied, and
+// one barrier per k tile orders it all. 16-bit tensors without channel vectors (2-byte
+// gathers, which cp.async cannot do) go through registers into two buffers instead: the
+// next tile's loads are issued before the current tile's products. 16-bit types multiply on
+// tensor cores (WMMA, float accumulators), float32 on TF32 tensor cores when allowed, else
+// (and float64) with FMAs. The epilogue goes through shared memory: the tile is stored
+// there, then written with bias, ReLU and the element type's rounding by coalesced strided
+// stores.
 //
 // Operands sit in shared memory either "k-major" ([row][k], the gather runs along k) or
 // "row-major" ([k][row], the gather runs along rows), whichever dimension is the channel
@@ -32,12 +36,13 @@
 // split order (deterministic) and rounds to gw's type. float64 never splits (the workspace is
 // float32).
 //
-// Tile sizes were chosen by reasoning, not measured (constexpr below, to be tuned on a GPU):
-// 128 x 64 x 32 for 16-bit keeps 8 warps at 32 x 32 each (2 x 2 WMMA tiles, 4 MMAs per
-// 4 fragment loads); its 26-30 KB of staging and the 34 KB float tile of the epilogue share
-// one buffer, 38 KB of static shared memory in all. __launch_bounds__(256, 2) caps registers
+// Tile sizes and the stage count were chosen by reasoning, not measured (constexpr below, to
+// be tuned on a GPU): 128 x 64 x 32 for 16-bit keeps 8 warps at 32 x 32 each (2 x 2 WMMA
+// tiles, 4 MMAs per 4 fragment loads). A stage is 13-15 KB (16-bit; float32 at kK = 16 the
+// same; float64 at 64 x 64 x 16, 18 KB), so 3 stages take 39-54 KB of dynamic shared memory,
+// which the 34 KB float tile of the epilogue reuses. __launch_bounds__(256, 2) caps registers
 // at 128 so that two blocks (16 warps) share an SM and one's barrier hides behind the other's
-// MMAs. TF32 and FMA halve kK to stay under 48 KB with 4-byte elements; float64 uses 64 x 64.
+// MMAs; two blocks' shared memory (about 100 KB) is less than half of an H100 SM's 228 KB.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -499,9 +504,9 @@ cudaError_t with_tiles(bool tf32, F&& f) {
   }
 }
 
-// One operand's k tile: R rows by BK, gathered into registers as vectors of V elements along
-// the dimension that is contiguous in shared memory, and stored there. Thread t takes
-// position t % kLanes along that dimension and lines t / kLanes + l * kLines across it.
+// One operand's k tile: R rows by BK, moved as vectors of V elements along the dimension
+// that is contiguous in shared memory. Thread t takes position t % kLanes along that
+// dimension and lines t / kLanes + l * kLines across it.
 template <typename T, int R, int BK, int V, bool kRowMajor>
 struct TileLoad {
   static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
@@ -514,43 +519,116 @@ struct TileLoad {
                     (kRowMajor ? BK : R) % kLines == 0,
                 "tile does not divide among the threads");
 
-  Vec<T, V> v[kLoads];
-
-  template <class Op>
-  __device__ __forceinline__ static void fetch(const Op& op, const RowInfo& r, const KInfo& k,
-                                               Vec<T, V>& out) {
-    int64_t off;
-    if (op.at(r, k, off)) {
-      out = *reinterpret_cast<const Vec<T, V>*>(op.ptr + off);
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) out.v[e] = from_acc<T>(acc_t<T>(0));
-    }
-  }
-
-  template <class Op>
-  __device__ __forceinline__ void load(const Op& op, const RowInfo* rows, int g, int64_t k0,
-                                       int64_t kend, int tid) {
+  // Calls f(l, valid, element offset) for each of the thread's kLoads vectors.
+  template <class Op, class F>
+  __device__ __forceinline__ static void gather(const Op& op, const RowInfo* rows, int g,
+                                                int64_t k0, int64_t kend, int tid, F&& f) {
     const int lane = tid % kLanes, line = tid / kLanes;
+    int64_t off = 0;
     if constexpr (!kRowMajor) {
       // One k position (V of them) per thread: its decomposition serves all its rows.
       const KInfo k = op.col(g, k0 + lane * V, kend);
 #pragma unroll
-      for (int l = 0; l < kLoads; ++l) fetch(op, rows[line + l * kLines], k, v[l]);
+      for (int l = 0; l < kLoads; ++l) {
+        const bool ok = op.at(rows[line + l * kLines], k, off);
+        f(l, ok, off);
+      }
     } else {
       // V adjacent rows (all valid or all padding, as the host ensures when V > 1).
       const RowInfo r = rows[lane * V];
 #pragma unroll
-      for (int l = 0; l < kLoads; ++l) fetch(op, r, op.col(g, k0 + line + l * kLines, kend), v[l]);
+      for (int l = 0; l < kLoads; ++l) {
+        const bool ok = op.at(r, op.col(g, k0 + line + l * kLines, kend), off);
+        f(l, ok, off);
+      }
     }
   }
 
-  __device__ __forceinline__ void store(T* s, int tid) const {
-    const int lane = tid % kLanes, line = tid / kLanes;
+  __device__ __forceinline__ static T* at(T* s, int tid, int l) {
+    return s + (tid / kLanes + l * kLines) * kLd + (tid % kLanes) * V;
+  }
+
+  // Straight into shared memory `s` by cp.async (zeros where the gather falls outside).
+  template <class Op>
+  __device__ __forceinline__ static void copy(const Op& op, const RowInfo* rows, int g,
+                                              int64_t k0, int64_t kend, int tid, T* s) {
+    gather(op, rows, g, k0, kend, tid, [&](int l, bool ok, int64_t off) {
+      async_copy<V * sizeof(T)>(at(s, tid, l), ok ? op.ptr + off : op.ptr, ok);
+    });
+  }
+
+  // Through registers (vectors too narrow for cp.async): load, then store once the
+  // buffer is free.
+  Vec<T, V> v[kLoads];
+
+  template <class Op>
+  __device__ __forceinline__ void load(const Op& op, const RowInfo* rows, int g, int64_t k0,
+                                       int64_t kend, int tid) {
+    gather(op, rows, g, k0, kend, tid, [&](int l, bool ok, int64_t off) {
+      if (ok) {
+        v[l] = *reinterpret_cast<const Vec<T, V>*>(op.ptr + off);
+      } else {
 #pragma unroll
-    for (int l = 0; l < kLoads; ++l) {
-      *reinterpret_cast<Vec<T, V>*>(s + (line + l * kLines) * kLd + lane * V) = v[l];
+        for (int e = 0; e < V; ++e) v[l].v[e] = from_acc<T>(acc_t<T>(0));
+      }
+    });
+  }
+
+  __device__ __forceinline__ void store(T* s, int tid) const {
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) *reinterpret_cast<Vec<T, V>*>(at(s, tid, l)) = v[l];
+  }
+};
+
+// The block's C tile accumulated in registers from A and B tiles in shared memory (A
+// [row][k] or, kARows, [k][row]; B likewise), then stored to shared memory `sc` (float
+// rows of kLdC) for the epilogue.
+
+// FMAs: 16 x 16 threads, each owning rows ty + 16 i and columns tx + 16 j of the tile.
+template <class Cfg, bool kARows, bool kBRows>
+struct FmaTile {
+  using T = typename Cfg::T;
+  using Acc = acc_t<T>;
+  static constexpr int TM = Cfg::kM / 16, TN = Cfg::kN / 16;
+  Acc acc[TM][TN];
+
+  __device__ __forceinline__ FmaTile() {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+  }
+
+  template <int kLdA, int kLdB>
+  __device__ __forceinline__ void multiply(const T* A, const T* B, int tid) {
+    const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kK; ++kk) {
+      Acc av[TM], bv[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const int m = ty + 16 * i;
+        av[i] = to_acc(kARows ? A[kk * kLdA + m] : A[m * kLdA + kk]);
+      }
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int n = tx + 16 * j;
+        bv[j] = to_acc(kBRows ? B[kk * kLdB + n] : B[n * kLdB + kk]);
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
     }
+  }
+
+  template <int kLdC>
+  __device__ __forceinline__ void store(Acc* sc, int tid) const {
+    const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) sc[(ty + 16 * i) * kLdC + tx + 16 * j] = acc[i][j];
   }
 };
 
@@ -565,26 +643,116 @@ template <> struct WmmaOf<float, Math::Tf32> {
   static constexpr int kStep = 8;
 };
 
-template <class Cfg, class P, int VA, int VB>
+// Tensor cores: 8 warps as 4 (m) x 2 (n), each a (BM / 4) x (BN / 2) block of 16 x 16
+// fragments.
+template <class Cfg, bool kARows, bool kBRows>
+struct WmmaTile {
+  using T = typename Cfg::T;
+  using W = WmmaOf<T, Cfg::kMath>;
+  static constexpr int KS = W::kStep;
+  static constexpr int WM = Cfg::kM / 4, WN = Cfg::kN / 2, FM = WM / 16, FN = WN / 16;
+  static_assert(WM % 16 == 0 && WN % 16 == 0 && Cfg::kK % KS == 0, "bad warp tiling");
+  using LayoutA = std::conditional_t<kARows, wmma::col_major, wmma::row_major>;
+  using LayoutB = std::conditional_t<kBRows, wmma::row_major, wmma::col_major>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename W::Elem, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename W::Elem, LayoutB>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
+  FragC acc[FM][FN];
+
+  __device__ __forceinline__ WmmaTile() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  template <class Frag>
+  __device__ __forceinline__ static void to_tf32(Frag& f) {
+    if constexpr (Cfg::kMath == Math::Tf32) {
+#pragma unroll
+      for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
+    }
+  }
+
+  template <int kLdA, int kLdB>
+  __device__ __forceinline__ void multiply(const T* A, const T* B, int tid) {
+    const int warp = tid / 32, wm = warp % 4, wn = warp / 4;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kK; kk += KS) {
+      FragA fa[FM];
+      FragB fb[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = wm * WM + i * 16;
+        wmma::load_matrix_sync(fa[i], kARows ? A + kk * kLdA + m : A + m * kLdA + kk, kLdA);
+        to_tf32(fa[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn * WN + j * 16;
+        wmma::load_matrix_sync(fb[j], kBRows ? B + kk * kLdB + n : B + n * kLdB + kk, kLdB);
+        to_tf32(fb[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  template <int kLdC>
+  __device__ __forceinline__ void store(float* sc, int tid) const {
+    const int warp = tid / 32, wm = warp % 4, wn = warp / 4;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::store_matrix_sync(sc + (wm * WM + i * 16) * kLdC + wn * WN + j * 16, acc[i][j],
+                                kLdC, wmma::mem_row_major);
+      }
+  }
+};
+
+// The pipeline over k tiles. With vectors of 4 bytes or more the tiles move by cp.async
+// into kAsyncStages shared buffers: tiles t + 1 .. t + kAsyncStages - 1 are in flight while
+// tile t is multiplied, with one barrier per tile. Narrower vectors (16-bit types without
+// channel vectors) go through registers into two buffers: tile t + 1's loads are issued
+// before tile t's products and stored after them.
+constexpr int kAsyncStages = 3;
+
+template <typename T, int V>
+constexpr bool kAsyncTiles = V * sizeof(T) >= 4;
+
+template <class Cfg, class P, int V>
+struct GemmSmem {
+  using T = typename Cfg::T;
+  using ALoad = TileLoad<T, Cfg::kM, Cfg::kK, V, P::kARowMajor>;
+  using BLoad = TileLoad<T, Cfg::kN, Cfg::kK, V, P::kBRowMajor>;
+  static constexpr int kStages = kAsyncTiles<T, V> ? kAsyncStages : 2;
+  static constexpr int kLdC = Cfg::kN + 16 / static_cast<int>(sizeof(acc_t<T>));
+  static constexpr size_t kStaging =
+      static_cast<size_t>(kStages) * (ALoad::kElems + BLoad::kElems) * sizeof(T);
+  static constexpr size_t kEpilogue = static_cast<size_t>(Cfg::kM) * kLdC * sizeof(acc_t<T>);
+  // Dynamic: [A stages][B stages], reused by the epilogue's C tile once the loop is done.
+  static constexpr size_t kBytes = kStaging > kEpilogue ? kStaging : kEpilogue;
+};
+
+template <class Cfg, class P, int V>
 __global__ void __launch_bounds__(kGemmThreads, 2) implicit_gemm(const P p) {
   using T = typename Cfg::T;
   using Acc = acc_t<T>;
-  constexpr int BM = Cfg::kM, BN = Cfg::kN, BK = Cfg::kK;
-  using ALoad = TileLoad<T, BM, BK, VA, P::kARowMajor>;
-  using BLoad = TileLoad<T, BN, BK, VB, P::kBRowMajor>;
-  constexpr int kLdA = ALoad::kLd, kLdB = BLoad::kLd;
-  constexpr int kLdC = BN + 16 / static_cast<int>(sizeof(Acc));
-  constexpr size_t kStaging = 2 * (ALoad::kElems + BLoad::kElems) * sizeof(T);
-  constexpr size_t kEpilogue = static_cast<size_t>(BM) * kLdC * sizeof(Acc);
-  constexpr size_t kBytes = kStaging > kEpilogue ? kStaging : kEpilogue;
+  using S = GemmSmem<Cfg, P, V>;
+  using ALoad = typename S::ALoad;
+  using BLoad = typename S::BLoad;
+  constexpr int BM = Cfg::kM, BN = Cfg::kN, BK = Cfg::kK, kStages = S::kStages;
+  using Product = std::conditional_t<Cfg::kMath == Math::Fma, FmaTile<Cfg, P::kARowMajor, P::kBRowMajor>,
+                                     WmmaTile<Cfg, P::kARowMajor, P::kBRowMajor>>;
 
-  // Staging buffers [A0 A1 B0 B1], reused by the epilogue's C tile once the loop is done.
-  __shared__ __align__(128) unsigned char smem[kBytes];
   __shared__ RowInfo a_rows[BM];
   __shared__ RowInfo b_rows[BN];
   __shared__ int64_t c_rows[BM];
-  T* const sa = reinterpret_cast<T*>(smem);
-  T* const sb = sa + 2 * ALoad::kElems;
+  T* const sa = reinterpret_cast<T*>(dynamic_smem());
+  T* const sb = sa + kStages * ALoad::kElems;
 
   const int tid = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
@@ -602,86 +770,39 @@ __global__ void __launch_bounds__(kGemmThreads, 2) implicit_gemm(const P p) {
   const int64_t kb = static_cast<int64_t>(split) * p.k_per_split;
   const int64_t ke = kb + p.k_per_split < p.k_total ? kb + p.k_per_split : p.k_total;
   const int64_t tiles = kb < ke ? (ke - kb + BK - 1) / BK : 0;
+  Product product;
 
-  ALoad la;
-  BLoad lb;
-  if (tiles > 0) {
-    la.load(p.a, a_rows, g, kb, ke, tid);
-    lb.load(p.b, b_rows, g, kb, ke, tid);
-    la.store(sa, tid);
-    lb.store(sb, tid);
-  }
-  __syncthreads();
-
-  const int warp = tid / 32;
-  Acc* const sc = reinterpret_cast<Acc*>(smem);
-
-  if constexpr (Cfg::kMath == Math::Fma) {
-    // 16 x 16 threads, each owning rows ty + 16 i and columns tx + 16 j of the tile.
-    constexpr int TM = BM / 16, TN = BN / 16;
-    const int tx = tid % 16, ty = tid / 16;
-    Acc acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
-
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int cur = static_cast<int>(t & 1);
-      const bool more = t + 1 < tiles;
-      if (more) {
-        la.load(p.a, a_rows, g, kb + (t + 1) * BK, ke, tid);
-        lb.load(p.b, b_rows, g, kb + (t + 1) * BK, ke, tid);
-      }
-      const T* A = sa + cur * ALoad::kElems;
-      const T* B = sb + cur * BLoad::kElems;
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        Acc av[TM], bv[TN];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) {
-          const int m = ty + 16 * i;
-          av[i] = to_acc(P::kARowMajor ? A[kk * kLdA + m] : A[m * kLdA + kk]);
-        }
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-          const int n = tx + 16 * j;
-          bv[j] = to_acc(P::kBRowMajor ? B[kk * kLdB + n] : B[n * kLdB + kk]);
-        }
-#pragma unroll
-        for (int i = 0; i < TM; ++i)
-#pragma unroll
-          for (int j = 0; j < TN; ++j) acc[i][j] = fma(av[i], bv[j], acc[i][j]);
-      }
-      if (more) {
-        la.store(sa + (cur ^ 1) * ALoad::kElems, tid);
-        lb.store(sb + (cur ^ 1) * BLoad::kElems, tid);
-      }
-      __syncthreads();
+  if constexpr (kAsyncTiles<T, V>) {
+    const auto copy = [&](int64_t t) {
+      const int s = static_cast<int>(t % kStages);
+      ALoad::copy(p.a, a_rows, g, kb + t * BK, ke, tid, sa + s * ALoad::kElems);
+      BLoad::copy(p.b, b_rows, g, kb + t * BK, ke, tid, sb + s * BLoad::kElems);
+    };
+    // One commit group per tile, empty past the last, so that group t is tile t's.
+    for (int t = 0; t < kStages - 1; ++t) {
+      if (t < tiles) copy(t);
+      async_copy_commit();
     }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-      for (int j = 0; j < TN; ++j) sc[(ty + 16 * i) * kLdC + tx + 16 * j] = acc[i][j];
+    for (int64_t t = 0; t < tiles; ++t) {
+      async_copy_wait<kStages - 2>();  // this thread's part of tile t has landed
+      __syncthreads();  // everyone's has, and everyone is done with tile t - 1's buffer
+      if (t + kStages - 1 < tiles) copy(t + kStages - 1);  // into tile t - 1's buffer
+      async_copy_commit();
+      const int s = static_cast<int>(t % kStages);
+      product.template multiply<ALoad::kLd, BLoad::kLd>(sa + s * ALoad::kElems,
+                                                        sb + s * BLoad::kElems, tid);
+    }
+    async_copy_wait<0>();  // only empty groups are left
   } else {
-    // 8 warps as 4 (m) x 2 (n), each a (BM / 4) x (BN / 2) block of 16 x 16 fragments.
-    using W = WmmaOf<T, Cfg::kMath>;
-    constexpr int KS = W::kStep;
-    constexpr int WM = BM / 4, WN = BN / 2, FM = WM / 16, FN = WN / 16;
-    static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % KS == 0, "bad warp tiling");
-    using LayoutA = std::conditional_t<P::kARowMajor, wmma::col_major, wmma::row_major>;
-    using LayoutB = std::conditional_t<P::kBRowMajor, wmma::row_major, wmma::col_major>;
-    using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename W::Elem, LayoutA>;
-    using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename W::Elem, LayoutB>;
-    using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
-    const int wm = warp % 4, wn = warp / 4;
-    FragC acc[FM][FN];
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-
+    ALoad la;
+    BLoad lb;
+    if (tiles > 0) {
+      la.load(p.a, a_rows, g, kb, ke, tid);
+      lb.load(p.b, b_rows, g, kb, ke, tid);
+      la.store(sa, tid);
+      lb.store(sb, tid);
+    }
+    __syncthreads();
     for (int64_t t = 0; t < tiles; ++t) {
       const int cur = static_cast<int>(t & 1);
       const bool more = t + 1 < tiles;
@@ -689,52 +810,19 @@ __global__ void __launch_bounds__(kGemmThreads, 2) implicit_gemm(const P p) {
         la.load(p.a, a_rows, g, kb + (t + 1) * BK, ke, tid);
         lb.load(p.b, b_rows, g, kb + (t + 1) * BK, ke, tid);
       }
-      const T* A = sa + cur * ALoad::kElems;
-      const T* B = sb + cur * BLoad::kElems;
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += KS) {
-        FragA fa[FM];
-        FragB fb[FN];
-#pragma unroll
-        for (int i = 0; i < FM; ++i) {
-          const int m = wm * WM + i * 16;
-          wmma::load_matrix_sync(fa[i], P::kARowMajor ? A + kk * kLdA + m : A + m * kLdA + kk,
-                                 kLdA);
-          if constexpr (Cfg::kMath == Math::Tf32) {
-#pragma unroll
-            for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < FN; ++j) {
-          const int n = wn * WN + j * 16;
-          wmma::load_matrix_sync(fb[j], P::kBRowMajor ? B + kk * kLdB + n : B + n * kLdB + kk,
-                                 kLdB);
-          if constexpr (Cfg::kMath == Math::Tf32) {
-#pragma unroll
-            for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < FM; ++i)
-#pragma unroll
-          for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+      product.template multiply<ALoad::kLd, BLoad::kLd>(sa + cur * ALoad::kElems,
+                                                        sb + cur * BLoad::kElems, tid);
       if (more) {
         la.store(sa + (cur ^ 1) * ALoad::kElems, tid);
         lb.store(sb + (cur ^ 1) * BLoad::kElems, tid);
       }
       __syncthreads();
     }
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < FM; ++i)
-#pragma unroll
-      for (int j = 0; j < FN; ++j) {
-        wmma::store_matrix_sync(sc + (wm * WM + i * 16) * kLdC + wn * WN + j * 16, acc[i][j],
-                                kLdC, wmma::mem_row_major);
-      }
   }
+  __syncthreads();  // the staging buffers become the C tile
+  constexpr int kLdC = S::kLdC;
+  Acc* const sc = reinterpret_cast<Acc*>(dynamic_smem());
+  product.template store<kLdC>(sc, tid);
   __syncthreads();
 
   // Epilogue: consecutive threads take consecutive columns (channels, contiguous in
@@ -822,13 +910,17 @@ cudaError_t launch_gemm(const P& p, bool vectors, int64_t m, int64_t n, int64_t 
     return cudaErrorInvalidConfiguration;
   }
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(z));
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  if (vectors) {
-    launch_kernel(implicit_gemm<Cfg, P, V, V>, grid, kGemmThreads, 0, stream, p);
-  } else {
-    launch_kernel(implicit_gemm<Cfg, P, 1, 1>, grid, kGemmThreads, 0, stream, p);
-  }
-  return cudaGetLastError();
+  const auto launch = [&](auto v) -> cudaError_t {
+    const auto kernel = implicit_gemm<Cfg, P, decltype(v)::value>;
+    constexpr size_t kBytes = GemmSmem<Cfg, P, decltype(v)::value>::kBytes;
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kBytes));
+    if (err != cudaSuccess) return err;
+    launch_kernel(kernel, grid, kGemmThreads, kBytes, stream, p);
+    return cudaGetLastError();
+  };
+  if (vectors) return launch(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>{});
+  return launch(std::integral_constant<int, 1>{});
 }
 
 // ---- forward / dgrad -----------------------------------------------------------------------

@@ -6,7 +6,11 @@
 // (with DLCV_FAST_EMU_SCHEDULE=reverse, in reverse order), so that a result that depends on
 // the order of the threads between two barriers (a missing __syncthreads) shows up as a
 // wrong answer in one of the two orders. __shared__ variables are static: one copy, shared
-// by the block's fibers. Launches are checked against the limits of an sm_90 GPU, WMMA loads
+// by the block's fibers. Asynchronous copies to shared memory (cp.async) land as late as
+// CUDA allows, at the wait for their group, so that a read before the wait sees the old
+// bytes; with DLCV_FAST_EMU_SCHEDULE=reverse they land at once instead, so that a copy into
+// a buffer that another thread still reads (a missing barrier) overwrites it. Launches are
+// checked against the limits of an sm_90 GPU, WMMA loads
 // and stores against their alignment rules, and barriers for deadlock; a failed check fails
 // the launch with a message (cudaGetErrorString), as a fault on a GPU would.
 #pragma once
@@ -44,6 +48,12 @@ struct MmaMemo {
   std::vector<float> product;
 };
 MmaMemo& next_mma_memo();
+// cp.async of `bytes` (4, 8 or 16) from global `src` to shared `dst`, of which the first
+// `src_bytes` are read and the rest zero-filled; its group is committed by
+// async_copy_commit and waited for by async_copy_wait (cp.async.wait_group `pending`).
+void async_copy(void* dst, const void* src, int src_bytes, int bytes);
+void async_copy_commit();
+void async_copy_wait(int pending);
 // Ends the launch with cudaErrorLaunchFailure and `message` (printf-style).
 [[noreturn]] void fail(const char* format, ...);
 

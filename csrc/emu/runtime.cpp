@@ -6,6 +6,7 @@
 #include <cstdarg>
 #include <cstdlib>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <string>
@@ -28,6 +29,16 @@ constexpr size_t kDynamicSmemAlign = 128;  // as common.cuh's dynamic_smem() dec
 
 enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
 
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int src_bytes, bytes;
+  void land() const {
+    std::memcpy(dst, src, src_bytes);
+    std::memset(dst + src_bytes, 0, bytes - src_bytes);
+  }
+};
+
 struct Fiber {
   ucontext_t context;
   unsigned char* stack;
@@ -35,6 +46,8 @@ struct Fiber {
   uint3 index;
   int linear;
   State state;
+  std::vector<AsyncCopy> uncommitted;
+  std::deque<std::vector<AsyncCopy>> groups;  // committed, not yet waited for; oldest first
 };
 
 struct Launch {
@@ -119,6 +132,13 @@ void fiber_main() {
   Launch& l = *active;
   arrived(*l.current);
   l.body(l.state);
+  const Fiber& f = *l.current;
+  bool pending = !f.uncommitted.empty();
+  for (const std::vector<AsyncCopy>& group : f.groups) pending = pending || !group.empty();
+  if (pending) {
+    fail("the thread exits with cp.async copies it never waited for (commit, then "
+         "cp.async.wait_group)");
+  }
   l.current->state = State::kDone;
   to_scheduler(l, *l.current, true);
 }
@@ -169,6 +189,8 @@ void run_block(Launch& l, unsigned char* stacks) {
     f.state = State::kReady;
     f.stack = stacks + static_cast<size_t>(t) * kStackBytes;
     f.asan_fake_stack = nullptr;
+    f.uncommitted.clear();
+    f.groups.clear();
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack;
     f.context.uc_stack.ss_size = kStackBytes;
@@ -223,6 +245,39 @@ MmaMemo& next_mma_memo() {
   const size_t k = l.mma_calls[t]++;
   if (k == memos.size()) memos.emplace_back();
   return memos[k];
+}
+
+void async_copy(void* dst, const void* src, int src_bytes, int bytes) {
+  Launch& l = launch_in_progress();
+  if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async of %d bytes (4, 8 or 16)", bytes);
+  if (src_bytes < 0 || src_bytes > bytes) {
+    fail("cp.async: source size %d outside 0..%d", src_bytes, bytes);
+  }
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    fail("cp.async of %d bytes: source %p or destination %p not aligned to them", bytes, src,
+         dst);
+  }
+  const AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src),
+                    src_bytes, bytes};
+  if (reverse_order) {
+    c.land();
+  } else {
+    l.current->uncommitted.push_back(c);
+  }
+}
+
+void async_copy_commit() {
+  Fiber& f = *launch_in_progress().current;
+  f.groups.push_back(std::move(f.uncommitted));
+  f.uncommitted.clear();
+}
+
+void async_copy_wait(int pending) {
+  Fiber& f = *launch_in_progress().current;
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const AsyncCopy& c : f.groups.front()) c.land();
+    f.groups.pop_front();
+  }
 }
 
 void sync_threads() { yield(State::kBlockBarrier); }
