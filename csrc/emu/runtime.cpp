@@ -145,26 +145,29 @@ void fiber_main() {
 
 int warp_of(const Fiber& f) { return f.linear / 32; }
 
+// Releases warp w's lanes from a warp barrier if all of them have reached it (or exited).
+bool release_warp(Launch& l, int w) {
+  const int n = static_cast<int>(l.fibers.size());
+  const int end = std::min(n, w * 32 + 32);
+  bool any = false;
+  for (int t = w * 32; t < end; ++t) {
+    const State s = l.fibers[t].state;
+    if (s == State::kWarpBarrier) any = true;
+    else if (s != State::kDone) return false;
+  }
+  if (!any) return false;
+  for (int t = w * 32; t < end; ++t) {
+    if (l.fibers[t].state == State::kWarpBarrier) l.fibers[t].state = State::kReady;
+  }
+  return true;
+}
+
 // Releases the threads waiting at a barrier that every live thread it needs has reached;
 // false if there is none (a deadlock, unless every thread is done).
 bool release(Launch& l) {
   const int n = static_cast<int>(l.fibers.size());
-  const int warps = (n + 31) / 32;
   bool released = false;
-  for (int w = 0; w < warps; ++w) {
-    bool all = true, any = false;
-    for (int t = w * 32; t < std::min(n, w * 32 + 32); ++t) {
-      const State s = l.fibers[t].state;
-      if (s == State::kWarpBarrier) any = true;
-      else if (s != State::kDone) all = false;
-    }
-    if (any && all) {
-      for (int t = w * 32; t < std::min(n, w * 32 + 32); ++t) {
-        if (l.fibers[t].state == State::kWarpBarrier) l.fibers[t].state = State::kReady;
-      }
-      released = true;
-    }
-  }
+  for (int w = 0; w < (n + 31) / 32; ++w) released = release_warp(l, w) || released;
   if (released) return true;
   bool all = true, any = false;
   for (const Fiber& f : l.fibers) {
@@ -200,6 +203,10 @@ void run_block(Launch& l, unsigned char* stacks) {
   l.mma_memos.assign((n + 31) / 32, {});
   l.mma_calls.assign(n, 0);
   std::fill(l.dynamic_smem_buffer.begin(), l.dynamic_smem_buffer.end(), 0xCD);  // not zero
+  // The first ready thread in schedule order runs to its next barrier. A warp whose lanes
+  // have all reached a warp barrier goes on at once, so each warp runs as far as it can
+  // before the next one starts: between two block barriers, every write of the first warp
+  // precedes every access of the last (and the reverse in the reverse order).
   for (;;) {
     bool ran = false;
     for (int i = 0; i < n; ++i) {
@@ -208,6 +215,7 @@ void run_block(Launch& l, unsigned char* stacks) {
       to_fiber(l, f);
       ran = true;
       if (l.failed) return;
+      if (f.state == State::kWarpBarrier && release_warp(l, warp_of(f))) i = -1;
     }
     if (ran) continue;
     if (!release(l)) break;
