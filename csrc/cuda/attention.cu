@@ -337,15 +337,34 @@ using RowMajor = nvcuda::wmma::row_major;
 using ColMajor = nvcuda::wmma::col_major;
 
 // rows x cols elements at src (row stride `stride`) into shared memory (leading dimension
-// ld), zero past row `valid`: the block's threads, consecutive ones along a row.
+// ld), zero past row `valid`, by the block's threads: 16-byte cp.async copies where every
+// row is 16-byte aligned (they land at the caller's wait), else element by element.
 template <typename T>
-__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t stride,
+__device__ __forceinline__ void copy_rows(T* dst, int ld, const T* src, int64_t stride,
                                           int64_t first_row, int rows, int64_t valid, int cols) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  if (cols % V == 0 && ld % V == 0 && stride % V == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0) {  // the same for every thread
+    const int vecs = cols / V;
+    for (int idx = threadIdx.x; idx < rows * vecs; idx += blockDim.x) {
+      const int r = idx / vecs, c = idx % vecs * V;
+      const int64_t row = first_row + r;
+      const bool ok = row < valid;
+      async_copy<16>(dst + r * ld + c, ok ? src + row * stride + c : src, ok);
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
     const int r = idx / cols, c = idx % cols;
     const int64_t row = first_row + r;
     dst[r * ld + c] = row < valid ? src[row * stride + c] : from_acc<T>(0.0f);
   }
+}
+
+// This thread's copies so far have landed (a barrier then shows them to the block).
+__device__ __forceinline__ void copies_landed() {
+  async_copy_commit();
+  async_copy_wait<0>();
 }
 
 // rows x cols floats of shared memory (leading dimension ld) set to zero.
@@ -381,8 +400,12 @@ __global__ void __launch_bounds__(kTcThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r0 = warp * 16;  // the warp's rows
 
-  load_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+  // K and V tiles take turns in flight: V lands while S = Q K^T and the softmax are
+  // computed, the next K while O += P V is (the schedule of FlashAttention-2).
+  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
+  copy_rows(qs, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
+  if (key_end > 0) copy_rows(ks, ld.qk, kh, p.k_stride[2], 0, kTcTile, p.kv_len, D);
   zero_rows(os, ld.acc_vo, kTcTile, Dv);
   for (int r = threadIdx.x; r < kTcTile; r += blockDim.x) {
     m[r] = -INFINITY;
@@ -392,12 +415,11 @@ __global__ void __launch_bounds__(kTcThreads)
   // Lane 2 r' + half takes keys [32 half, 32 half + 32) of row r0 + r'.
   const int r = r0 + lane / 2, half = lane % 2;
   const int64_t i = i0 + r;
-  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTcTile) {
-    __syncthreads();  // every warp is done with the previous K and V tiles
-    load_rows(ks, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
-    load_rows(vs, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
-    __syncthreads();
+    copies_landed();  // this tile's K (and, the first time, Q)
+    __syncthreads();  // ... seen by every warp, and every warp is done with the previous V
+    copy_rows(vs, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
+    async_copy_commit();
     warp_gemm<T, RowMajor, ColMajor>(ss + r0 * ld.s, ld.s, qs + r0 * ld.qk, ld.qk, ks, ld.qk,
                                      kTcTile, D, false);  // S = Q K^T
     __syncwarp();
@@ -438,10 +460,16 @@ __global__ void __launch_bounds__(kTcThreads)
       const int rr = r0 + idx / Dv;
       os[rr * ld.acc_vo + idx % Dv] *= alpha[rr];
     }
-    __syncwarp();
+    async_copy_wait<0>();  // this tile's V
+    __syncthreads();  // ... seen by every warp, and every warp is done with this K
+    if (j0 + kTcTile < key_end) {
+      copy_rows(ks, ld.qk, kh, p.k_stride[2], j0 + kTcTile, kTcTile, p.kv_len, D);
+    }
+    async_copy_commit();
     warp_gemm<T, RowMajor, RowMajor>(os + r0 * ld.acc_vo, ld.acc_vo, ps + r0 * ld.p, ld.p, vs,
                                      ld.vo, Dv, kTcTile, true);
   }
+  copies_landed();  // Q, where there was no key tile
   __syncwarp();
 
   T* oh = out + b * p.o_stride[0] + h * p.o_stride[1];
@@ -517,12 +545,13 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t tiles = (p.kv_len + kTcTile - 1) / kTcTile;
   const int64_t bhk = blockIdx.x / tiles, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
   const int64_t j0 = (blockIdx.x % tiles) * kTcTile;
-  load_rows(sm.k, ld.qk, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kTcTile,
+  copy_rows(sm.k, ld.qk, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kTcTile,
             p.kv_len, D);
-  load_rows(sm.v, ld.vo, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kTcTile,
+  copy_rows(sm.v, ld.vo, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kTcTile,
             p.kv_len, Dv);
   zero_rows(sm.dk, ld.acc_qk, kTcTile, D);
   zero_rows(sm.dv, ld.acc_vo, kTcTile, Dv);
+  copies_landed();
   __syncthreads();
 
   const int k0 = threadIdx.x / 32 * 16;  // the warp's keys in dK and dV
@@ -535,9 +564,10 @@ __global__ void __launch_bounds__(kTcThreads)
     const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
     for (int64_t i0 = first; i0 < p.q_len; i0 += kTcTile) {
       __syncthreads();  // the previous tile's Q, dO, P z and dS are consumed
-      load_rows(sm.q, ld.qk, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
-      load_rows(sm.g, ld.vo, gh, p.do_stride[2], i0, kTcTile, p.q_len, Dv);
+      copy_rows(sm.q, ld.qk, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
+      copy_rows(sm.g, ld.vo, gh, p.do_stride[2], i0, kTcTile, p.q_len, Dv);
       load_row_stats(sm.lse, sm.delta, lse, delta, bh, i0, p.q_len);
+      copies_landed();
       __syncthreads();
       tc_grad_scores(p, ld, sm, mask, mask_base, static_cast<uint32_t>(bh), i0, j0);
       __syncthreads();  // dK and dV take every warp's rows of P z and dS
@@ -573,9 +603,9 @@ __global__ void __launch_bounds__(kTcThreads)
   const TcBackwardTiles<T> sm(dynamic_smem(), lay, false);
 
   const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
-  load_rows(sm.q, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+  copy_rows(sm.q, ld.qk, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
-  load_rows(sm.g, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
+  copy_rows(sm.g, ld.vo, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
             kTcTile, p.q_len, Dv);
   load_row_stats(sm.lse, sm.delta, lse, delta, bh, i0, p.q_len);
   zero_rows(sm.dq, ld.acc_qk, kTcTile, D);
@@ -584,14 +614,16 @@ __global__ void __launch_bounds__(kTcThreads)
   const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTcTile) {
     __syncthreads();  // every warp is done with the previous K and V tiles
-    load_rows(sm.k, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
-    load_rows(sm.v, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
+    copy_rows(sm.k, ld.qk, kh, p.k_stride[2], j0, kTcTile, p.kv_len, D);
+    copy_rows(sm.v, ld.vo, vh, p.v_stride[2], j0, kTcTile, p.kv_len, Dv);
+    copies_landed();  // and, the first time, Q and dO
     __syncthreads();
     tc_grad_scores(p, ld, sm, mask, mask_base, static_cast<uint32_t>(bh), i0, j0);
     __syncwarp();
     warp_gemm<T, RowMajor, RowMajor>(sm.dq + r0 * ld.acc_qk, ld.acc_qk, sm.ds + r0 * ld.p, ld.p,
                                      sm.k, ld.qk, D, kTcTile, true);  // dQ += dS K
   }
+  copies_landed();  // Q and dO, where there was no key tile
   __syncthreads();  // with no key tile, other warps' threads zeroed this warp's rows
   const float scale = static_cast<float>(p.scale);
   const int lane = threadIdx.x % 32;
