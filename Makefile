@@ -48,10 +48,14 @@ endif
 # Not in `make test` (8 minutes): the models, conversion and autocast tests on the emulated
 # CUDA kernels, without AddressSanitizer.
 test-cuda-emulated-models: build
+ifdef CUDA_HOME
 	$(PY) tests/cuda_emu.py
 	DLCV_FAST_EXTENSION=build/emu/_C.so $(PY) -m pytest -q -m "not slow" tests/test_models.py \
 		tests/test_models_vit_googlenet.py tests/test_unet.py tests/test_convert.py \
 		tests/test_autocast.py tests/test_autograd_fast_path.py
+else
+	@echo "test-cuda-emulated-models: skipped, no CUDA toolkit (set CUDA_HOME) for the kernels' headers"
+endif
 
 bench: build
 	$(PY) -m dlcv_fast bench

@@ -6,8 +6,10 @@
 #include <cstdarg>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -58,8 +60,9 @@ struct Launch {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   ucontext_t scheduler;
-  std::vector<unsigned char> dynamic_smem_buffer;  // kDynamicSmemAlign bytes over the need
-  unsigned char* dynamic_smem = nullptr;             // aligned within it
+  // Exactly the launch's bytes (AddressSanitizer then sees an access one past them).
+  std::unique_ptr<unsigned char, decltype(&std::free)> dynamic_smem{nullptr, &std::free};
+  size_t dynamic_smem_bytes = 0;
   std::vector<uint64_t> slots;  // a shuffle's value per thread
   std::vector<std::vector<MmaMemo>> mma_memos;  // per warp, by call
   std::vector<size_t> mma_calls;                // per thread, this block
@@ -202,7 +205,7 @@ void run_block(Launch& l, unsigned char* stacks) {
   }
   l.mma_memos.assign((n + 31) / 32, {});
   l.mma_calls.assign(n, 0);
-  std::fill(l.dynamic_smem_buffer.begin(), l.dynamic_smem_buffer.end(), 0xCD);  // not zero
+  if (l.dynamic_smem_bytes > 0) std::memset(l.dynamic_smem.get(), 0xCD, l.dynamic_smem_bytes);
   // The first ready thread in schedule order runs to its next barrier. A warp whose lanes
   // have all reached a warp barrier goes on at once, so each warp runs as far as it can
   // before the next one starts: between two block barriers, every write of the first warp
@@ -244,7 +247,7 @@ uint3 block_idx() { return launch_in_progress().block_index; }
 dim3 block_dim() { return launch_in_progress().block; }
 dim3 grid_dim() { return launch_in_progress().grid; }
 int lane() { return launch_in_progress().current->linear % 32; }
-unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem; }
+unsigned char* dynamic_smem() { return launch_in_progress().dynamic_smem.get(); }
 
 MmaMemo& next_mma_memo() {
   Launch& l = launch_in_progress();
@@ -365,9 +368,12 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*b
   l.state = state;
   l.fibers.resize(threads);
   l.slots.resize(threads);
-  l.dynamic_smem_buffer.resize(smem + kDynamicSmemAlign);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(l.dynamic_smem_buffer.data());
-  l.dynamic_smem = l.dynamic_smem_buffer.data() + (kDynamicSmemAlign - base % kDynamicSmemAlign);
+  void* buffer = nullptr;
+  if (posix_memalign(&buffer, kDynamicSmemAlign, smem) != 0) {
+    return finish(cudaErrorMemoryAllocation, "no memory for dynamic shared memory");
+  }
+  l.dynamic_smem.reset(static_cast<unsigned char*>(buffer));
+  l.dynamic_smem_bytes = smem;
   const size_t stack_bytes = threads * kStackBytes;
   void* stacks = mmap(nullptr, stack_bytes, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
