@@ -23,6 +23,10 @@ CPU_SHAPES = [
     (1, 2, 1, 130, 257, 32, 48),
     (1, 1, 1, 65, 300, 256, 256),
     (1, 2, 2, 200, 70, 128, 128),
+    # Equal head dims of 32, 64 and 96 as well: the CUDA forward's register-tile kernels.
+    (1, 2, 2, 70, 66, 32, 32),
+    (2, 2, 1, 77, 131, 64, 64),
+    (1, 1, 1, 40, 100, 96, 96),
 ]
 # Triton's interpreter is slow: small shapes that still cross tiles of 16.
 TRITON_SHAPES = [(1, 2, 1, 19, 23, 16, 8), (2, 1, 1, 33, 17, 24, 40)]

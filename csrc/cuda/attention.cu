@@ -13,8 +13,10 @@
 //
 // These are the plain CUDA-core kernels (one scalar FMA per product): correct for every
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
-// float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores
-// (the *_tc_kernel below), the forward up to head dim 256, the backward up to 128.
+// float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores:
+// the forward on mma.sync with scores in registers where D = Dv is 32, 64, 96 or 128
+// (forward_mma_kernel), else on WMMA up to head dim 256 (forward_tc_kernel); the backward
+// on WMMA up to 128 (the *_tc_kernel below).
 
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -26,6 +28,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "mma_sync.cuh"
 
 namespace dlcv_fast::cuda {
 namespace {
@@ -212,7 +215,9 @@ __global__ void __launch_bounds__(kAttnThreads)
 // the element type, as FlashAttention feeds them.
 //   forward  per key tile: S = Q K^T; the online softmax of each row, giving P and the
 //            rescale alpha; O = O alpha + P V, with O in shared memory as float (a fragment's
-//            rows are opaque, so the rescale happens between a store and a load).
+//            rows are opaque, so the rescale happens between a store and a load; the
+//            mma.sync kernel, which knows its fragments' rows, keeps S, P and O in
+//            registers).
 //   dK, dV   a block per key tile, looping over the group's heads and the query tiles:
 //            S = Q K^T, dP = dO V^T, then P z and dS; dV += (P z)^T dO, dK += dS^T Q.
 //   dQ       a block per query tile, looping over the key tiles: S, dP, dS; dQ += dS K.
@@ -484,6 +489,163 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   if (half == 0 && i < p.q_len) {
     lse[bh * p.q_len + i] = l[r] == 0.0f ? -INFINITY : m[r] + logf(l[r]);
+  }
+}
+
+// The forward on mma.sync with the scores in registers (head dims D = Dv in kMmaHeadDims):
+// each warp keeps its 16 query rows' Q fragments, output accumulators and softmax statistics
+// in registers; a key tile's S = Q K^T lands in accumulators that become, rescaled and
+// rounded, the A operand of O += P V. Shared memory holds only the Q, K and V tiles (27 KB
+// at D = 64, 52 KB at 128, against 72 and 137 KB for forward_tc_kernel, whose S and O go
+// through shared memory). Each lane holds, of rows g and g + 8 of its warp's 16 (lane =
+// 4 g + t), keys 8 n + 2 t and 8 n + 2 t + 1 of every 8-key column block n.
+constexpr int kMmaKeys = 64;  // keys per tile: 8 column blocks, 32 score accumulators a lane
+
+constexpr bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
+
+size_t mma_forward_smem(int d, int elem) {
+  return static_cast<size_t>(kTcTile + 2 * kMmaKeys) * (d + 8) * elem;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads)
+    forward_mma_kernel(const AttentionParams p, const T* __restrict__ q,
+                       const T* __restrict__ k, const T* __restrict__ v,
+                       const void* __restrict__ mask, T* __restrict__ out,
+                       float* __restrict__ lse) {
+  constexpr int kLd = D + 8;  // 16-byte pad: the 8 rows of an ldmatrix hit distinct banks
+  constexpr int KS = D / 16;  // k-steps of S = Q K^T; n-tile pairs of O += P V
+  T* const qs = reinterpret_cast<T*>(dynamic_smem());
+  T* const ks = qs + kTcTile * kLd;
+  T* const vs = ks + kMmaKeys * kLd;
+
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int r0 = warp * 16;
+  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
+  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+            p.q_len, D);
+  if (key_end > 0) copy_rows(ks, kLd, kh, p.k_stride[2], 0, kMmaKeys, p.kv_len, D);
+  copies_landed();
+  __syncthreads();
+
+  // ldmatrix row of this lane: matrix j = lane / 8, its row lane % 8.
+  const int mat = lane / 8, mrow = lane % 8;
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    ldmatrix_x4(qf[kk], qs + (r0 + (mat % 2) * 8 + mrow) * kLd + kk * 16 + (mat / 2) * 8);
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const int64_t rows[2] = {i0 + r0 + g, i0 + r0 + g + 8};
+
+  for (int64_t j0 = 0; j0 < key_end; j0 += kMmaKeys) {
+    if (j0 > 0) copies_landed();  // this tile's K
+    __syncthreads();  // ... seen by every warp, and every warp is done with the previous V
+    copy_rows(vs, kLd, vh, p.v_stride[2], j0, kMmaKeys, p.kv_len, D);
+    async_copy_commit();
+
+    float s[kMmaKeys / 8][4];
+#pragma unroll
+    for (int n = 0; n < kMmaKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kMmaKeys / 16; ++np) {  // keys 16 np .. 16 np + 15: K rows as B
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ks + (np * 16 + (mat / 2) * 8 + mrow) * kLd + kk * 16 + (mat % 2) * 8);
+        mma_16816<T>(s[2 * np], qf[kk], {kf[0], kf[1]});
+        mma_16816<T>(s[2 * np + 1], qf[kk], {kf[2], kf[3]});
+      }
+    }
+
+    // Online softmax of rows g (c = 0, 1) and g + 8 (c = 2, 3); a row's four lanes (the
+    // same g) combine their maxima and sums by shuffles over t.
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kMmaKeys / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t i = rows[c / 2], j = j0 + n * 8 + 2 * t + c % 2;
+        s[n][c] = visible(p, i, j) ? score<T, float>(p, s[n][c], mask, mask_base, i, j)
+                                   : -INFINITY;
+        row_max[c / 2] = max_nan(row_max[c / 2], s[n][c]);
+      }
+    float alpha[2], m_new[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      row_max[x] = max_nan(row_max[x], __shfl_xor_sync(0xffffffffu, row_max[x], 1));
+      row_max[x] = max_nan(row_max[x], __shfl_xor_sync(0xffffffffu, row_max[x], 2));
+      m_new[x] = max_nan(m_run[x], row_max[x]);
+      alpha[x] = m_new[x] == -INFINITY ? 1.0f : expf(m_run[x] - m_new[x]);
+    }
+    uint32_t pf[kMmaKeys / 16][4];  // P as A operands, one per 16 keys
+#pragma unroll
+    for (int n = 0; n < kMmaKeys / 8; ++n) {
+      float e[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int x = c / 2;
+        e[c] = m_new[x] == -INFINITY ? 0.0f : expf(s[n][c] - m_new[x]);
+        sum[x] += e[c];
+        e[c] *= dropout_factor<float>(p, static_cast<uint32_t>(bh), rows[x],
+                                      j0 + n * 8 + 2 * t + c % 2);
+      }
+      pf[n / 2][(n % 2) * 2] = pack2<T>(e[0], e[1]);
+      pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(e[2], e[3]);
+    }
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      sum[x] += __shfl_xor_sync(0xffffffffu, sum[x], 1);
+      sum[x] += __shfl_xor_sync(0xffffffffu, sum[x], 2);
+      if (m_new[x] != -INFINITY) {
+        l_run[x] = l_run[x] * alpha[x] + sum[x];
+        m_run[x] = m_new[x];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    async_copy_wait<0>();  // this tile's V
+    __syncthreads();  // ... seen by every warp, and every warp is done with this K
+    if (j0 + kMmaKeys < key_end) {
+      copy_rows(ks, kLd, kh, p.k_stride[2], j0 + kMmaKeys, kMmaKeys, p.kv_len, D);
+    }
+    async_copy_commit();
+#pragma unroll
+    for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {  // value columns 16 dp .. 16 dp + 15: V rows as B
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, vs + (kk * 16 + (mat % 2) * 8 + mrow) * kLd + dp * 16 +
+                                  (mat / 2) * 8);
+        mma_16816<T>(o[2 * dp], pf[kk], {vf[0], vf[1]});
+        mma_16816<T>(o[2 * dp + 1], pf[kk], {vf[2], vf[3]});
+      }
+    }
+  }
+
+  T* const oh = out + b * p.o_stride[0] + h * p.o_stride[1];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    if (rows[x] >= p.q_len) continue;
+    // A fully masked row (l = 0) gives zeros and lse = -inf, a NaN l NaN for both.
+    const float inv = l_run[x] == 0.0f ? 0.0f : 1.0f / l_run[x];
+    T* const orow = oh + rows[x] * p.o_stride[2];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      orow[n * 8 + 2 * t] = from_acc<T>(o[n][2 * x] * inv);
+      orow[n * 8 + 2 * t + 1] = from_acc<T>(o[n][2 * x + 1] * inv);
+    }
+    if (t == 0) lse[bh * p.q_len + rows[x]] = l_run[x] == 0.0f ? -INFINITY : m_run[x] + logf(l_run[x]);
   }
 }
 
@@ -898,6 +1060,23 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
   const int64_t bh = p.batch * p.heads;
   if (bh == 0 || p.q_len == 0) return cudaSuccess;
   if constexpr (kTensorCoreType<T>) {
+    if (p.head_dim == p.v_dim && mma_head_dim(p.head_dim)) {
+      const auto launch = [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        bool launched = false;
+        const cudaError_t err = launch_tc(
+            forward_mma_kernel<T, D>, mma_forward_smem(D, sizeof(T)), p.q_len, bh, stream,
+            &launched, p, static_cast<const T*>(q), static_cast<const T*>(k),
+            static_cast<const T*>(v), mask, static_cast<T*>(out), static_cast<float*>(lse));
+        return err != cudaSuccess || launched ? err : cudaErrorNotSupported;
+      };
+      switch (p.head_dim) {
+        case 32: return launch(std::integral_constant<int, 32>{});
+        case 64: return launch(std::integral_constant<int, 64>{});
+        case 96: return launch(std::integral_constant<int, 96>{});
+        default: return launch(std::integral_constant<int, 128>{});
+      }
+    }
     if (tc_head_dims(p, 256)) {
       const TcForwardLayout lay(static_cast<int>(p.head_dim), static_cast<int>(p.v_dim),
                                 sizeof(T));

@@ -39,6 +39,9 @@ void sync_warp();
 // named by `mask`, calls it: the emulation checks).
 uint64_t shuffle(unsigned mask, uint64_t bits, int src);
 int lane();
+// Every lane of the calling thread's (whole) warp passes `bytes` (at most 32) at `mine`;
+// each gets all 32 lanes' in `all`, in lane order (ldmatrix and mma.sync are built on it).
+void warp_exchange(const void* mine, void* all, int bytes);
 unsigned char* dynamic_smem();
 // The memo of the calling lane's next warp-matrix multiply (its k-th of the block) in its
 // warp: the warp's lanes make the same calls with the same operands, so one computes each

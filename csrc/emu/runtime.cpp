@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <array>
 #include <cstdarg>
 #include <cstdlib>
 #include <cstdio>
@@ -64,6 +65,10 @@ struct Launch {
   std::unique_ptr<unsigned char, decltype(&std::free)> dynamic_smem{nullptr, &std::free};
   size_t dynamic_smem_bytes = 0;
   std::vector<uint64_t> slots;  // a shuffle's value per thread
+  // warp_exchange's values per thread, in two banks used in turn, so that a lane may write
+  // the next exchange's while the others still read this one's (one warp barrier each).
+  std::vector<std::array<unsigned char, 32>> exchange[2];
+  std::vector<uint64_t> exchanges;  // per thread, this block
   std::vector<std::vector<MmaMemo>> mma_memos;  // per warp, by call
   std::vector<size_t> mma_calls;                // per thread, this block
   bool failed = false;
@@ -205,6 +210,7 @@ void run_block(Launch& l, unsigned char* stacks) {
   }
   l.mma_memos.assign((n + 31) / 32, {});
   l.mma_calls.assign(n, 0);
+  l.exchanges.assign(n, 0);
   if (l.dynamic_smem_bytes > 0) std::memset(l.dynamic_smem.get(), 0xCD, l.dynamic_smem_bytes);
   // The first ready thread in schedule order runs to its next barrier. A warp whose lanes
   // have all reached a warp barrier goes on at once, so each warp runs as far as it can
@@ -318,6 +324,24 @@ uint64_t shuffle(unsigned mask, uint64_t bits, int src) {
   return out;
 }
 
+void warp_exchange(const void* mine, void* all, int bytes) {
+  Launch& l = launch_in_progress();
+  const Fiber& f = *l.current;
+  const int n = static_cast<int>(l.fibers.size());
+  const int base = warp_of(f) * 32;
+  if (base + 32 > n) fail("a warp-wide matrix operation in a warp of fewer than 32 threads");
+  if (bytes < 1 || bytes > 32) fail("warp_exchange of %d bytes", bytes);
+  const uint64_t k = ++l.exchanges[f.linear];
+  auto& bank = l.exchange[k % 2];
+  std::memcpy(bank[f.linear].data(), mine, bytes);
+  sync_warp();
+  for (int t = base; t < base + 32; ++t) {
+    // A lane may be one exchange ahead (it wrote the other bank), never behind.
+    if (l.exchanges[t] < k) fail("warp matrix operation: lane %d exited before it", t - base);
+    std::memcpy(static_cast<unsigned char*>(all) + (t - base) * bytes, bank[t].data(), bytes);
+  }
+}
+
 void fail(const char* format, ...) {
   Launch& l = launch_in_progress();
   char buf[512];
@@ -368,6 +392,8 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*b
   l.state = state;
   l.fibers.resize(threads);
   l.slots.resize(threads);
+  l.exchange[0].resize(threads);
+  l.exchange[1].resize(threads);
   void* buffer = nullptr;
   if (posix_memalign(&buffer, kDynamicSmemAlign, smem) != 0) {
     return finish(cudaErrorMemoryAllocation, "no memory for dynamic shared memory");
