@@ -14,9 +14,10 @@
 // These are the plain CUDA-core kernels (one scalar FMA per product): correct for every
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
 // float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores:
-// the forward on mma.sync with scores in registers where D = Dv is 32, 64, 96 or 128
-// (forward_mma_kernel), else on WMMA up to head dim 256 (forward_tc_kernel); the backward
-// on WMMA up to 128 (the *_tc_kernel below).
+// where D = Dv is 32, 64, 96 or 128 on mma.sync with the scores in registers (the
+// *_mma_kernel below; dK / dV only up to 64, where its accumulators fit in registers), else
+// on WMMA with the scores in shared memory, the forward up to head dim 256, the backward up
+// to 128 (the *_tc_kernel).
 
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -492,84 +493,120 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-// The forward on mma.sync with the scores in registers (head dims D = Dv in kMmaHeadDims):
-// each warp keeps its 16 query rows' Q fragments, output accumulators and softmax statistics
-// in registers; a key tile's S = Q K^T lands in accumulators that become, rescaled and
-// rounded, the A operand of O += P V. Shared memory holds only the Q, K and V tiles (27 KB
-// at D = 64, 52 KB at 128, against 72 and 137 KB for forward_tc_kernel, whose S and O go
-// through shared memory). Each lane holds, of rows g and g + 8 of its warp's 16 (lane =
-// 4 g + t), keys 8 n + 2 t and 8 n + 2 t + 1 of every 8-key column block n.
-constexpr int kMmaKeys = 64;  // keys per tile: 8 column blocks, 32 score accumulators a lane
+// ---- tensor cores on registers (mma.sync): float16 and bfloat16, D = Dv in 32..128 -------
+//
+// Each warp keeps its 16 rows' scores, probabilities and accumulators in registers, so S and
+// P never pass through shared memory, which holds only the operand tiles. A lane holds, of
+// rows g and g + 8 of its warp's 16 (lane = 4 g + t), columns 8 n + 2 t and 8 n + 2 t + 1 of
+// every 8-column block n (mma_sync.cuh); two adjacent blocks of a product's accumulators,
+// rounded to the element type, are the A operand of the next product.
+constexpr int kMmaKeys = 64;  // columns of a score tile: 8 blocks, 32 accumulators a lane
+static_assert(kMmaKeys == kTcTile, "the mma kernels' shared tiles all have kTcTile rows");
 
-constexpr bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128; }
-
-size_t mma_forward_smem(int d, int elem) {
-  return static_cast<size_t>(kTcTile + 2 * kMmaKeys) * (d + 8) * elem;
+bool mma_head_dims(const AttentionParams& p, int64_t most) {
+  return p.head_dim == p.v_dim && p.head_dim % 32 == 0 && p.head_dim <= most;
 }
 
+// acc (16 x 8 N) += A B^T, A's 16 rows and B's 8 N rows in shared memory ([row][k], leading
+// dimensions lda and ldb, K = 16 KS): S = Q K^T, dP = dO V^T, and their transposes.
+template <typename T, int KS, int N>
+__device__ __forceinline__ void mma_abt(float (&acc)[N][4], const T* a, int lda, const T* b,
+                                        int ldb) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, mrow = lane % 8;  // ldmatrix rows
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, a + ((mat % 2) * 8 + mrow) * lda + kk * 16 + (mat / 2) * 8);
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + (np * 16 + (mat / 2) * 8 + mrow) * ldb + kk * 16 + (mat % 2) * 8);
+      mma_16816<T>(acc[2 * np], af, {bf[0], bf[1]});
+      mma_16816<T>(acc[2 * np + 1], af, {bf[2], bf[3]});
+    }
+  }
+}
+
+// acc (16 x 8 N) += A B, A in registers (KA k-steps of 16), B's 16 KA rows in shared memory
+// ([k][n], leading dimension ldb): O += P V, dQ += dS K, dV += (P z)^T dO, dK += dS^T Q.
+template <typename T, int KA, int N>
+__device__ __forceinline__ void mma_ab(float (&acc)[N][4], const uint32_t (&a)[KA][4],
+                                       const T* b, int ldb) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, mrow = lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < KA; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 2; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, b + (kk * 16 + (mat % 2) * 8 + mrow) * ldb + np * 16 + (mat / 2) * 8);
+      mma_16816<T>(acc[2 * np], a[kk], {bf[0], bf[1]});
+      mma_16816<T>(acc[2 * np + 1], a[kk], {bf[2], bf[3]});
+    }
+  }
+}
+
+// Accumulators (16 x 8 N) as A operands (N / 2 k-steps) in the element type.
+template <typename T, int N>
+__device__ __forceinline__ void to_a_operand(uint32_t (&a)[N / 2][4], const float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    a[n / 2][(n % 2) * 2] = pack2<T>(acc[n][0], acc[n][1]);
+    a[n / 2][(n % 2) * 2 + 1] = pack2<T>(acc[n][2], acc[n][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// Column of accumulator c of block n of the lane (its row: g + 8 (c / 2)).
+__device__ __forceinline__ int acc_col(int n, int c) { return n * 8 + 2 * (threadIdx.x % 4) + c % 2; }
+
+size_t mma_tile_bytes(int d, int elem) { return static_cast<size_t>(kTcTile) * (d + 8) * elem; }
+
+// The forward: Q stays in shared memory; K and V tiles are copied by cp.async while the
+// other is multiplied (V during S = Q K^T and the softmax, the next K during O += P V).
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads)
     forward_mma_kernel(const AttentionParams p, const T* __restrict__ q,
                        const T* __restrict__ k, const T* __restrict__ v,
                        const void* __restrict__ mask, T* __restrict__ out,
                        float* __restrict__ lse) {
-  constexpr int kLd = D + 8;  // 16-byte pad: the 8 rows of an ldmatrix hit distinct banks
-  constexpr int KS = D / 16;  // k-steps of S = Q K^T; n-tile pairs of O += P V
+  constexpr int kLd = D + 8;  // 16-byte pad: an ldmatrix's 8 rows fall in distinct banks
+  constexpr int kBlocks = kMmaKeys / 8;
   T* const qs = reinterpret_cast<T*>(dynamic_smem());
   T* const ks = qs + kTcTile * kLd;
   T* const vs = ks + kMmaKeys * kLd;
 
   const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int r0 = warp * 16;
+  const int r0 = threadIdx.x / 32 * 16, g = threadIdx.x % 32 / 4;
+  const int64_t rows[2] = {i0 + r0 + g, i0 + r0 + g + 8};
   const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
   copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
             p.q_len, D);
   if (key_end > 0) copy_rows(ks, kLd, kh, p.k_stride[2], 0, kMmaKeys, p.kv_len, D);
-  copies_landed();
-  __syncthreads();
 
-  // ldmatrix row of this lane: matrix j = lane / 8, its row lane % 8.
-  const int mat = lane / 8, mrow = lane % 8;
-  uint32_t qf[KS][4];
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    ldmatrix_x4(qf[kk], qs + (r0 + (mat % 2) * 8 + mrow) * kLd + kk * 16 + (mat / 2) * 8);
-  }
   float o[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  zero(o);
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
-  const int64_t rows[2] = {i0 + r0 + g, i0 + r0 + g + 8};
-
   for (int64_t j0 = 0; j0 < key_end; j0 += kMmaKeys) {
-    if (j0 > 0) copies_landed();  // this tile's K
+    copies_landed();  // this tile's K (and, the first time, Q)
     __syncthreads();  // ... seen by every warp, and every warp is done with the previous V
     copy_rows(vs, kLd, vh, p.v_stride[2], j0, kMmaKeys, p.kv_len, D);
     async_copy_commit();
+    float s[kBlocks][4];
+    zero(s);
+    mma_abt<T, D / 16>(s, qs + r0 * kLd, kLd, ks, kLd);
 
-    float s[kMmaKeys / 8][4];
-#pragma unroll
-    for (int n = 0; n < kMmaKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-      for (int np = 0; np < kMmaKeys / 16; ++np) {  // keys 16 np .. 16 np + 15: K rows as B
-        uint32_t kf[4];
-        ldmatrix_x4(kf, ks + (np * 16 + (mat / 2) * 8 + mrow) * kLd + kk * 16 + (mat % 2) * 8);
-        mma_16816<T>(s[2 * np], qf[kk], {kf[0], kf[1]});
-        mma_16816<T>(s[2 * np + 1], qf[kk], {kf[2], kf[3]});
-      }
-    }
-
-    // Online softmax of rows g (c = 0, 1) and g + 8 (c = 2, 3); a row's four lanes (the
-    // same g) combine their maxima and sums by shuffles over t.
+    // Online softmax; a row's four lanes (the same g) combine maxima and sums by shuffles.
     float row_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < kMmaKeys / 8; ++n)
+    for (int n = 0; n < kBlocks; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int64_t i = rows[c / 2], j = j0 + n * 8 + 2 * t + c % 2;
+        const int64_t i = rows[c / 2], j = j0 + acc_col(n, c);
         s[n][c] = visible(p, i, j) ? score<T, float>(p, s[n][c], mask, mask_base, i, j)
                                    : -INFINITY;
         row_max[c / 2] = max_nan(row_max[c / 2], s[n][c]);
@@ -582,21 +619,16 @@ __global__ void __launch_bounds__(kTcThreads)
       m_new[x] = max_nan(m_run[x], row_max[x]);
       alpha[x] = m_new[x] == -INFINITY ? 1.0f : expf(m_run[x] - m_new[x]);
     }
-    uint32_t pf[kMmaKeys / 16][4];  // P as A operands, one per 16 keys
 #pragma unroll
-    for (int n = 0; n < kMmaKeys / 8; ++n) {
-      float e[4];
+    for (int n = 0; n < kBlocks; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int x = c / 2;
-        e[c] = m_new[x] == -INFINITY ? 0.0f : expf(s[n][c] - m_new[x]);
-        sum[x] += e[c];
-        e[c] *= dropout_factor<float>(p, static_cast<uint32_t>(bh), rows[x],
-                                      j0 + n * 8 + 2 * t + c % 2);
+        const float e = m_new[x] == -INFINITY ? 0.0f : expf(s[n][c] - m_new[x]);
+        sum[x] += e;
+        s[n][c] = e * dropout_factor<float>(p, static_cast<uint32_t>(bh), rows[x],
+                                            j0 + acc_col(n, c));
       }
-      pf[n / 2][(n % 2) * 2] = pack2<T>(e[0], e[1]);
-      pf[n / 2][(n % 2) * 2 + 1] = pack2<T>(e[2], e[3]);
-    }
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       sum[x] += __shfl_xor_sync(0xffffffffu, sum[x], 1);
@@ -607,12 +639,11 @@ __global__ void __launch_bounds__(kTcThreads)
       }
     }
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[n][c] *= alpha[c / 2];
+    uint32_t pf[kBlocks / 2][4];
+    to_a_operand<T>(pf, s);
 
     async_copy_wait<0>();  // this tile's V
     __syncthreads();  // ... seen by every warp, and every warp is done with this K
@@ -620,18 +651,9 @@ __global__ void __launch_bounds__(kTcThreads)
       copy_rows(ks, kLd, kh, p.k_stride[2], j0 + kMmaKeys, kMmaKeys, p.kv_len, D);
     }
     async_copy_commit();
-#pragma unroll
-    for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {  // value columns 16 dp .. 16 dp + 15: V rows as B
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, vs + (kk * 16 + (mat % 2) * 8 + mrow) * kLd + dp * 16 +
-                                  (mat / 2) * 8);
-        mma_16816<T>(o[2 * dp], pf[kk], {vf[0], vf[1]});
-        mma_16816<T>(o[2 * dp + 1], pf[kk], {vf[2], vf[3]});
-      }
-    }
+    mma_ab<T>(o, pf, vs, kLd);
   }
+  copies_landed();  // Q, where there was no key tile
 
   T* const oh = out + b * p.o_stride[0] + h * p.o_stride[1];
 #pragma unroll
@@ -642,11 +664,31 @@ __global__ void __launch_bounds__(kTcThreads)
     T* const orow = oh + rows[x] * p.o_stride[2];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
-      orow[n * 8 + 2 * t] = from_acc<T>(o[n][2 * x] * inv);
-      orow[n * 8 + 2 * t + 1] = from_acc<T>(o[n][2 * x + 1] * inv);
+      orow[acc_col(n, 0)] = from_acc<T>(o[n][2 * x] * inv);
+      orow[acc_col(n, 1)] = from_acc<T>(o[n][2 * x + 1] * inv);
     }
-    if (t == 0) lse[bh * p.q_len + rows[x]] = l_run[x] == 0.0f ? -INFINITY : m_run[x] + logf(l_run[x]);
+    if (threadIdx.x % 4 == 0) {
+      lse[bh * p.q_len + rows[x]] = l_run[x] == 0.0f ? -INFINITY : m_run[x] + logf(l_run[x]);
+    }
   }
+}
+
+// The backward's elementwise step for one score: from the dot product q_i . k_j (in `s`) and
+// dP_ij (in `dp`) to P_ij z_ij (in `s`) and dS_ij = P_ij (dP_ij z_ij - delta_i) (in `dp`). P
+// is 0 where the pair is not visible or masked, and in a fully masked row (lse = -inf).
+template <typename T>
+__device__ __forceinline__ void grad_score(const AttentionParams& p, const void* mask,
+                                           int64_t mask_base, uint32_t bh, int64_t i, int64_t j,
+                                           float lse_i, float delta_i, float& s, float& dp) {
+  float pr = 0.0f;
+  if (i < p.q_len && lse_i != -INFINITY && visible(p, i, j)) {
+    const float x = score<T, float>(p, s, mask, mask_base, i, j);
+    pr = x == -INFINITY ? 0.0f : expf(x - lse_i);
+  }
+  const float z = pr != 0.0f ? dropout_factor<float>(p, bh, i, j) : 0.0f;
+  s = pr * z;
+  // A masked score (p = 0) passes no gradient, even when the row's delta is NaN.
+  dp = pr == 0.0f ? 0.0f : pr * (dp * z - delta_i);
 }
 
 // The backward's common step for one warp and a (query tile i0, key tile j0) pair: S = Q K^T
@@ -669,16 +711,10 @@ __device__ __forceinline__ void tc_grad_scores(const AttentionParams& p, const T
   const int64_t i = i0 + r;
   const float lse_i = sm.lse[r], delta_i = sm.delta[r];
   for (int c = c0; c < c0 + 32; ++c) {
-    const int64_t j = j0 + c;
-    float pr = 0.0f;
-    if (i < p.q_len && lse_i != -INFINITY && visible(p, i, j)) {
-      const float s = score<T, float>(p, sm.s[r * ld.s + c], mask, mask_base, i, j);
-      pr = s == -INFINITY ? 0.0f : expf(s - lse_i);
-    }
-    const float z = pr != 0.0f ? dropout_factor<float>(p, bh, i, j) : 0.0f;
-    if (sm.pz != nullptr) sm.pz[r * ld.p + c] = from_acc<T>(pr * z);
-    // A masked score (p = 0) passes no gradient, even when the row's delta is NaN.
-    sm.ds[r * ld.p + c] = from_acc<T>(pr == 0.0f ? 0.0f : pr * (sm.dp[r * ld.s + c] * z - delta_i));
+    float pz = sm.s[r * ld.s + c], ds = sm.dp[r * ld.s + c];
+    grad_score<T>(p, mask, mask_base, bh, i, j0 + c, lse_i, delta_i, pz, ds);
+    if (sm.pz != nullptr) sm.pz[r * ld.p + c] = from_acc<T>(pz);
+    sm.ds[r * ld.p + c] = from_acc<T>(ds);
   }
 }
 
@@ -690,6 +726,169 @@ __device__ __forceinline__ void load_row_stats(float* lse_s, float* delta_s, con
     const int64_t i = i0 + r;
     lse_s[r] = i < q_len ? lse[bh * q_len + i] : -INFINITY;
     delta_s[r] = i < q_len ? delta[bh * q_len + i] : 0.0f;
+  }
+}
+
+// dQ for a block of kTcTile query rows, looping over the key tiles: S = Q K^T, dP = dO V^T,
+// dS, dQ += dS K, all in registers; two K buffers, so that the next K tile and then the next
+// V tile are copied while this one is used.
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads)
+    dq_mma_kernel(const AttentionParams p, const T* __restrict__ dout, const T* __restrict__ q,
+                  const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+                  const float* __restrict__ lse, const float* __restrict__ delta,
+                  T* __restrict__ dq) {
+  constexpr int kLd = D + 8, kBlocks = kMmaKeys / 8;
+  T* const qs = reinterpret_cast<T*>(dynamic_smem());
+  T* const gs = qs + kTcTile * kLd;
+  T* const vs = gs + kTcTile * kLd;
+  T* const ks = vs + kMmaKeys * kLd;  // two buffers
+
+  const auto [bh, b, h, i0, mask_base, kh, vh] = query_block(p, kTcTile, k, v);
+  const int r0 = threadIdx.x / 32 * 16, g = threadIdx.x % 32 / 4;
+  const int64_t rows[2] = {i0 + r0 + g, i0 + r0 + g + 8};
+  float lse_r[2], delta_r[2];
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    lse_r[x] = rows[x] < p.q_len ? lse[bh * p.q_len + rows[x]] : -INFINITY;
+    delta_r[x] = rows[x] < p.q_len ? delta[bh * p.q_len + rows[x]] : 0.0f;
+  }
+  const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
+  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+            p.q_len, D);
+  copy_rows(gs, kLd, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
+            kTcTile, p.q_len, D);
+  if (key_end > 0) {
+    copy_rows(ks, kLd, kh, p.k_stride[2], 0, kMmaKeys, p.kv_len, D);
+    copy_rows(vs, kLd, vh, p.v_stride[2], 0, kMmaKeys, p.kv_len, D);
+  }
+
+  float acc[D / 8][4];
+  zero(acc);
+  for (int64_t j0 = 0, t = 0; j0 < key_end; j0 += kMmaKeys, ++t) {
+    const T* const kt = ks + (t % 2) * kMmaKeys * kLd;
+    const bool more = j0 + kMmaKeys < key_end;
+    copies_landed();  // this tile's K and V (and, the first time, Q and dO)
+    __syncthreads();  // ... seen by every warp, and every warp is done with the previous tile
+    if (more) {
+      copy_rows(ks + ((t + 1) % 2) * kMmaKeys * kLd, kLd, kh, p.k_stride[2], j0 + kMmaKeys,
+                kMmaKeys, p.kv_len, D);
+    }
+    async_copy_commit();
+    float s[kBlocks][4], dp[kBlocks][4];
+    zero(s);
+    zero(dp);
+    mma_abt<T, D / 16>(s, qs + r0 * kLd, kLd, kt, kLd);
+    mma_abt<T, D / 16>(dp, gs + r0 * kLd, kLd, vs, kLd);
+    __syncthreads();  // every warp is done with this V
+    if (more) copy_rows(vs, kLd, vh, p.v_stride[2], j0 + kMmaKeys, kMmaKeys, p.kv_len, D);
+    async_copy_commit();
+#pragma unroll
+    for (int n = 0; n < kBlocks; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        grad_score<T>(p, mask, mask_base, static_cast<uint32_t>(bh), rows[c / 2],
+                      j0 + acc_col(n, c), lse_r[c / 2], delta_r[c / 2], s[n][c], dp[n][c]);
+      }
+    uint32_t dsf[kBlocks / 2][4];
+    to_a_operand<T>(dsf, dp);
+    mma_ab<T>(acc, dsf, kt, kLd);
+  }
+  copies_landed();  // Q and dO, where there was no key tile
+
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    if (rows[x] >= p.q_len) continue;
+    T* const row = dq + (bh * p.q_len + rows[x]) * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      row[acc_col(n, 0)] = from_acc<T>(acc[n][2 * x] * scale);
+      row[acc_col(n, 1)] = from_acc<T>(acc[n][2 * x + 1] * scale);
+    }
+  }
+}
+
+// dK and dV for a block of kTcTile keys, looping over the group's query heads and the query
+// tiles; each warp owns 16 keys and computes the transposed scores S^T = K Q^T and
+// dP^T = V dO^T, so that (P z)^T and dS^T are A operands of dV += (P z)^T dO and
+// dK += dS^T Q. dK and dV take 2 D / 8 accumulators a lane: D <= 64 keeps them in registers.
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads)
+    dkdv_mma_kernel(const AttentionParams p, const T* __restrict__ dout,
+                    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                    const void* __restrict__ mask, const float* __restrict__ lse,
+                    const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+  constexpr int kLd = D + 8, kBlocks = kTcTile / 8;
+  T* const ks = reinterpret_cast<T*>(dynamic_smem());
+  T* const vs = ks + kMmaKeys * kLd;
+  T* const qs = vs + kMmaKeys * kLd;
+  T* const gs = qs + kTcTile * kLd;
+  float* const lse_s = reinterpret_cast<float*>(gs + kTcTile * kLd);
+  float* const delta_s = lse_s + kTcTile;
+
+  const int64_t tiles = (p.kv_len + kMmaKeys - 1) / kMmaKeys;
+  const int64_t bhk = blockIdx.x / tiles, b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int64_t j0 = (blockIdx.x % tiles) * kMmaKeys;
+  const int r0 = threadIdx.x / 32 * 16, g = threadIdx.x % 32 / 4;
+  const int64_t keys[2] = {j0 + r0 + g, j0 + r0 + g + 8};
+  copy_rows(ks, kLd, k + b * p.k_stride[0] + hk * p.k_stride[1], p.k_stride[2], j0, kMmaKeys,
+            p.kv_len, D);
+  copy_rows(vs, kLd, v + b * p.v_stride[0] + hk * p.v_stride[1], p.v_stride[2], j0, kMmaKeys,
+            p.kv_len, D);
+
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+  zero(dk_acc);
+  zero(dv_acc);
+  // Causal: query rows before j0 see none of these keys.
+  const int64_t first = p.causal ? (min64(j0, p.q_len) / kTcTile) * kTcTile : 0;
+  for (int64_t h = hk * p.group(); h < (hk + 1) * p.group(); ++h) {
+    const int64_t bh = b * p.heads + h;
+    const T* const qh = q + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* const gh = dout + b * p.do_stride[0] + h * p.do_stride[1];
+    const int64_t mask_base = b * p.mask_stride[0] + h * p.mask_stride[1];
+    for (int64_t i0 = first; i0 < p.q_len; i0 += kTcTile) {
+      __syncthreads();  // every warp is done with the previous Q, dO and statistics
+      copy_rows(qs, kLd, qh, p.q_stride[2], i0, kTcTile, p.q_len, D);
+      copy_rows(gs, kLd, gh, p.do_stride[2], i0, kTcTile, p.q_len, D);
+      load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
+      copies_landed();  // (and, the first time, K and V)
+      __syncthreads();
+      float s[kBlocks][4], dp[kBlocks][4];  // transposed: rows are keys, columns queries
+      zero(s);
+      zero(dp);
+      mma_abt<T, D / 16>(s, ks + r0 * kLd, kLd, qs, kLd);
+      mma_abt<T, D / 16>(dp, vs + r0 * kLd, kLd, gs, kLd);
+#pragma unroll
+      for (int n = 0; n < kBlocks; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int col = acc_col(n, c);
+          grad_score<T>(p, mask, mask_base, static_cast<uint32_t>(bh), i0 + col, keys[c / 2],
+                        lse_s[col], delta_s[col], s[n][c], dp[n][c]);
+        }
+      uint32_t pf[kBlocks / 2][4], dsf[kBlocks / 2][4];
+      to_a_operand<T>(pf, s);
+      to_a_operand<T>(dsf, dp);
+      mma_ab<T>(dv_acc, pf, gs, kLd);
+      mma_ab<T>(dk_acc, dsf, qs, kLd);
+    }
+  }
+  copies_landed();  // K and V, where there was no query tile
+
+  const float scale = static_cast<float>(p.scale);
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    if (keys[x] >= p.kv_len) continue;
+    T* const krow = dk + (bhk * p.kv_len + keys[x]) * D;
+    T* const vrow = dv + (bhk * p.kv_len + keys[x]) * D;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        krow[acc_col(n, e)] = from_acc<T>(dk_acc[n][2 * x + e] * scale);
+        vrow[acc_col(n, e)] = from_acc<T>(dv_acc[n][2 * x + e]);
+      }
   }
 }
 
@@ -1054,28 +1253,45 @@ cudaError_t launch_tc(Kernel kernel, size_t bytes, int64_t len, int64_t heads,
   return cudaGetLastError();
 }
 
+// f(std::integral_constant<int, D>{}) for a head dim d that mma_head_dims(p, kMost) accepts.
+template <int kMost, typename F>
+cudaError_t with_mma_dim(int64_t d, F&& f) {
+  if (d == 32) return f(std::integral_constant<int, 32>{});
+  if constexpr (kMost >= 64) {
+    if (d == 64) return f(std::integral_constant<int, 64>{});
+  }
+  if constexpr (kMost >= 96) {
+    if (d == 96) return f(std::integral_constant<int, 96>{});
+  }
+  if constexpr (kMost >= 128) {
+    if (d == 128) return f(std::integral_constant<int, 128>{});
+  }
+  return cudaErrorNotSupported;
+}
+
+// launch_tc for the mma kernels, whose shared memory (at most 87 KB) fits every sm_80+ GPU.
+template <typename Kernel, typename... Args>
+cudaError_t launch_mma(Kernel kernel, size_t bytes, int64_t len, int64_t heads,
+                       cudaStream_t stream, Args... args) {
+  bool launched = false;
+  const cudaError_t err = launch_tc(kernel, bytes, len, heads, stream, &launched, args...);
+  return err != cudaSuccess || launched ? err : cudaErrorNotSupported;
+}
+
 template <typename T>
 cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k, const void* v,
                           const void* mask, void* out, void* lse, cudaStream_t stream) {
   const int64_t bh = p.batch * p.heads;
   if (bh == 0 || p.q_len == 0) return cudaSuccess;
   if constexpr (kTensorCoreType<T>) {
-    if (p.head_dim == p.v_dim && mma_head_dim(p.head_dim)) {
-      const auto launch = [&](auto d) {
+    if (mma_head_dims(p, 128)) {
+      return with_mma_dim<128>(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        bool launched = false;
-        const cudaError_t err = launch_tc(
-            forward_mma_kernel<T, D>, mma_forward_smem(D, sizeof(T)), p.q_len, bh, stream,
-            &launched, p, static_cast<const T*>(q), static_cast<const T*>(k),
-            static_cast<const T*>(v), mask, static_cast<T*>(out), static_cast<float*>(lse));
-        return err != cudaSuccess || launched ? err : cudaErrorNotSupported;
-      };
-      switch (p.head_dim) {
-        case 32: return launch(std::integral_constant<int, 32>{});
-        case 64: return launch(std::integral_constant<int, 64>{});
-        case 96: return launch(std::integral_constant<int, 96>{});
-        default: return launch(std::integral_constant<int, 128>{});
-      }
+        return launch_mma(forward_mma_kernel<T, D>, 3 * mma_tile_bytes(D, sizeof(T)), p.q_len,
+                          bh, stream, p, static_cast<const T*>(q), static_cast<const T*>(k),
+                          static_cast<const T*>(v), mask, static_cast<T*>(out),
+                          static_cast<float*>(lse));
+      });
     }
     if (tc_head_dims(p, 256)) {
       const TcForwardLayout lay(static_cast<int>(p.head_dim), static_cast<int>(p.v_dim),
@@ -1123,7 +1339,16 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
     bool launched = false;
     cudaError_t err = cudaSuccess;
     if constexpr (kTensorCoreType<T>) {
-      if (tc_head_dims(p, 128)) {
+      if (mma_head_dims(p, 64)) {
+        launched = true;
+        err = with_mma_dim<64>(d, [&](auto dim) {
+          constexpr int D = decltype(dim)::value;
+          return launch_mma(dkdv_mma_kernel<T, D>,
+                            4 * mma_tile_bytes(D, sizeof(T)) + 2 * kTcTile * sizeof(float),
+                            p.kv_len, bhk, stream, p, in(dout), in(q), in(k), in(v), mask,
+                            acc(lse), acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
+        });
+      } else if (tc_head_dims(p, 128)) {
         err = launch_tc(dkdv_tc_kernel<T>, TcBackwardLayout(d, dv_, sizeof(T), true).bytes,
                         p.kv_len, bhk, stream, &launched, p, in(dout), in(q), in(k), in(v), mask,
                         acc(lse), acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
@@ -1144,6 +1369,14 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
   }
   if (rows == 0) return cudaSuccess;
   if constexpr (kTensorCoreType<T>) {
+    if (mma_head_dims(p, 128)) {
+      return with_mma_dim<128>(d, [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        return launch_mma(dq_mma_kernel<T, D>, 5 * mma_tile_bytes(D, sizeof(T)), p.q_len,
+                          p.batch * p.heads, stream, p, in(dout), in(q), in(k), in(v), mask,
+                          acc(lse), acc(delta), static_cast<T*>(dq));
+      });
+    }
     if (tc_head_dims(p, 128)) {
       bool launched = false;
       const cudaError_t err =
