@@ -302,6 +302,43 @@ def test_dropout(backend_device, dropout_p):
     assert not torch.equal(other, out)
 
 
+@pytest.mark.parametrize(("backend", "device", "dtype"),
+                         [c for c in backend_dtype_cases()
+                          if c.values[2] in (torch.float16, torch.bfloat16)])
+def test_dropout_in_half_precision(backend, device, dtype):
+    """Dropout where the CUDA kernels run on tensor cores (equal head dims of 64 and 128:
+    mma.sync; 48: WMMA). The yardstick is PyTorch's math in the same dtype with the same
+    mask."""
+    g = torch.Generator().manual_seed(7)
+    p = 0.25
+    for shape in [(1, 2, 1, 70, 90, 64, 64), (1, 2, 2, 50, 70, 48, 48),
+                  (1, 1, 1, 40, 70, 128, 128)]:
+        B, H, Hkv, L, S, E, _ = shape
+        q, k, v = make_qkv(shape, dtype, device, g)
+        torch.manual_seed(11)
+        seed = int(torch.randint(0, 2**31 - 1, (), device=device).item())
+        keep = dropout_keep_mask(seed, B, H, L, S, p, device=device)
+        torch.manual_seed(11)
+        with dlcv_fast.use_backend(backend):
+            out = dlcv_fast.scaled_dot_product_attention(q, k, v, dropout_p=p,
+                                                         enable_gqa=H != Hkv)
+        grad = torch.randn(out.shape, generator=g).to(device, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = reference(q64, k64, v64, None, False, keep=keep, dropout_p=p)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+        qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        kr, vr = (t.repeat_interleave(H // Hkv, dim=-3) for t in (kt, vt))
+        w = torch.softmax(qt @ kr.transpose(-1, -2) / math.sqrt(E), -1)
+        theirs = (w * keep / (1 - p)) @ vr
+        their_grads = torch.autograd.grad(theirs, (qt, kt, vt), grad)
+        what = f"{backend} {dtype} {shape} dropout"
+        check_error(out, ref, theirs, dtype, f"out {what}")
+        for name, ours, want, other in zip("qkv", grads, ref_grads, their_grads):
+            check_error(ours, want, other, dtype, f"grad_{name} {what}")
+
+
 def test_dropout_mask_is_the_same_in_every_backend():
     g = torch.Generator().manual_seed(6)
     shape = (1, 2, 2, 20, 30, 16, 16)
