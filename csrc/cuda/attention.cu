@@ -512,17 +512,16 @@ bool mma_head_dims(const AttentionParams& p, int64_t most) {
 template <typename T, int KS, int N>
 __device__ __forceinline__ void mma_abt(float (&acc)[N][4], const T* a, int lda, const T* b,
                                         int ldb) {
-  const int lane = threadIdx.x % 32, mat = lane / 8, mrow = lane % 8;  // ldmatrix rows
 #pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
+  for (int kk = 0; kk < KS * 16; kk += 16) {
     uint32_t af[4];
-    ldmatrix_x4(af, a + ((mat % 2) * 8 + mrow) * lda + kk * 16 + (mat / 2) * 8);
+    load_a<true>(af, a, lda, 0, kk);
 #pragma unroll
-    for (int np = 0; np < N / 2; ++np) {
+    for (int n = 0; n < N; n += 2) {
       uint32_t bf[4];
-      ldmatrix_x4(bf, b + (np * 16 + (mat / 2) * 8 + mrow) * ldb + kk * 16 + (mat % 2) * 8);
-      mma_16816<T>(acc[2 * np], af, {bf[0], bf[1]});
-      mma_16816<T>(acc[2 * np + 1], af, {bf[2], bf[3]});
+      load_b2<true>(bf, b, ldb, n * 8, kk);
+      mma_16816<T>(acc[n], af, {bf[0], bf[1]});
+      mma_16816<T>(acc[n + 1], af, {bf[2], bf[3]});
     }
   }
 }
@@ -532,15 +531,14 @@ __device__ __forceinline__ void mma_abt(float (&acc)[N][4], const T* a, int lda,
 template <typename T, int KA, int N>
 __device__ __forceinline__ void mma_ab(float (&acc)[N][4], const uint32_t (&a)[KA][4],
                                        const T* b, int ldb) {
-  const int lane = threadIdx.x % 32, mat = lane / 8, mrow = lane % 8;
 #pragma unroll
   for (int kk = 0; kk < KA; ++kk) {
 #pragma unroll
-    for (int np = 0; np < N / 2; ++np) {
+    for (int n = 0; n < N; n += 2) {
       uint32_t bf[4];
-      ldmatrix_x4_trans(bf, b + (kk * 16 + (mat % 2) * 8 + mrow) * ldb + np * 16 + (mat / 2) * 8);
-      mma_16816<T>(acc[2 * np], a[kk], {bf[0], bf[1]});
-      mma_16816<T>(acc[2 * np + 1], a[kk], {bf[2], bf[3]});
+      load_b2<false>(bf, b, ldb, n * 8, kk * 16);
+      mma_16816<T>(acc[n], a[kk], {bf[0], bf[1]});
+      mma_16816<T>(acc[n + 1], a[kk], {bf[2], bf[3]});
     }
   }
 }

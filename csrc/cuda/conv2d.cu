@@ -21,15 +21,16 @@
 // one barrier per k tile orders it all. 16-bit tensors without channel vectors (2-byte
 // gathers, which cp.async cannot do) go through registers into two buffers instead: the
 // next tile's loads are issued before the current tile's products. 16-bit types multiply on
-// tensor cores (WMMA, float accumulators), float32 on TF32 tensor cores when allowed, else
-// (and float64) with FMAs. The epilogue goes through shared memory: the tile is stored
-// there, then written with bias, ReLU and the element type's rounding by coalesced strided
-// stores.
+// tensor cores (mma.sync 16 x 8 x 16 on ldmatrix operands, float accumulators), float32 on
+// TF32 tensor cores through WMMA when allowed, else (and float64) with FMAs. The epilogue
+// goes through shared memory: the tile is stored there, then written with bias, ReLU and
+// the element type's rounding by coalesced strided stores.
 //
 // Operands sit in shared memory either "k-major" ([row][k], the gather runs along k) or
 // "row-major" ([k][row], the gather runs along rows), whichever dimension is the channel
 // one in memory: forward A and B and dgrad A are k-major; dgrad B and both wgrad operands
-// are row-major. Rows are padded by 16 bytes: conflict-free 16-byte stores and WMMA loads.
+// are row-major. Rows are padded by 16 bytes: conflict-free 16-byte stores, ldmatrix and WMMA
+// loads.
 //
 // wgrad's K (N * OH * OW) is long and its M x N often small, so K is split over blocks; the
 // float32 partial sums go to a workspace [splits][G][M][N] and a second kernel adds them in
@@ -37,12 +38,13 @@
 // float32).
 //
 // Tile sizes and the stage count were chosen by reasoning, not measured (constexpr below, to
-// be tuned on a GPU): 128 x 64 x 32 for 16-bit keeps 8 warps at 32 x 32 each (2 x 2 WMMA
-// tiles, 4 MMAs per 4 fragment loads). A stage is 13-15 KB (16-bit; float32 at kK = 16 the
-// same; float64 at 64 x 64 x 16, 18 KB), so 3 stages take 39-54 KB of dynamic shared memory,
-// which the 34 KB float tile of the epilogue reuses. __launch_bounds__(256, 2) caps registers
-// at 128 so that two blocks (16 warps) share an SM and one's barrier hides behind the other's
-// MMAs; two blocks' shared memory (about 100 KB) is less than half of an H100 SM's 228 KB.
+// be tuned on a GPU): 128 x 64 x 32 for 16-bit keeps 8 warps at 32 x 32 each (per 16-deep
+// step, 8 MMAs of 16 x 8 x 16 on 4 ldmatrix loads). A stage is 13-15 KB (16-bit; float32 at
+// kK = 16 the same; float64 at 64 x 64 x 16, 18 KB), so 3 stages take 39-54 KB of dynamic
+// shared memory, which the 34 KB float tile of the epilogue reuses. __launch_bounds__(256,
+// 2) caps registers at 128 so that two blocks (16 warps) share an SM and one's barrier hides
+// behind the other's MMAs; two blocks' shared memory (about 100 KB) is less than half of an
+// H100 SM's 228 KB.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,6 +57,7 @@
 
 #include "common.cuh"
 #include "launchers.h"
+#include "mma_sync.cuh"
 
 namespace dlcv_fast::cuda {
 namespace {
@@ -482,7 +485,7 @@ struct Problem {
 
 // ---- tiles ---------------------------------------------------------------------------------
 
-enum class Math { Wmma16, Tf32, Fma };
+enum class Math { Mma16, Tf32, Fma };
 
 template <typename T_, Math kMath_, int M, int N, int K>
 struct Tiles {
@@ -500,7 +503,7 @@ cudaError_t with_tiles(bool tf32, F&& f) {
     if (tf32) return f(Tiles<float, Math::Tf32, 128, 64, 16>{});
     return f(Tiles<float, Math::Fma, 128, 64, 16>{});
   } else {
-    return f(Tiles<T, Math::Wmma16, 128, 64, 32>{});
+    return f(Tiles<T, Math::Mma16, 128, 64, 32>{});
   }
 }
 
@@ -632,30 +635,72 @@ struct FmaTile {
   }
 };
 
-// WMMA fragment element type and shape per math.
-template <typename T, Math kMath> struct WmmaOf;
-template <typename T> struct WmmaOf<T, Math::Wmma16> {
-  using Elem = T;
-  static constexpr int kStep = 16;
-};
-template <> struct WmmaOf<float, Math::Tf32> {
-  using Elem = wmma::precision::tf32;
-  static constexpr int kStep = 8;
+// 16-bit types on mma.sync (16 x 8 x 16): 8 warps as 4 (m) x 2 (n), each a (BM / 4) x (BN / 2)
+// block of 16 x 8 accumulator tiles, its operands loaded by ldmatrix.
+template <class Cfg, bool kARows, bool kBRows>
+struct MmaTile {
+  using T = typename Cfg::T;
+  static constexpr int WM = Cfg::kM / 4, WN = Cfg::kN / 2, FM = WM / 16, FN = WN / 8;
+  static_assert(WM % 16 == 0 && WN % 16 == 0 && Cfg::kK % 16 == 0, "bad warp tiling");
+  float acc[FM][FN][4];
+
+  __device__ __forceinline__ MmaTile() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.0f;
+  }
+
+  template <int kLdA, int kLdB>
+  __device__ __forceinline__ void multiply(const T* A, const T* B, int tid) {
+    const int warp = tid / 32, m0 = warp % 4 * WM, n0 = warp / 4 * WN;
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kK; kk += 16) {
+      uint32_t a[FM][4];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) load_a<!kARows>(a[i], A, kLdA, m0 + i * 16, kk);
+#pragma unroll
+      for (int j = 0; j < FN; j += 2) {
+        uint32_t b[4];
+        load_b2<!kBRows>(b, B, kLdB, n0 + j * 8, kk);
+#pragma unroll
+        for (int i = 0; i < FM; ++i) {
+          mma_16816<T>(acc[i][j], a[i], {b[0], b[1]});
+          mma_16816<T>(acc[i][j + 1], a[i], {b[2], b[3]});
+        }
+      }
+    }
+  }
+
+  // Accumulator c of tile (i, j) is row m0 + 16 i + g + 8 (c / 2), column n0 + 8 j + 2 t + c % 2.
+  template <int kLdC>
+  __device__ __forceinline__ void store(float* sc, int tid) const {
+    const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int m0 = warp % 4 * WM, n0 = warp / 4 * WN;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          sc[(m0 + i * 16 + g + 8 * (c / 2)) * kLdC + n0 + j * 8 + 2 * t + c % 2] = acc[i][j][c];
+        }
+  }
 };
 
-// Tensor cores: 8 warps as 4 (m) x 2 (n), each a (BM / 4) x (BN / 2) block of 16 x 16
-// fragments.
+// TF32 tensor cores through WMMA (16 x 16 x 8): 8 warps as 4 (m) x 2 (n), each a
+// (BM / 4) x (BN / 2) block of 16 x 16 fragments.
 template <class Cfg, bool kARows, bool kBRows>
 struct WmmaTile {
   using T = typename Cfg::T;
-  using W = WmmaOf<T, Cfg::kMath>;
-  static constexpr int KS = W::kStep;
+  static_assert(Cfg::kMath == Math::Tf32, "16-bit types take MmaTile");
+  static constexpr int KS = 8;
   static constexpr int WM = Cfg::kM / 4, WN = Cfg::kN / 2, FM = WM / 16, FN = WN / 16;
   static_assert(WM % 16 == 0 && WN % 16 == 0 && Cfg::kK % KS == 0, "bad warp tiling");
   using LayoutA = std::conditional_t<kARows, wmma::col_major, wmma::row_major>;
   using LayoutB = std::conditional_t<kBRows, wmma::row_major, wmma::col_major>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename W::Elem, LayoutA>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename W::Elem, LayoutB>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, wmma::precision::tf32, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, wmma::precision::tf32, LayoutB>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
   FragC acc[FM][FN];
 
@@ -668,10 +713,8 @@ struct WmmaTile {
 
   template <class Frag>
   __device__ __forceinline__ static void to_tf32(Frag& f) {
-    if constexpr (Cfg::kMath == Math::Tf32) {
 #pragma unroll
-      for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
-    }
+    for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
   }
 
   template <int kLdA, int kLdB>
@@ -745,8 +788,10 @@ __global__ void __launch_bounds__(kGemmThreads, 2) implicit_gemm(const P p) {
   using ALoad = typename S::ALoad;
   using BLoad = typename S::BLoad;
   constexpr int BM = Cfg::kM, BN = Cfg::kN, BK = Cfg::kK, kStages = S::kStages;
-  using Product = std::conditional_t<Cfg::kMath == Math::Fma, FmaTile<Cfg, P::kARowMajor, P::kBRowMajor>,
-                                     WmmaTile<Cfg, P::kARowMajor, P::kBRowMajor>>;
+  using Product = std::conditional_t<
+      Cfg::kMath == Math::Fma, FmaTile<Cfg, P::kARowMajor, P::kBRowMajor>,
+      std::conditional_t<Cfg::kMath == Math::Mma16, MmaTile<Cfg, P::kARowMajor, P::kBRowMajor>,
+                         WmmaTile<Cfg, P::kARowMajor, P::kBRowMajor>>>;
 
   __shared__ RowInfo a_rows[BM];
   __shared__ RowInfo b_rows[BN];

@@ -102,6 +102,33 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 #endif
 }
 
+// Operands from 16-bit matrices in shared memory (rows 16-byte aligned, leading dimension
+// ld), stored with k contiguous (kKContiguous: A as [m][k], B as [n][k]; plain ldmatrix) or
+// with m / n contiguous (A as [k][m], B as [k][n]; ldmatrix .trans).
+
+// The A operand of rows m0..m0+15, columns k0..k0+15.
+template <bool kKContiguous, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld, int m0, int k0) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, r = lane % 8;
+  if constexpr (kKContiguous) {
+    ldmatrix_x4(a, s + (m0 + (mat % 2) * 8 + r) * ld + k0 + (mat / 2) * 8);
+  } else {
+    ldmatrix_x4_trans(a, s + (k0 + (mat / 2) * 8 + r) * ld + m0 + (mat % 2) * 8);
+  }
+}
+
+// The B operands of columns n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3]), rows
+// k0..k0+15.
+template <bool kKContiguous, typename T>
+__device__ __forceinline__ void load_b2(uint32_t (&b)[4], const T* s, int ld, int n0, int k0) {
+  const int lane = threadIdx.x % 32, mat = lane / 8, r = lane % 8;
+  if constexpr (kKContiguous) {
+    ldmatrix_x4(b, s + (n0 + (mat / 2) * 8 + r) * ld + k0 + (mat % 2) * 8);
+  } else {
+    ldmatrix_x4_trans(b, s + (k0 + (mat % 2) * 8 + r) * ld + n0 + (mat / 2) * 8);
+  }
+}
+
 // d += a b (float accumulators; T = __half or __nv_bfloat16).
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
