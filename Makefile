@@ -35,8 +35,12 @@ ASAN_PRELOAD = $(shell c++ -print-file-name=libasan.so):$(shell c++ -print-file-
 EMULATION = LD_PRELOAD=$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
 	DLCV_FAST_EXTENSION=build/emu-asan/_C.so
 
+EMULATION_ARCH := $(shell uname -m)
+
 test-cuda-emulated: build
-ifdef CUDA_HOME
+ifneq ($(EMULATION_ARCH),x86_64)
+	@echo "test-cuda-emulated: skipped, the emulation's fiber switch is written for x86-64"
+else ifdef CUDA_HOME
 	$(EMULATION) $(PY) tests/cuda_emu.py --asan
 	$(EMULATION) $(PY) -m pytest -q --capture=sys -m "not slow" $(EMULATED_TESTS)
 	$(EMULATION) DLCV_FAST_EMU_SCHEDULE=reverse $(PY) -m pytest -q --capture=sys -m "not slow" \
@@ -48,7 +52,9 @@ endif
 # Not in `make test` (8 minutes): the models, conversion and autocast tests on the emulated
 # CUDA kernels, without AddressSanitizer.
 test-cuda-emulated-models: build
-ifdef CUDA_HOME
+ifneq ($(EMULATION_ARCH),x86_64)
+	@echo "test-cuda-emulated-models: skipped, the emulation's fiber switch is written for x86-64"
+else ifdef CUDA_HOME
 	$(PY) tests/cuda_emu.py
 	DLCV_FAST_EXTENSION=build/emu/_C.so $(PY) -m pytest -q -m "not slow" tests/test_models.py \
 		tests/test_models_vit_googlenet.py tests/test_unet.py tests/test_convert.py \

@@ -24,6 +24,9 @@
 // SSE and x87 control words, save the stack pointer to *from, load `to`, pop the same. (A
 // tenth of the cost of swapcontext, which also saves and restores the signal mask by a
 // system call at every switch: the emulation switches at every barrier.)
+#if !defined(__x86_64__)
+#error "the CUDA emulation's fiber switch is written for x86-64"
+#endif
 extern "C" void dlcv_emu_switch(void** from, void* to);
 extern "C" void dlcv_emu_fiber_start();
 asm(R"(
