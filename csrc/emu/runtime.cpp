@@ -17,6 +17,7 @@
 #include "cuda_emu.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -294,6 +295,21 @@ void run_block(Launch& l, unsigned char* stacks) {
   }
 }
 
+// AddressSanitizer poisons a frame's red zones on entry and clears them on return: the
+// frames that a block's fibers left on their stacks (switched out of, never returned from)
+// would stay poisoned for whatever uses that memory next.
+void clear_fiber_frames(Launch& l) {
+#if defined(__SANITIZE_ADDRESS__)
+  for (const Fiber& f : l.fibers) {
+    unsigned char* const top = f.stack + kStackBytes;
+    unsigned char* const sp = static_cast<unsigned char*>(f.sp);
+    if (sp >= f.stack && sp < top) __asan_unpoison_memory_region(sp, top - sp);
+  }
+#else
+  (void)l;
+#endif
+}
+
 cudaError_t finish(cudaError_t err, std::string message) {
   last_error = err;
   last_message = std::move(message);
@@ -464,6 +480,7 @@ cudaError_t run(dim3 grid, dim3 block, size_t smem, const void* kernel, void (*b
       for (unsigned x = 0; x < grid.x && !l.failed; ++x) {
         l.block_index = make_uint3(x, y, z);
         run_block(l, static_cast<unsigned char*>(stacks));
+        clear_fiber_frames(l);
       }
   active = nullptr;
   munmap(stacks, stack_bytes);
