@@ -28,7 +28,7 @@ test: build
 # AddressSanitizer (an access outside a tensor or a __shared__ array fails the run), with
 # each block's threads in order, then (float32 and float16 cases) in reverse order: a
 # missing __syncthreads or __syncwarp fails one of the two. Needs the CUDA toolkit's
-# headers (not a GPU) and GCC's libasan.
+# headers (not a GPU), GCC's libasan and an x86-64 machine.
 EMULATED_TESTS := tests/test_max_pool2d.py tests/test_conv2d.py tests/test_batch_norm.py \
 	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py
 ASAN_PRELOAD = $(shell c++ -print-file-name=libasan.so):$(shell c++ -print-file-name=libstdc++.so)
