@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(kTcThreads)
       os[rr * ld.acc_vo + idx % Dv] *= alpha[rr];
     }
     async_copy_wait<0>();  // this tile's V
-    __syncthreads();  // ... seen by every warp, and every warp is done with this K
+    __syncthreads();       // ... seen by every warp, and every warp is done with this K
     if (j0 + kTcTile < key_end) {
       copy_rows(ks, ld.qk, kh, p.k_stride[2], j0 + kTcTile, kTcTile, p.kv_len, D);
     }
@@ -529,8 +529,8 @@ __device__ __forceinline__ void mma_abt(float (&acc)[N][4], const T* a, int lda,
 // acc (16 x 8 N) += A B, A in registers (KA k-steps of 16), B's 16 KA rows in shared memory
 // ([k][n], leading dimension ldb): O += P V, dQ += dS K, dV += (P z)^T dO, dK += dS^T Q.
 template <typename T, int KA, int N>
-__device__ __forceinline__ void mma_ab(float (&acc)[N][4], const uint32_t (&a)[KA][4],
-                                       const T* b, int ldb) {
+__device__ __forceinline__ void mma_ab(float (&acc)[N][4], const uint32_t (&a)[KA][4], const T* b,
+                                       int ldb) {
 #pragma unroll
   for (int kk = 0; kk < KA; ++kk) {
 #pragma unroll
@@ -560,7 +560,19 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 }
 
 // Column of accumulator c of block n of the lane (its row: g + 8 (c / 2)).
-__device__ __forceinline__ int acc_col(int n, int c) { return n * 8 + 2 * (threadIdx.x % 4) + c % 2; }
+__device__ __forceinline__ int acc_col(int n, int c) {
+  return n * 8 + 2 * (threadIdx.x % 4) + c % 2;
+}
+
+// The lane's accumulators of its row g + 8 x (x = 0, 1), times `scale`, into `row`.
+template <typename T, int N>
+__device__ __forceinline__ void store_row(T* row, const float (&acc)[N][4], int x, float scale) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    row[acc_col(n, 0)] = from_acc<T>(acc[n][2 * x] * scale);
+    row[acc_col(n, 1)] = from_acc<T>(acc[n][2 * x + 1] * scale);
+  }
+}
 
 size_t mma_tile_bytes(int d, int elem) { return static_cast<size_t>(kTcTile) * (d + 8) * elem; }
 
@@ -568,9 +580,8 @@ size_t mma_tile_bytes(int d, int elem) { return static_cast<size_t>(kTcTile) * (
 // other is multiplied (V during S = Q K^T and the softmax, the next K during O += P V).
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads)
-    forward_mma_kernel(const AttentionParams p, const T* __restrict__ q,
-                       const T* __restrict__ k, const T* __restrict__ v,
-                       const void* __restrict__ mask, T* __restrict__ out,
+    forward_mma_kernel(const AttentionParams p, const T* __restrict__ q, const T* __restrict__ k,
+                       const T* __restrict__ v, const void* __restrict__ mask, T* __restrict__ out,
                        float* __restrict__ lse) {
   constexpr int kLd = D + 8;  // 16-byte pad: an ldmatrix's 8 rows fall in distinct banks
   constexpr int kBlocks = kMmaKeys / 8;
@@ -582,8 +593,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int r0 = threadIdx.x / 32 * 16, g = threadIdx.x % 32 / 4;
   const int64_t rows[2] = {i0 + r0 + g, i0 + r0 + g + 8};
   const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
-  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
-            p.q_len, D);
+  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile, p.q_len,
+            D);
   if (key_end > 0) copy_rows(ks, kLd, kh, p.k_stride[2], 0, kMmaKeys, p.kv_len, D);
 
   float o[D / 8][4];
@@ -605,8 +616,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int64_t i = rows[c / 2], j = j0 + acc_col(n, c);
-        s[n][c] = visible(p, i, j) ? score<T, float>(p, s[n][c], mask, mask_base, i, j)
-                                   : -INFINITY;
+        s[n][c] = visible(p, i, j) ? score<T, float>(p, s[n][c], mask, mask_base, i, j) : -INFINITY;
         row_max[c / 2] = max_nan(row_max[c / 2], s[n][c]);
       }
     float alpha[2], m_new[2], sum[2] = {0.0f, 0.0f};
@@ -624,8 +634,8 @@ __global__ void __launch_bounds__(kTcThreads)
         const int x = c / 2;
         const float e = m_new[x] == -INFINITY ? 0.0f : expf(s[n][c] - m_new[x]);
         sum[x] += e;
-        s[n][c] = e * dropout_factor<float>(p, static_cast<uint32_t>(bh), rows[x],
-                                            j0 + acc_col(n, c));
+        s[n][c] =
+            e * dropout_factor<float>(p, static_cast<uint32_t>(bh), rows[x], j0 + acc_col(n, c));
       }
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
@@ -644,7 +654,7 @@ __global__ void __launch_bounds__(kTcThreads)
     to_a_operand<T>(pf, s);
 
     async_copy_wait<0>();  // this tile's V
-    __syncthreads();  // ... seen by every warp, and every warp is done with this K
+    __syncthreads();       // ... seen by every warp, and every warp is done with this K
     if (j0 + kMmaKeys < key_end) {
       copy_rows(ks, kLd, kh, p.k_stride[2], j0 + kMmaKeys, kMmaKeys, p.kv_len, D);
     }
@@ -658,13 +668,7 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int x = 0; x < 2; ++x) {
     if (rows[x] >= p.q_len) continue;
     // A fully masked row (l = 0) gives zeros and lse = -inf, a NaN l NaN for both.
-    const float inv = l_run[x] == 0.0f ? 0.0f : 1.0f / l_run[x];
-    T* const orow = oh + rows[x] * p.o_stride[2];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      orow[acc_col(n, 0)] = from_acc<T>(o[n][2 * x] * inv);
-      orow[acc_col(n, 1)] = from_acc<T>(o[n][2 * x + 1] * inv);
-    }
+    store_row<T>(oh + rows[x] * p.o_stride[2], o, x, l_run[x] == 0.0f ? 0.0f : 1.0f / l_run[x]);
     if (threadIdx.x % 4 == 0) {
       lse[bh * p.q_len + rows[x]] = l_run[x] == 0.0f ? -INFINITY : m_run[x] + logf(l_run[x]);
     }
@@ -752,10 +756,10 @@ __global__ void __launch_bounds__(kTcThreads)
     delta_r[x] = rows[x] < p.q_len ? delta[bh * p.q_len + rows[x]] : 0.0f;
   }
   const int64_t key_end = p.causal ? min64(p.kv_len, i0 + kTcTile) : p.kv_len;
-  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile,
+  copy_rows(qs, kLd, q + b * p.q_stride[0] + h * p.q_stride[1], p.q_stride[2], i0, kTcTile, p.q_len,
+            D);
+  copy_rows(gs, kLd, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0, kTcTile,
             p.q_len, D);
-  copy_rows(gs, kLd, dout + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
-            kTcTile, p.q_len, D);
   if (key_end > 0) {
     copy_rows(ks, kLd, kh, p.k_stride[2], 0, kMmaKeys, p.kv_len, D);
     copy_rows(vs, kLd, vh, p.v_stride[2], 0, kMmaKeys, p.kv_len, D);
@@ -794,15 +798,10 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   copies_landed();  // Q and dO, where there was no key tile
 
-  const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int x = 0; x < 2; ++x) {
-    if (rows[x] >= p.q_len) continue;
-    T* const row = dq + (bh * p.q_len + rows[x]) * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      row[acc_col(n, 0)] = from_acc<T>(acc[n][2 * x] * scale);
-      row[acc_col(n, 1)] = from_acc<T>(acc[n][2 * x + 1] * scale);
+    if (rows[x] < p.q_len) {
+      store_row<T>(dq + (bh * p.q_len + rows[x]) * D, acc, x, static_cast<float>(p.scale));
     }
   }
 }
@@ -813,10 +812,10 @@ __global__ void __launch_bounds__(kTcThreads)
 // dK += dS^T Q. dK and dV take 2 D / 8 accumulators a lane: D <= 64 keeps them in registers.
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads)
-    dkdv_mma_kernel(const AttentionParams p, const T* __restrict__ dout,
-                    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                    const void* __restrict__ mask, const float* __restrict__ lse,
-                    const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+    dkdv_mma_kernel(const AttentionParams p, const T* __restrict__ dout, const T* __restrict__ q,
+                    const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
+                    const float* __restrict__ lse, const float* __restrict__ delta,
+                    T* __restrict__ dk, T* __restrict__ dv) {
   constexpr int kLd = D + 8, kBlocks = kTcTile / 8;
   T* const ks = reinterpret_cast<T*>(dynamic_smem());
   T* const vs = ks + kMmaKeys * kLd;
@@ -874,19 +873,12 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   copies_landed();  // K and V, where there was no query tile
 
-  const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int x = 0; x < 2; ++x) {
-    if (keys[x] >= p.kv_len) continue;
-    T* const krow = dk + (bhk * p.kv_len + keys[x]) * D;
-    T* const vrow = dv + (bhk * p.kv_len + keys[x]) * D;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        krow[acc_col(n, e)] = from_acc<T>(dk_acc[n][2 * x + e] * scale);
-        vrow[acc_col(n, e)] = from_acc<T>(dv_acc[n][2 * x + e]);
-      }
+    if (keys[x] < p.kv_len) {
+      store_row<T>(dk + (bhk * p.kv_len + keys[x]) * D, dk_acc, x, static_cast<float>(p.scale));
+      store_row<T>(dv + (bhk * p.kv_len + keys[x]) * D, dv_acc, x, 1.0f);
+    }
   }
 }
 
@@ -1269,8 +1261,8 @@ cudaError_t with_mma_dim(int64_t d, F&& f) {
 
 // launch_tc for the mma kernels, whose shared memory (at most 87 KB) fits every sm_80+ GPU.
 template <typename Kernel, typename... Args>
-cudaError_t launch_mma(Kernel kernel, size_t bytes, int64_t len, int64_t heads,
-                       cudaStream_t stream, Args... args) {
+cudaError_t launch_mma(Kernel kernel, size_t bytes, int64_t len, int64_t heads, cudaStream_t stream,
+                       Args... args) {
   bool launched = false;
   const cudaError_t err = launch_tc(kernel, bytes, len, heads, stream, &launched, args...);
   return err != cudaSuccess || launched ? err : cudaErrorNotSupported;
@@ -1285,8 +1277,8 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
     if (mma_head_dims(p, 128)) {
       return with_mma_dim<128>(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        return launch_mma(forward_mma_kernel<T, D>, 3 * mma_tile_bytes(D, sizeof(T)), p.q_len,
-                          bh, stream, p, static_cast<const T*>(q), static_cast<const T*>(k),
+        return launch_mma(forward_mma_kernel<T, D>, 3 * mma_tile_bytes(D, sizeof(T)), p.q_len, bh,
+                          stream, p, static_cast<const T*>(q), static_cast<const T*>(k),
                           static_cast<const T*>(v), mask, static_cast<T*>(out),
                           static_cast<float*>(lse));
       });
@@ -1343,8 +1335,8 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
           constexpr int D = decltype(dim)::value;
           return launch_mma(dkdv_mma_kernel<T, D>,
                             4 * mma_tile_bytes(D, sizeof(T)) + 2 * kTcTile * sizeof(float),
-                            p.kv_len, bhk, stream, p, in(dout), in(q), in(k), in(v), mask,
-                            acc(lse), acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
+                            p.kv_len, bhk, stream, p, in(dout), in(q), in(k), in(v), mask, acc(lse),
+                            acc(delta), static_cast<T*>(dk), static_cast<T*>(dv));
         });
       } else if (tc_head_dims(p, 128)) {
         err = launch_tc(dkdv_tc_kernel<T>, TcBackwardLayout(d, dv_, sizeof(T), true).bytes,

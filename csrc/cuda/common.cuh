@@ -56,8 +56,8 @@ __device__ __forceinline__ void async_copy(void* dst, const void* src, bool vali
                  "r"(src_bytes)
                  : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
-                 "n"(Bytes), "r"(src_bytes)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src), "n"(Bytes),
+                 "r"(src_bytes)
                  : "memory");
   }
 #endif

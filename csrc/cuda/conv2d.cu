@@ -553,8 +553,8 @@ struct TileLoad {
 
   // Straight into shared memory `s` by cp.async (zeros where the gather falls outside).
   template <class Op>
-  __device__ __forceinline__ static void copy(const Op& op, const RowInfo* rows, int g,
-                                              int64_t k0, int64_t kend, int tid, T* s) {
+  __device__ __forceinline__ static void copy(const Op& op, const RowInfo* rows, int g, int64_t k0,
+                                              int64_t kend, int tid, T* s) {
     gather(op, rows, g, k0, kend, tid, [&](int l, bool ok, int64_t off) {
       async_copy<V * sizeof(T)>(at(s, tid, l), ok ? op.ptr + off : op.ptr, ok);
     });
@@ -750,8 +750,8 @@ struct WmmaTile {
     for (int i = 0; i < FM; ++i)
 #pragma unroll
       for (int j = 0; j < FN; ++j) {
-        wmma::store_matrix_sync(sc + (wm * WM + i * 16) * kLdC + wn * WN + j * 16, acc[i][j],
-                                kLdC, wmma::mem_row_major);
+        wmma::store_matrix_sync(sc + (wm * WM + i * 16) * kLdC + wn * WN + j * 16, acc[i][j], kLdC,
+                                wmma::mem_row_major);
       }
   }
 };

@@ -4,8 +4,8 @@
 
 #include <array>
 #include <cstdarg>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -114,7 +114,7 @@ struct Launch {
   // warp_exchange's values per thread, in two banks used in turn, so that a lane may write
   // the next exchange's while the others still read this one's (one warp barrier each).
   std::vector<std::array<unsigned char, 32>> exchange[2];
-  std::vector<uint64_t> exchanges;  // per thread, this block
+  std::vector<uint64_t> exchanges;              // per thread, this block
   std::vector<std::vector<MmaMemo>> mma_memos;  // per warp, by call
   std::vector<size_t> mma_calls;                // per thread, this block
   bool failed = false;
@@ -219,8 +219,8 @@ bool release_warp(Launch& l, int w) {
   bool any = false;
   for (int t = w * 32; t < end; ++t) {
     const State s = l.fibers[t].state;
-    if (s == State::kWarpBarrier) any = true;
-    else if (s != State::kDone) return false;
+    if (s != State::kWarpBarrier && s != State::kDone) return false;
+    any = any || s == State::kWarpBarrier;
   }
   if (!any) return false;
   for (int t = w * 32; t < end; ++t) {
@@ -340,9 +340,9 @@ void async_copy(void* dst, const void* src, int src_bytes, int bytes) {
   if (src_bytes < 0 || src_bytes > bytes) {
     fail("cp.async: source size %d outside 0..%d", src_bytes, bytes);
   }
-  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
-    fail("cp.async of %d bytes: source %p or destination %p not aligned to them", bytes, src,
-         dst);
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 ||
+      reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    fail("cp.async of %d bytes: source %p or destination %p not aligned to them", bytes, src, dst);
   }
   const AsyncCopy c{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src),
                     src_bytes, bytes};
