@@ -2,16 +2,18 @@
 // kernels on machines without a GPU (tests/cuda_emu.py builds them with this header first).
 //
 // A launch runs its blocks one after another on the calling thread. A block's threads are
-// fibers, each running the kernel to its next __syncthreads or warp shuffle, in thread order
-// (with DLCV_FAST_EMU_SCHEDULE=reverse, in reverse order), so that a result that depends on
-// the order of the threads between two barriers (a missing __syncthreads) shows up as a
-// wrong answer in one of the two orders. __shared__ variables are static: one copy, shared
-// by the block's fibers. Asynchronous copies to shared memory (cp.async) land as late as
-// CUDA allows, at the wait for their group, so that a read before the wait sees the old
-// bytes; with DLCV_FAST_EMU_SCHEDULE=reverse they land at once instead, so that a copy into
-// a buffer that another thread still reads (a missing barrier) overwrites it. Launches are
-// checked against the limits of an sm_90 GPU, WMMA loads
-// and stores against their alignment rules, and barriers for deadlock; a failed check fails
+// fibers, each running the kernel to its next __syncthreads or warp-wide operation, in thread
+// order (with DLCV_FAST_EMU_SCHEDULE=reverse, in reverse order); a warp whose lanes all
+// reach a warp barrier goes on at once, so each warp runs to its next __syncthreads before
+// the next one starts. A result that depends on the order of threads or warps between two
+// barriers (a missing __syncthreads) then shows up as a wrong answer in one of the orders.
+// __shared__ variables are static: one copy, shared by the block's fibers. Asynchronous
+// copies to shared memory (cp.async) land as late as CUDA allows, at the wait for their
+// group, so that a read before the wait sees the old bytes; under the reverse schedule they
+// land at once, so that a copy into a buffer another warp still reads (a missing barrier)
+// overwrites it. ldmatrix and mma.sync follow their PTX fragment layouts (csrc/cuda/
+// mma_sync.cuh). Launches are checked against the limits of an sm_90 GPU, WMMA, cp.async and
+// ldmatrix against their alignment rules, and barriers for deadlock; a failed check fails
 // the launch with a message (cudaGetErrorString), as a fault on a GPU would.
 #pragma once
 
