@@ -77,28 +77,24 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 
 // r[j] = the fragment of matrix j (8 x 8 16-bit elements, rows of 16 bytes) whose row
 // `lane % 8` the lane points at with `row`, for j = lane / 8: lane l gets row l / 4,
-// elements 2 (l % 4) and 2 (l % 4) + 1 (trans: the same of the transposed matrix). As an A
+// elements 2 (l % 4) and 2 (l % 4) + 1 (kTrans: the same of the transposed matrix). As an A
 // operand: rows 0-7 | 8-15 of columns 0-7, then of 8-15; as B operands of two n-tiles from
 // [n][k] rows: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+template <bool kTrans = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #ifdef DLCV_FAST_CUDA_EMU
-  emu_mma::ldmatrix_x4(r, row, false);
+  emu_mma::ldmatrix_x4(r, row, kTrans);
 #else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-#endif
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-#ifdef DLCV_FAST_CUDA_EMU
-  emu_mma::ldmatrix_x4(r, row, true);
-#else
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+  }
 #endif
 }
 
@@ -113,7 +109,7 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int ld, int
   if constexpr (kKContiguous) {
     ldmatrix_x4(a, s + (m0 + (mat % 2) * 8 + r) * ld + k0 + (mat / 2) * 8);
   } else {
-    ldmatrix_x4_trans(a, s + (k0 + (mat / 2) * 8 + r) * ld + m0 + (mat % 2) * 8);
+    ldmatrix_x4<true>(a, s + (k0 + (mat / 2) * 8 + r) * ld + m0 + (mat % 2) * 8);
   }
 }
 
@@ -125,7 +121,7 @@ __device__ __forceinline__ void load_b2(uint32_t (&b)[4], const T* s, int ld, in
   if constexpr (kKContiguous) {
     ldmatrix_x4(b, s + (n0 + (mat / 2) * 8 + r) * ld + k0 + (mat % 2) * 8);
   } else {
-    ldmatrix_x4_trans(b, s + (k0 + (mat % 2) * 8 + r) * ld + n0 + (mat / 2) * 8);
+    ldmatrix_x4<true>(b, s + (k0 + (mat % 2) * 8 + r) * ld + n0 + (mat / 2) * 8);
   }
 }
 
