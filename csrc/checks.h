@@ -31,6 +31,11 @@ inline DType kernel_dtype(at::ScalarType t) {
     case at::kDouble: return DType::Float64;
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
+    case at::kByte: return DType::UInt8;
+    case at::kChar: return DType::Int8;
+    case at::kShort: return DType::Int16;
+    case at::kInt: return DType::Int32;
+    case at::kLong: return DType::Int64;
     default: break;
   }
   TORCH_CHECK_TYPE(false, "unsupported dtype ", t);

@@ -1,6 +1,7 @@
 // max_pool2d host entry points: check the arguments, allocate outputs in the input's memory
 // format, then run the CPU or CUDA kernel.
 
+#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/fill.h>
 
@@ -33,7 +34,12 @@ struct Pooling {
 Pooling prepare(const char* op, const at::Tensor& self, at::IntArrayRef kernel_size,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                 bool ceil_mode) {
-  check_floating(op, "input", self);
+  const at::ScalarType t = self.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16 ||
+                       t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt ||
+                       t == at::kLong,
+                   op, ": input must be float32, float64, float16, bfloat16, uint8, int8, int16, "
+                   "int32 or int64, but got ", t);
   const int64_t dim = self.dim();
   TORCH_CHECK_VALUE((dim == 3 || dim == 4) && self.size(dim - 1) > 0 && self.size(dim - 2) > 0 &&
                         self.size(dim - 3) > 0,
@@ -89,21 +95,41 @@ Pooling prepare(const char* op, const at::Tensor& self, at::IntArrayRef kernel_s
   return p;
 }
 
-at::Tensor new_output(const Pooling& p, int64_t h, int64_t w, at::ScalarType dtype) {
+// With poisoning on, values start as NaN (integers, which have none, at their maximum) and
+// indices at int64's minimum, so that an element a kernel fails to write shows.
+at::Tensor new_output(const Pooling& p, int64_t h, int64_t w, at::ScalarType dtype,
+                      bool indices = false) {
   const auto options = p.input.options().dtype(dtype).memory_format(p.format);
   const std::vector<int64_t> sizes{p.shape.batch, p.shape.channels, h, w};
   at::Tensor out = at::empty(sizes, options);
   if (poison_outputs()) {
-    if (dtype == at::kLong) {
+    if (indices) {
       out.fill_(std::numeric_limits<int64_t>::min());
-    } else {
+    } else if (at::isFloatingType(dtype)) {
       out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      AT_DISPATCH_INTEGRAL_TYPES(dtype, "poison", [&] { out.fill_(std::numeric_limits<scalar_t>::max()); });
     }
   }
   return out;
 }
 
 bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// What the CPU kernels compute a dtype in: 16-bit floats in float32 and 8- and 16-bit
+// integers in int32 (both exact for a max), everything else as it is.
+at::ScalarType cpu_compute_type(at::ScalarType t) {
+  if (is_16bit(t)) return at::kFloat;
+  if (t == at::kByte || t == at::kChar || t == at::kShort) return at::kInt;
+  return t;
+}
+
+// An integer type's lowest value.
+int64_t lowest_value(at::ScalarType t) {
+  int64_t v = 0;
+  AT_DISPATCH_INTEGRAL_TYPES(t, "lowest_value", [&] { v = std::numeric_limits<scalar_t>::lowest(); });
+  return v;
+}
 
 }  // namespace
 
@@ -121,11 +147,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& self, at::IntArr
   const Pooling p = prepare("max_pool2d", self, kernel_size, stride, padding, dilation, ceil_mode);
   const Pool2dShape& s = p.shape;
   const bool channels_last = p.format == at::MemoryFormat::ChannelsLast;
-  const bool cpu_16bit = cpu_kernels(self) && is_16bit(self.scalar_type());
-  // The CPU kernels run 16-bit inputs in float32: the max of rounded values is exact.
-  const at::Tensor input = cpu_16bit ? p.input.to(at::kFloat) : p.input;
+  const at::ScalarType dtype = self.scalar_type();
+  const bool widened = cpu_kernels(self) && cpu_compute_type(dtype) != dtype;
+  const at::Tensor input = widened ? p.input.to(cpu_compute_type(dtype)) : p.input;
   at::Tensor output = new_output(p, s.out_h, s.out_w, input.scalar_type());
-  at::Tensor indices = new_output(p, s.out_h, s.out_w, at::kLong);
+  at::Tensor indices = new_output(p, s.out_h, s.out_w, at::kLong, /*indices=*/true);
 
   if (output.numel() > 0) {
     if (cpu_kernels(self)) {
@@ -143,7 +169,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d(const at::Tensor& self, at::IntArr
 #endif
     }
   }
-  if (cpu_16bit) output = output.to(self.scalar_type());
+  if (widened) {
+    // A window wholly in the padding (possible with dilation) gives int32's lowest value:
+    // PyTorch gives the input type's.
+    if (!at::isFloatingType(dtype)) output.clamp_min_(lowest_value(dtype));
+    output = output.to(dtype);
+  }
   if (!p.batched) return {output.squeeze(0), indices.squeeze(0)};
   return {output, indices};
 }
@@ -157,6 +188,7 @@ at::Tensor max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& 
   const Pool2dShape& s = p.shape;
   check_same_device(op, "grad_output", grad_output, "input", self);
   check_same_device(op, "indices", indices, "input", self);
+  check_floating(op, "grad_output", grad_output);
   TORCH_CHECK_TYPE(grad_output.scalar_type() == self.scalar_type(), op, ": grad_output has dtype ",
                    grad_output.scalar_type(), " but input has ", self.scalar_type());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, but got ",

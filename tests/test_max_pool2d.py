@@ -44,8 +44,8 @@ def _ids(config):
 
 
 def make_input(shape, dtype, device, layout="nchw", values="randn", seed=0):
-    """A tensor of `shape` in the requested layout: dense NCHW, channels_last, or a strided
-    view (a slice of a wider tensor, permuted for 4-D)."""
+    """Normal values, few distinct values ("ties") or normal values with NaN and -inf
+    ("nan"), of `shape`, in the requested layout (in_layout)."""
     g = torch.Generator().manual_seed(seed)
     if values == "randn":
         x = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -55,7 +55,13 @@ def make_input(shape, dtype, device, layout="nchw", values="randn", seed=0):
         x = torch.randn(shape, generator=g, dtype=torch.float64)
         x.view(-1)[::7] = float("nan")
         x.view(-1)[3::11] = float("-inf")
-    x = x.to(dtype=dtype, device=device)
+    return in_layout(x.to(dtype=dtype, device=device), layout)
+
+
+def in_layout(x, layout):
+    """x as dense NCHW, channels_last, or a strided view (a slice of a wider tensor, permuted
+    for 4-D)."""
+    shape, dtype, device = x.shape, x.dtype, x.device
     if layout == "channels_last" and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     if layout == "strided":  # (N, H, C, 2W) storage seen as (N, C, H, W), every other column
@@ -299,6 +305,70 @@ def test_random_parameters(backend, device, problem):
     assert_close(torch.autograd.grad(out, x, g)[0], reference_grad(x, config, g), torch.float32)
 
 
+# --- integer inputs (forward only, as in PyTorch) -------------------------------------------
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def make_int_input(shape, dtype, device, layout, seed=0):
+    """Integers of a few distinct values, the type's extremes among them: ties everywhere,
+    and a max that only exact integer comparisons get right (int64's extremes are no float64)."""
+    info = torch.iinfo(dtype)
+    choices = torch.tensor(sorted({info.min, info.min + 1, 0, 1, 2, info.max - 1, info.max}))
+    g = torch.Generator().manual_seed(seed)
+    x = choices[torch.randint(0, len(choices), shape, generator=g)]
+    return in_layout(x.to(dtype=dtype, device=device), layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_integer_input(backend_device, dtype, layout):
+    """Against PyTorch on the NCHW copy: PyTorch's CPU channels_last kernel keeps offsets in
+    the element type and refuses uint8, int8 and int16 planes of more elements than the type
+    counts (C * H * W > 127 for int8)."""
+    backend, device = backend_device
+    for i, config in enumerate(CONFIGS):
+        x = make_int_input(config[0], dtype, device, layout, seed=i)
+        ref_out, ref_idx = torch_pool(x.contiguous(), config, return_indices=True)
+        with dlcv_fast.use_backend(backend):
+            out, idx = ours(x, config, return_indices=True)
+        assert out.dtype == dtype and idx.dtype == torch.int64
+        assert torch.equal(out, ref_out), f"values differ from PyTorch's ({_ids(config)})"
+        assert torch.equal(idx, ref_idx), f"indices differ from PyTorch's ({_ids(config)})"
+        fmt = torch.channels_last if layout == "channels_last" and x.dim() == 4 else None
+        assert out.numel() == 0 or fmt is None or out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+def test_integer_window_wholly_in_padding(backend_device, dtype):
+    """A window of padding only gives the type's lowest value, as in PyTorch (not -inf
+    rounded, nor the lowest value of a wider type the kernel computes in)."""
+    backend, device = backend_device
+    config = ((1, 2, 2, 2), (2, 2), 1, (0, 1), (1, 3), False)
+    for layout in ("nchw", "channels_last"):
+        x = make_int_input(config[0], dtype, device, layout)
+        ref_out, ref_idx = torch_pool(x.contiguous(), config, return_indices=True)
+        with dlcv_fast.use_backend(backend):
+            out, idx = ours(x, config, return_indices=True)
+        assert (ref_out == torch.iinfo(dtype).min).all()
+        assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+
+
+def test_integer_input_has_no_gradient(backend_device):
+    backend, device = backend_device
+    x = make_int_input((2, 3, 8, 8), torch.int32, device, "nchw")
+    with dlcv_fast.use_backend(backend):
+        out, idx = dlcv_fast.max_pool2d(x, 2, return_indices=True)
+    assert not out.requires_grad
+    bwd = {"triton": torch.ops.dlcv_fast.max_pool2d_backward_triton}.get(
+        backend, torch.ops.dlcv_fast.max_pool2d_backward)
+    with pytest.raises(TypeError, match="grad_output must be float32, float64, float16 or bfloat16"):
+        bwd(out, x, idx, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    module = dlcv_fast.nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    with dlcv_fast.use_backend(backend):
+        assert torch.equal(module(x), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)(x.cpu()).to(device))
+
+
 # --- gradcheck, opcheck, torch.compile -----------------------------------------------------
 
 def _distinct_input(shape, device):
@@ -341,6 +411,8 @@ def test_opcheck(backend_device, requires_grad):
         out, idx = fwd(inp.detach(), *params)
         grad = torch.randn_like(out).requires_grad_(requires_grad)
         torch.library.opcheck(bwd.default, (grad, inp.detach(), idx, *params))
+    if not requires_grad:
+        torch.library.opcheck(fwd.default, (x.detach().to(torch.int16), *params))
 
 
 @pytest.mark.slow
@@ -380,7 +452,7 @@ BAD_CALLS = [
     ((8, 8), torch.float32, {"kernel_size": 2}, ValueError, "3-D .* or 4-D"),
     ((1, 2, 3, 8, 8), torch.float32, {"kernel_size": 2}, ValueError, "3-D .* or 4-D"),
     ((2, 0, 8, 8), torch.float32, {"kernel_size": 2}, ValueError, "non-zero C, H and W"),
-    ((2, 3, 8, 8), torch.int64, {"kernel_size": 2}, TypeError, "must be float32, float64"),
+    ((2, 3, 8, 8), torch.bool, {"kernel_size": 2}, TypeError, "must be float32, .* or int64, but got (Bool|torch.bool)"),
 ]
 
 

@@ -1,5 +1,6 @@
-// CPU kernels, on raw pointers like their CUDA counterparts. Float32 and Float64 only: the
-// host entry points run 16-bit inputs through Float32.
+// CPU kernels, on raw pointers like their CUDA counterparts. Float32 and Float64 only (and
+// max_pool2d's forward Int32 and Int64): the host entry points run 16-bit floats through
+// Float32 and smaller integers through Int32.
 #pragma once
 
 #include <cstdint>

@@ -104,8 +104,9 @@ void backward_typed(bool channels_last, const void* grad_output, const int64_t* 
 
 void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void* output,
                         int64_t* indices, const Pool2dShape& shape) {
-  TORCH_CHECK(dtype == DType::Float32 || dtype == DType::Float64,
-              "max_pool2d (cpu kernel): float32 or float64 expected");
+  TORCH_CHECK(dtype == DType::Float32 || dtype == DType::Float64 || dtype == DType::Int32 ||
+                  dtype == DType::Int64,
+              "max_pool2d (cpu kernel): float32, float64, int32 or int64 expected");
   DLCV_CPU_DISPATCH(max_pool2d_forward, dtype, channels_last, input, output, indices, shape);
 }
 

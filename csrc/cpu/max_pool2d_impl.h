@@ -4,7 +4,8 @@
 //
 // Each window is scanned in PyTorch's order with PyTorch's comparison
 // (`v > best || isnan(v)`), so values and indices match it exactly, branch-free on vectors:
-// across channels in NHWC, across neighbouring outputs in NCHW.
+// across channels in NHWC, across neighbouring outputs in NCHW. float32, float64, int32 and
+// int64 (the argmax lanes are as wide as the values).
 
 #include "common.h"
 
@@ -45,16 +46,36 @@ struct Simd {
   }
 };
 
+// The max's starting value: -inf, or an integer type's lowest value (what PyTorch gives a
+// window that lies wholly in the padding).
+template <typename T>
+constexpr T lowest() {
+  if constexpr (std::is_floating_point_v<T>) {
+    return -std::numeric_limits<T>::infinity();
+  } else {
+    return std::numeric_limits<T>::lowest();
+  }
+}
+
+template <typename T>
+inline bool is_nan(T v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    return std::isnan(v);
+  } else {
+    return false;
+  }
+}
+
 // Scalar max over one window (borders, remainders, and planes too large for 32-bit lanes).
 template <typename T>
 inline void pool_scalar(const T* x, int64_t stride_hw, int64_t in_w, int64_t h0, int64_t h1,
                         int64_t dh, int64_t w0, int64_t w1, int64_t dw, T& out, int64_t& idx) {
-  T best = -std::numeric_limits<T>::infinity();
+  T best = lowest<T>();
   int64_t best_at = h0 * in_w + w0;
   for (int64_t h = h0; h < h1; h += dh) {
     for (int64_t w = w0; w < w1; w += dw) {
       const T v = x[(h * in_w + w) * stride_hw];
-      if (v > best || std::isnan(v)) {
+      if (v > best || is_nan(v)) {
         best = v;
         best_at = h * in_w + w;
       }
@@ -112,7 +133,7 @@ void forward_nchw(const T* input, T* output, int64_t* indices, const Pool2dShape
         scalar_until(ow_lo);
         for (; ow + S::L <= ow_hi; ow += S::L) {
           const int64_t w_begin = ow * s.stride_w - s.pad_w;
-          typename S::V best = S::splat(-std::numeric_limits<T>::infinity());
+          typename S::V best = S::splat(lowest<T>());
           typename S::M best_at = S::splat_index(static_cast<I>(h0 * s.in_w + w_begin)) + lane_offset;
           for (int64_t h = h0; h < h1; h += s.dilation_h) {
             for (int64_t kw = 0; kw < s.kernel_w; ++kw) {
@@ -140,7 +161,7 @@ inline void pool_vectors(const T* x, int64_t C, int64_t in_w, int64_t h0, int64_
   typename S::V best[U];
   typename S::M best_at[U];
   for (int u = 0; u < U; ++u) {
-    best[u] = S::splat(-std::numeric_limits<T>::infinity());
+    best[u] = S::splat(lowest<T>());
     best_at[u] = S::splat_index(static_cast<I>(h0 * in_w + w0));
   }
   for (int64_t h = h0; h < h1; h += dh) {
@@ -170,8 +191,8 @@ inline void pool_runs(const T* x, int64_t vc, int64_t C, int64_t in_w, int64_t h
   };
   const typename S::M first = S::splat_index(static_cast<I>(h0 * in_w + w0));
   for (int64_t c = 0; c < vc; c += S::L) {
-    const typename S::V lowest = S::splat(-std::numeric_limits<T>::infinity());
-    std::memcpy(out + c, &lowest, sizeof lowest);
+    const typename S::V start = S::splat(lowest<T>());
+    std::memcpy(out + c, &start, sizeof start);
     std::memcpy(buf + c, &first, sizeof first);
   }
   for (int64_t h = h0; h < h1; h += dh) {
@@ -252,8 +273,13 @@ void forward_typed(bool channels_last, const void* input, void* output, int64_t*
 
 void max_pool2d_forward(DType dtype, bool channels_last, const void* input, void* output,
                         int64_t* indices, const Pool2dShape& shape) {
-  dtype == DType::Float32 ? forward_typed<float>(channels_last, input, output, indices, shape)
-                          : forward_typed<double>(channels_last, input, output, indices, shape);
+  switch (dtype) {
+    case DType::Float32: return forward_typed<float>(channels_last, input, output, indices, shape);
+    case DType::Float64: return forward_typed<double>(channels_last, input, output, indices, shape);
+    case DType::Int32: return forward_typed<int32_t>(channels_last, input, output, indices, shape);
+    case DType::Int64: return forward_typed<int64_t>(channels_last, input, output, indices, shape);
+    default: break;  // checked by the caller
+  }
 }
 
 }  // namespace dlcv_fast::cpu::DLCV_CPU_ISA

@@ -1398,6 +1398,7 @@ cudaError_t attention_forward(DType dtype, const AttentionParams& p, const void*
     case DType::Float16: return forward_typed<__half>(p, q, k, v, mask, out, lse, stream);
     case DType::BFloat16:
       return forward_typed<__nv_bfloat16>(p, q, k, v, mask, out, lse, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -1416,6 +1417,7 @@ cudaError_t attention_backward(DType dtype, const AttentionParams& p, const void
     case DType::BFloat16:
       return backward_typed<__nv_bfloat16>(p, dout, q, k, v, out, lse, mask, delta, dq, dk, dv,
                                            stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -494,6 +494,7 @@ cudaError_t dispatch(DType dtype, F&& f) {
     case DType::Float64: return f(double{});
     case DType::Float16: return f(__half{});
     case DType::BFloat16: return f(__nv_bfloat16{});
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -91,6 +91,10 @@ __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+__device__ __forceinline__ T to_acc(T v) {
+  return v;
+}
 
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return v; }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
@@ -215,6 +219,9 @@ void with_index_type(int64_t largest_numel, F&& f) {
 template <typename T, typename F>
 void with_vector_width(int v, F&& f) {
   constexpr int widest = 16 / sizeof(T);
+  if constexpr (widest >= 16) {
+    if (v == 16) return f(std::integral_constant<int, 16>{});
+  }
   if constexpr (widest >= 8) {
     if (v == 8) return f(std::integral_constant<int, 8>{});
   }

@@ -1334,6 +1334,7 @@ cudaError_t conv2d_forward(DType dtype, const void* x, Strides4 xs, const void* 
     case DType::Float64: return forward_typed<double>(x, xs, w, ws, bias, y, ys, shape, relu, tf32, stream);
     case DType::Float16: return forward_typed<__half>(x, xs, w, ws, bias, y, ys, shape, relu, tf32, stream);
     case DType::BFloat16: return forward_typed<__nv_bfloat16>(x, xs, w, ws, bias, y, ys, shape, relu, tf32, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -1346,6 +1347,7 @@ cudaError_t conv2d_backward_input(DType dtype, const void* gy, Strides4 gys, con
     case DType::Float64: return backward_input_typed<double>(gy, gys, w, ws, gx, gxs, shape, tf32, stream);
     case DType::Float16: return backward_input_typed<__half>(gy, gys, w, ws, gx, gxs, shape, tf32, stream);
     case DType::BFloat16: return backward_input_typed<__nv_bfloat16>(gy, gys, w, ws, gx, gxs, shape, tf32, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -1365,6 +1367,7 @@ cudaError_t conv2d_backward_weight(DType dtype, const void* gy, Strides4 gys, co
     case DType::Float64: return backward_weight_typed<double>(gy, gys, x, xs, gw, gws, workspace, shape, tf32, stream);
     case DType::Float16: return backward_weight_typed<__half>(gy, gys, x, xs, gw, gws, workspace, shape, tf32, stream);
     case DType::BFloat16: return backward_weight_typed<__nv_bfloat16>(gy, gys, x, xs, gw, gws, workspace, shape, tf32, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -1377,6 +1380,7 @@ cudaError_t conv2d_bias_relu_backward(DType dtype, const void* gy, Strides4 gys,
     case DType::Float64: return bias_relu_backward_typed<double>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
     case DType::Float16: return bias_relu_backward_typed<__half>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
     case DType::BFloat16: return bias_relu_backward_typed<__nv_bfloat16>(gy, gys, y, ys, g_out, grad_bias, workspace, shape, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

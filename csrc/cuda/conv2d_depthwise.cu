@@ -449,6 +449,7 @@ cudaError_t conv2d_depthwise_forward(DType dtype, const void* x, Strides4 xs, co
     case DType::Float64: return dw_forward_typed<double>(x, xs, w, ws, bias, y, ys, shape, relu, stream);
     case DType::Float16: return dw_forward_typed<__half>(x, xs, w, ws, bias, y, ys, shape, relu, stream);
     case DType::BFloat16: return dw_forward_typed<__nv_bfloat16>(x, xs, w, ws, bias, y, ys, shape, relu, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -461,6 +462,7 @@ cudaError_t conv2d_depthwise_backward_input(DType dtype, const void* gy, Strides
     case DType::Float64: return dw_backward_input_typed<double>(gy, gys, w, ws, gx, gxs, shape, stream);
     case DType::Float16: return dw_backward_input_typed<__half>(gy, gys, w, ws, gx, gxs, shape, stream);
     case DType::BFloat16: return dw_backward_input_typed<__nv_bfloat16>(gy, gys, w, ws, gx, gxs, shape, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }
@@ -483,6 +485,7 @@ cudaError_t conv2d_depthwise_backward_weight(DType dtype, const void* gy, Stride
     case DType::Float64: return dw_backward_weight_typed<double>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
     case DType::Float16: return dw_backward_weight_typed<__half>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
     case DType::BFloat16: return dw_backward_weight_typed<__nv_bfloat16>(gy, gys, x, xs, gw, gws, workspace, shape, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -4,7 +4,7 @@
 // pixel (NHWC, V * sizeof(T) <= 16 bytes, so a warp reads whole 16-byte vectors along C).
 // The scan order over the window and the comparison `v > best || isnan(v)` are PyTorch's,
 // so values and indices match it exactly, ties (first max wins) and NaN (last NaN wins)
-// included.
+// included. Integer types (the forward only) start from their lowest value instead of -inf.
 //
 // Backward is a gather: each thread owns input elements and sums grad_output over the
 // windows that hold it as a tap and whose saved index points at it. No atomics, so the
@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "common.cuh"
@@ -49,6 +50,26 @@ __device__ __forceinline__ bool is_tap(I x, I o, I stride, I pad, I dilation) {
   return (x + pad - o * stride) % dilation == 0;
 }
 
+// The max's starting value: -inf, or an integer type's lowest value (what PyTorch gives a
+// window that lies wholly in the padding).
+template <typename A>
+__device__ __forceinline__ A lowest() {
+  if constexpr (std::is_floating_point_v<A>) {
+    return -INFINITY;
+  } else {
+    return std::numeric_limits<A>::lowest();
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ bool is_nan(A v) {
+  if constexpr (std::is_floating_point_v<A>) {
+    return isnan(v);
+  } else {
+    return false;
+  }
+}
+
 // Pooling parameters narrowed to the index type once, outside the loops.
 template <typename I>
 struct Params {
@@ -72,12 +93,12 @@ __global__ void __launch_bounds__(kThreads)
     window(oh, p.kh, p.sh, p.ph, p.dh, p.in_h, h0, h1);
     window(ow, p.kw, p.sw, p.pw, p.dw, p.in_w, w0, w1);
     const T* x = input + plane * p.in_h * p.in_w;
-    A best = -INFINITY;
+    A best = lowest<A>();
     I best_at = h0 * p.in_w + w0;
     for (I h = h0; h < h1; h += p.dh) {
       for (I w = w0; w < w1; w += p.dw) {
         const A v = to_acc(x[h * p.in_w + w]);
-        if (v > best || isnan(v)) {
+        if (v > best || is_nan(v)) {
           best = v;
           best_at = h * p.in_w + w;
         }
@@ -110,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
     int64_t best_at[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      best[j] = -INFINITY;
+      best[j] = lowest<A>();
       best_at[j] = h0 * p.in_w + w0;
     }
     for (I h = h0; h < h1; h += p.dh) {
@@ -119,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const A a = to_acc(v.v[j]);
-          if (a > best[j] || isnan(a)) {
+          if (a > best[j] || is_nan(a)) {
             best[j] = a;
             best_at[j] = h * p.in_w + w;
           }
@@ -277,6 +298,11 @@ cudaError_t max_pool2d_forward(DType dtype, bool channels_last, const void* inpu
     case DType::Float64: return forward_typed<double>(channels_last, input, output, indices, shape, stream);
     case DType::Float16: return forward_typed<__half>(channels_last, input, output, indices, shape, stream);
     case DType::BFloat16: return forward_typed<__nv_bfloat16>(channels_last, input, output, indices, shape, stream);
+    case DType::UInt8: return forward_typed<uint8_t>(channels_last, input, output, indices, shape, stream);
+    case DType::Int8: return forward_typed<int8_t>(channels_last, input, output, indices, shape, stream);
+    case DType::Int16: return forward_typed<int16_t>(channels_last, input, output, indices, shape, stream);
+    case DType::Int32: return forward_typed<int32_t>(channels_last, input, output, indices, shape, stream);
+    case DType::Int64: return forward_typed<int64_t>(channels_last, input, output, indices, shape, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -289,6 +315,7 @@ cudaError_t max_pool2d_backward(DType dtype, bool channels_last, const void* gra
     case DType::Float64: return backward_typed<double>(channels_last, grad_output, indices, grad_input, shape, stream);
     case DType::Float16: return backward_typed<__half>(channels_last, grad_output, indices, grad_input, shape, stream);
     case DType::BFloat16: return backward_typed<__nv_bfloat16>(channels_last, grad_output, indices, grad_input, shape, stream);
+    default: break;  // no gradient for integers
   }
   return cudaErrorInvalidValue;
 }

@@ -117,6 +117,7 @@ cudaError_t dispatch(DType dtype, bool table_double, Args... args) {
     case DType::Float64: return with_table(double{});
     case DType::Float16: return with_table(__half{});
     case DType::BFloat16: return with_table(__nv_bfloat16{});
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

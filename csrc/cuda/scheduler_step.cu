@@ -58,6 +58,7 @@ cudaError_t scheduler_step(DType dtype, const void* m, const void* s, const void
     case DType::Float64: return step_typed<double>(m, s, z, v, th, prev, x0, p, stream);
     case DType::Float16: return step_typed<__half>(m, s, z, v, th, prev, x0, p, stream);
     case DType::BFloat16: return step_typed<__nv_bfloat16>(m, s, z, v, th, prev, x0, p, stream);
+    default: break;
   }
   return cudaErrorInvalidValue;
 }

@@ -19,14 +19,20 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 def empty_output(
     shape, like: torch.Tensor, dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format = torch.contiguous_format, poison=None,
 ) -> torch.Tensor:
-    """A new output tensor. With ``DLCV_FAST_POISON=1`` it starts as NaN (int64: its
-    minimum) so that a test catches any element a kernel fails to write."""
+    """A new output tensor. With ``DLCV_FAST_POISON=1`` it starts as ``poison``, by default
+    NaN (int64, which holds indices: its minimum; other integers: their maximum) so that a
+    test catches any element a kernel fails to write."""
     dtype = like.dtype if dtype is None else dtype
     out = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format)
     if os.environ.get("DLCV_FAST_POISON") == "1":
-        out.fill_(torch.iinfo(dtype).min if dtype == torch.int64 else math.nan)
+        if poison is None:
+            if dtype.is_floating_point:
+                poison = math.nan
+            else:
+                poison = torch.iinfo(dtype).min if dtype == torch.int64 else torch.iinfo(dtype).max
+        out.fill_(poison)
     return out
 
 

@@ -48,6 +48,11 @@ def _pair(op: str, name: str, value, default=None) -> list[int]:
     return values * 2 if len(values) == 1 else values
 
 
+# PyTorch pools these too (bool it refuses); integers have no gradient.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+          torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def check_args(
     input: Tensor, kernel_size: _IntPair, stride: _IntPair | None, padding: _IntPair,
     dilation: _IntPair, ceil_mode: bool, op: str = "max_pool2d",
@@ -56,9 +61,10 @@ def check_args(
     padding, dilation) as [h, w] lists. Raises TypeError or ValueError naming the argument."""
     if not isinstance(input, Tensor):
         raise TypeError(f"{op}: input must be a Tensor, but got {type(input).__name__}")
-    if input.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if input.dtype not in DTYPES:
         raise TypeError(
-            f"{op}: input must be float32, float64, float16 or bfloat16, but got {input.dtype}"
+            f"{op}: input must be float32, float64, float16, bfloat16, uint8, int8, int16, "
+            f"int32 or int64, but got {input.dtype}"
         )
     if input.dim() not in (3, 4) or any(s == 0 for s in input.shape[-3:]):
         raise ValueError(
@@ -166,6 +172,9 @@ def _check_backward_args(grad_output, input, indices, kernel_size, stride, paddi
                 f"{op}: {name} is on {t.device} but input is on {input.device}; expected both "
                 "on the same device"
             )
+    if not grad_output.dtype.is_floating_point:
+        raise TypeError(f"{op}: grad_output must be float32, float64, float16 or bfloat16, "
+                        f"but got {grad_output.dtype}")
     if grad_output.dtype != input.dtype:
         raise TypeError(f"{op}: grad_output has dtype {grad_output.dtype} but input has "
                         f"{input.dtype}")
@@ -233,8 +242,9 @@ def max_pool2d(
     :func:`torch.nn.functional.max_pool2d`'s arguments and results.
 
     Args:
-        input: float32, float64, float16 or bfloat16; NCHW or channels_last (the output
-            takes the input's memory format).
+        input: float32, float64, float16, bfloat16, or an integer type (uint8, int8,
+            int16, int32, int64; forward only); NCHW or channels_last (the output takes the
+            input's memory format).
         kernel_size: window size, an int or (kH, kW).
         stride: window step, an int or (sH, sW); defaults to ``kernel_size``.
         padding: implicit -inf padding on both sides, at most half the kernel size.

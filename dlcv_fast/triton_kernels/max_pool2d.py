@@ -5,6 +5,7 @@ inputs need no copy; the output is dense in the input's memory format, and each 
 covers BLOCK consecutive output elements in that order (for channels_last, channels
 fastest, so neighbouring lanes read neighbouring channels). Scan order and comparison
 (`v > best or v is NaN`) are PyTorch's, so values and indices match it exactly.
+Integer inputs (forward only) are compared in their own type.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _forward_kernel(
     sxn, sxc, sxh, sxw,
     KH, KW, SH, SW, PH, PW, DH, DW,
     CHANNELS_LAST: tl.constexpr, WIDE_INDEX: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LOWEST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if WIDE_INDEX:
@@ -59,7 +60,7 @@ def _forward_kernel(
     # PyTorch's initial argmax: the first in-bounds tap of the window.
     h_first = tl.where(h_begin < 0, h_begin + ((DH - 1 - h_begin) // DH) * DH, h_begin)
     w_first = tl.where(w_begin < 0, w_begin + ((DW - 1 - w_begin) // DW) * DW, w_begin)
-    best = tl.full([BLOCK], float("-inf"), ACC)
+    best = tl.full([BLOCK], LOWEST, ACC)
     best_at = (h_first * W + w_first).to(tl.int64)
     base = x_ptr + n * sxn + c * sxc
     for kh in range(KH):
@@ -68,8 +69,8 @@ def _forward_kernel(
         for kw in range(KW):
             w = w_begin + kw * DW
             ok = row_ok & (w >= 0) & (w < W)
-            v = tl.load(base + h * sxh + w * sxw, mask=ok, other=float("-inf")).to(best.dtype)
-            take = ok & ((v > best) | (v != v))
+            v = tl.load(base + h * sxh + w * sxw, mask=ok, other=LOWEST).to(best.dtype)
+            take = ok & ((v > best) | (v != v))  # v != v: NaN (never for integers)
             best = tl.where(take, v, best)
             best_at = tl.where(take, (h * W + w).to(tl.int64), best_at)
     tl.store(out_ptr + offs, best.to(out_ptr.dtype.element_ty), mask=live)
@@ -111,8 +112,16 @@ def _backward_kernel(
 
 
 def _acc_type(dtype: torch.dtype):
-    """Compare and accumulate in float32, or float64 for float64 inputs."""
+    """Compare and accumulate in float32, or float64 for float64 inputs; integers as they are."""
+    if not dtype.is_floating_point:
+        return getattr(tl, str(dtype).removeprefix("torch."))
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lowest(dtype: torch.dtype):
+    """The max's starting value: -inf, or an integer type's lowest value (what PyTorch gives
+    a window that lies wholly in the padding)."""
+    return float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +144,10 @@ def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
     oh = pool_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
     ow = pool_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
     fmt = memory_format_of(input)
-    out = empty_output((n, c, oh, ow), x, memory_format=fmt)
+    # Integer maxima start at their type's maximum (the default poison of int64 is its
+    # minimum, which a window wholly in the padding yields).
+    out = empty_output((n, c, oh, ow), x, memory_format=fmt,
+                       poison=None if x.dtype.is_floating_point else torch.iinfo(x.dtype).max)
     idx = empty_output((n, c, oh, ow), x, dtype=torch.int64, memory_format=fmt)
     total = out.numel()
     if total > 0:
@@ -144,7 +156,7 @@ def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
                 x, out, idx, total, c, h, w, oh, ow, *x.stride(),
                 *kernel_size, *stride, *padding, *dilation,
                 CHANNELS_LAST=fmt == torch.channels_last, WIDE_INDEX=_wide(x, idx),
-                ACC=_acc_type(x.dtype), BLOCK=BLOCK,
+                ACC=_acc_type(x.dtype), LOWEST=_lowest(x.dtype), BLOCK=BLOCK,
             )
     if input.dim() == 3:
         return out.squeeze(0), idx.squeeze(0)
