@@ -15,8 +15,7 @@
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
 // float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores:
 // where D = Dv is 32, 64, 96 or 128 on mma.sync with the scores in registers (the
-// *_mma_kernel below; dK / dV only up to 64, where its accumulators fit in registers), else
-// on WMMA with the scores in shared memory, the forward up to head dim 256, the backward up
+// *_mma_kernel below), else on WMMA with the scores in shared memory, the forward up to head dim 256, the backward up
 // to 128 (the *_tc_kernel).
 
 #include <cuda_runtime.h>
@@ -809,14 +808,16 @@ __global__ void __launch_bounds__(kTcThreads)
 // dK and dV for a block of kTcTile keys, looping over the group's query heads and the query
 // tiles; each warp owns 16 keys and computes the transposed scores S^T = K Q^T and
 // dP^T = V dO^T, so that (P z)^T and dS^T are A operands of dV += (P z)^T dO and
-// dK += dS^T Q. dK and dV take 2 D / 8 accumulators a lane: D <= 64 keeps them in registers.
+// dK += dS^T Q. dK and dV take 2 D / 8 accumulators a lane (128 at D = 128); above D = 64
+// the query tile goes through in two halves of 32 columns, so that S^T and dP^T take 32
+// accumulators instead of 64 and the whole stays within the 255 registers a thread has.
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads)
     dkdv_mma_kernel(const AttentionParams p, const T* __restrict__ dout, const T* __restrict__ q,
                     const T* __restrict__ k, const T* __restrict__ v, const void* __restrict__ mask,
                     const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ dk, T* __restrict__ dv) {
-  constexpr int kLd = D + 8, kBlocks = kTcTile / 8;
+  constexpr int kLd = D + 8, kCols = D <= 64 ? kTcTile : 32, kBlocks = kCols / 8;
   T* const ks = reinterpret_cast<T*>(dynamic_smem());
   T* const vs = ks + kMmaKeys * kLd;
   T* const qs = vs + kMmaKeys * kLd;
@@ -851,24 +852,27 @@ __global__ void __launch_bounds__(kTcThreads)
       load_row_stats(lse_s, delta_s, lse, delta, bh, i0, p.q_len);
       copies_landed();  // (and, the first time, K and V)
       __syncthreads();
-      float s[kBlocks][4], dp[kBlocks][4];  // transposed: rows are keys, columns queries
-      zero(s);
-      zero(dp);
-      mma_abt<T, D / 16>(s, ks + r0 * kLd, kLd, qs, kLd);
-      mma_abt<T, D / 16>(dp, vs + r0 * kLd, kLd, gs, kLd);
+#pragma unroll 1
+      for (int c0 = 0; c0 < kTcTile; c0 += kCols) {
+        float s[kBlocks][4], dp[kBlocks][4];  // transposed: rows are keys, columns queries
+        zero(s);
+        zero(dp);
+        mma_abt<T, D / 16>(s, ks + r0 * kLd, kLd, qs + c0 * kLd, kLd);
+        mma_abt<T, D / 16>(dp, vs + r0 * kLd, kLd, gs + c0 * kLd, kLd);
 #pragma unroll
-      for (int n = 0; n < kBlocks; ++n)
+        for (int n = 0; n < kBlocks; ++n)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int col = acc_col(n, c);
-          grad_score<T>(p, mask, mask_base, static_cast<uint32_t>(bh), i0 + col, keys[c / 2],
-                        lse_s[col], delta_s[col], s[n][c], dp[n][c]);
-        }
-      uint32_t pf[kBlocks / 2][4], dsf[kBlocks / 2][4];
-      to_a_operand<T>(pf, s);
-      to_a_operand<T>(dsf, dp);
-      mma_ab<T>(dv_acc, pf, gs, kLd);
-      mma_ab<T>(dk_acc, dsf, qs, kLd);
+          for (int c = 0; c < 4; ++c) {
+            const int col = c0 + acc_col(n, c);
+            grad_score<T>(p, mask, mask_base, static_cast<uint32_t>(bh), i0 + col, keys[c / 2],
+                          lse_s[col], delta_s[col], s[n][c], dp[n][c]);
+          }
+        uint32_t pf[kBlocks / 2][4], dsf[kBlocks / 2][4];
+        to_a_operand<T>(pf, s);
+        to_a_operand<T>(dsf, dp);
+        mma_ab<T>(dv_acc, pf, gs + c0 * kLd, kLd);
+        mma_ab<T>(dk_acc, dsf, qs + c0 * kLd, kLd);
+      }
     }
   }
   copies_landed();  // K and V, where there was no query tile
@@ -1329,9 +1333,9 @@ cudaError_t backward_typed(const AttentionParams& p, const void* dout, const voi
     bool launched = false;
     cudaError_t err = cudaSuccess;
     if constexpr (kTensorCoreType<T>) {
-      if (mma_head_dims(p, 64)) {
+      if (mma_head_dims(p, 128)) {
         launched = true;
-        err = with_mma_dim<64>(d, [&](auto dim) {
+        err = with_mma_dim<128>(d, [&](auto dim) {
           constexpr int D = decltype(dim)::value;
           return launch_mma(dkdv_mma_kernel<T, D>,
                             4 * mma_tile_bytes(D, sizeof(T)) + 2 * kTcTile * sizeof(float),
