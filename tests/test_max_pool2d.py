@@ -328,6 +328,8 @@ def test_integer_input(backend_device, dtype, layout):
     counts (C * H * W > 127 for int8)."""
     backend, device = backend_device
     for i, config in enumerate(CONFIGS):
+        if backend == "triton" and torch.Size(config[0]).numel() > 3000:
+            continue  # the interpreter is slow: the small problems cover the same code
         x = make_int_input(config[0], dtype, device, layout, seed=i)
         ref_out, ref_idx = torch_pool(x.contiguous(), config, return_indices=True)
         with dlcv_fast.use_backend(backend):
