@@ -83,21 +83,26 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 # compute-sanitizer (memcheck; initcheck: reads of unwritten memory) over the CUDA tests,
 # then the benchmarks of the ops and of whole models (results in benchmarks/results/).
 # Each step is also a target of its own (gpu-build, gpu-test, gpu-sanitize, gpu-bench), and
-# gpu-bench takes OPS="conv2d batch_norm ..." to run some of the op benchmarks only.
+# gpu-bench takes OPS="conv2d batch_norm ..." to run some of the op benchmarks only. To split
+# the tests into shorter runs, gpu-test and gpu-sanitize take TESTS="tests/test_conv2d.py ..."
+# (default: every test file).
 gpu-check: gpu-build gpu-test gpu-sanitize gpu-bench
+
+TESTS ?= tests
+SANITIZED_TESTS := $(if $(filter-out tests,$(TESTS)),$(TESTS),tests/test_max_pool2d.py \
+	tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py)
 
 gpu-build:
 	MAX_JOBS=$(NPROC) $(PYTHON) setup.py build_ext --inplace
 
 gpu-test: gpu-build
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(TESTS)
 
 gpu-sanitize: gpu-build
 	compute-sanitizer --tool memcheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" tests
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda" $(TESTS)
 	compute-sanitizer --tool initcheck --error-exitcode 1 \
-		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" \
-		tests/test_max_pool2d.py tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py
+		$(PYTHON) -m pytest -q -x -m "not slow" -k "cuda-cuda and float32" $(SANITIZED_TESTS)
 
 gpu-bench: gpu-build
 ifdef OPS
