@@ -307,12 +307,12 @@ def test_dropout(backend_device, dropout_p):
                           if c.values[2] in (torch.float16, torch.bfloat16)])
 def test_dropout_in_half_precision(backend, device, dtype):
     """Dropout where the CUDA kernels run on tensor cores (equal head dims of 64 and 128:
-    mma.sync; 48: WMMA). The yardstick is PyTorch's math in the same dtype with the same
+    mma.sync, with grouped-query heads; 48: WMMA). The yardstick is PyTorch's math in the same dtype with the same
     mask."""
     g = torch.Generator().manual_seed(7)
     p = 0.25
     for shape in [(1, 2, 1, 70, 90, 64, 64), (1, 2, 2, 50, 70, 48, 48),
-                  (1, 1, 1, 40, 70, 128, 128)]:
+                  (1, 2, 1, 40, 70, 128, 128)]:
         B, H, Hkv, L, S, E, _ = shape
         q, k, v = make_qkv(shape, dtype, device, g)
         torch.manual_seed(11)
