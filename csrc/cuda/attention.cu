@@ -14,8 +14,8 @@
 // These are the plain CUDA-core kernels (one scalar FMA per product): correct for every
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
 // float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores:
-// where D = Dv is 32, 64, 96 or 128 on mma.sync with the scores in registers (the
-// *_mma_kernel below), else on WMMA with the scores in shared memory, the forward up to head
+// where D = Dv is 32, 64, 96 or 128 (the forward also 256) on mma.sync with the scores in
+// registers (the *_mma_kernel below), else on WMMA with the scores in shared memory, the forward up to head
 // dim 256, the backward up to 128 (the *_tc_kernel).
 
 #include <cuda_runtime.h>
@@ -492,7 +492,7 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-// ---- tensor cores on registers (mma.sync): float16 and bfloat16, D = Dv in 32..128 -------
+// ---- tensor cores on registers (mma.sync): float16 and bfloat16, D = Dv in 32..256 -------
 //
 // Each warp keeps its 16 rows' scores, probabilities and accumulators in registers, so S and
 // P never pass through shared memory, which holds only the operand tiles. A lane holds, of
@@ -502,8 +502,10 @@ __global__ void __launch_bounds__(kTcThreads)
 constexpr int kMmaKeys = 64;  // columns of a score tile: 8 blocks, 32 accumulators a lane
 static_assert(kMmaKeys == kTcTile, "the mma kernels' shared tiles all have kTcTile rows");
 
+// Equal query and value head dims of 32, 64, 96, 128 (or 256, the forward's), up to `most`.
 bool mma_head_dims(const AttentionParams& p, int64_t most) {
-  return p.head_dim == p.v_dim && p.head_dim % 32 == 0 && p.head_dim <= most;
+  const int64_t d = p.head_dim;
+  return d == p.v_dim && d <= most && ((d % 32 == 0 && d <= 128) || d == 256);
 }
 
 // acc (16 x 8 N) += A B^T, A's 16 rows and B's 8 N rows in shared memory ([row][k], leading
@@ -1260,6 +1262,9 @@ cudaError_t with_mma_dim(int64_t d, F&& f) {
   if constexpr (kMost >= 128) {
     if (d == 128) return f(std::integral_constant<int, 128>{});
   }
+  if constexpr (kMost >= 256) {
+    if (d == 256) return f(std::integral_constant<int, 256>{});
+  }
   return cudaErrorNotSupported;
 }
 
@@ -1278,14 +1283,18 @@ cudaError_t forward_typed(const AttentionParams& p, const void* q, const void* k
   const int64_t bh = p.batch * p.heads;
   if (bh == 0 || p.q_len == 0) return cudaSuccess;
   if constexpr (kTensorCoreType<T>) {
-    if (mma_head_dims(p, 128)) {
-      return with_mma_dim<128>(p.head_dim, [&](auto d) {
+    if (mma_head_dims(p, 256)) {
+      // D = 256 takes 99 KB of shared memory, the most an sm_86 or sm_89 block may have;
+      // launch_tc reports a device with less, and the next kernel runs instead.
+      bool launched = false;
+      const cudaError_t err = with_mma_dim<256>(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        return launch_mma(forward_mma_kernel<T, D>, 3 * mma_tile_bytes(D, sizeof(T)), p.q_len, bh,
-                          stream, p, static_cast<const T*>(q), static_cast<const T*>(k),
-                          static_cast<const T*>(v), mask, static_cast<T*>(out),
-                          static_cast<float*>(lse));
+        return launch_tc(forward_mma_kernel<T, D>, 3 * mma_tile_bytes(D, sizeof(T)), p.q_len, bh,
+                         stream, &launched, p, static_cast<const T*>(q), static_cast<const T*>(k),
+                         static_cast<const T*>(v), mask, static_cast<T*>(out),
+                         static_cast<float*>(lse));
       });
+      if (err != cudaSuccess || launched) return err;
     }
     if (tc_head_dims(p, 256)) {
       const TcForwardLayout lay(static_cast<int>(p.head_dim), static_cast<int>(p.v_dim),
