@@ -15,8 +15,8 @@
 // shape and dtype; the launchers pick the largest TILE whose shared memory fits the device.
 // float16 / bfloat16 with head dims that are multiples of 16 run instead on tensor cores:
 // where D = Dv is 32, 64, 96 or 128 (the forward also 256) on mma.sync with the scores in
-// registers (the *_mma_kernel below), else on WMMA with the scores in shared memory, the forward up to head
-// dim 256, the backward up to 128 (the *_tc_kernel).
+// registers (the *_mma_kernel below), else on WMMA with the scores in shared memory, the
+// forward up to head dim 256, the backward up to 128 (the *_tc_kernel).
 
 #include <cuda_runtime.h>
 #include <mma.h>
