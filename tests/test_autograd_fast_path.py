@@ -71,3 +71,46 @@ def test_forward_mode_ad_is_refused_not_dropped(name, fn, x):
         dual = fwAD.make_dual(x, torch.ones_like(x))
         with pytest.raises(RuntimeError, match="jvp"):
             fn(dual)
+
+
+@pytest.fixture
+def two_threads():
+    """At least two ATen threads, so that parallel regions have worker threads (which start
+    without the caller's thread-local state)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_inference_mode(two_threads, channels_last):
+    """Every op under torch.inference_mode, where outputs are inference tensors: the same
+    values as under no_grad, on inputs large enough to be split among threads."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 64, 28, 28, generator=g).to(memory_format=fmt)
+    w = torch.randn(64, 64, 3, 3, generator=g).to(memory_format=fmt)
+    dw = torch.randn(64, 1, 5, 5, generator=g)
+    b = torch.randn(64, generator=g)
+    t = torch.tensor([5, 900])
+    q = torch.randn(2, 4, 96, 32, generator=g)
+    calls = [
+        lambda: dlcv_fast.conv2d(x, w, b, padding=1, activation="relu"),
+        lambda: dlcv_fast.conv2d(x, w, stride=2),
+        lambda: dlcv_fast.conv2d(x, dw, b, padding=2, groups=64),
+        lambda: dlcv_fast.nn.Conv2d(64, 64, 3, padding=1).eval()(x),
+        lambda: dlcv_fast.max_pool2d(x, 3, 2, 1),
+        lambda: dlcv_fast.batch_norm(x, torch.zeros(64), torch.ones(64), b, b, True),
+        lambda: dlcv_fast.add_noise(x, x, t, _table()),
+        lambda: dlcv_fast.scaled_dot_product_attention(q, q, q, is_causal=True),
+    ]
+    for call in calls:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            want = call()
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            got = call()
+        assert got.is_inference()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -17,6 +17,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/baddbmm.h>
 #include <ATen/ops/bmm.h>
@@ -51,6 +52,18 @@ void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int6
 bool is_pointwise(const Conv2dShape& s) {
   return s.kh == 1 && s.kw == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
          s.pad_w == 0 && s.oh == s.h && s.ow == s.w;
+}
+
+// at::parallel_for for bodies that call ATen ops: each worker takes the caller's thread-local
+// state. Worker threads start from the defaults, and under torch.inference_mode an ATen op
+// there writing into a view of the (inference) output raises.
+template <class F>
+void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard guard(state);
+    f(b, e);
+  });
 }
 
 // --- NCHW -------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
   }
   const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
   const int64_t blocks = (s.oh + per - 1) / per;
-  at::parallel_for(0, s.n * blocks, task_grain(s, s.n * blocks), [&](int64_t tb, int64_t te) {
+  parallel_for_aten(0, s.n * blocks, task_grain(s, s.n * blocks), [&](int64_t tb, int64_t te) {
     at::Tensor cols = pointwise ? at::Tensor() : at::empty({k, per * s.ow}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = t / blocks, i0 = t % blocks * per, i1 = std::min(s.oh, i0 + per);
@@ -358,14 +371,14 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
   const bool pointwise = is_pointwise(s);
   const int64_t per = tile_rows(s, k, x.element_size(), out_rows);
   const int64_t tasks = (out_rows + per - 1) / per;
-  // Plain tensors: worker threads do not inherit the caller's dispatch state (below autograd).
+  // Plain tensors: the workers' ATen ops record no autograd history.
   const at::Tensor w = wm.detach(), xd = x.detach();
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
   at::Tensor y_all = y.permute({0, 2, 3, 1}).view({out_rows * s.ow, s.o});
   const at::Tensor x_all = pointwise ? xd.permute({0, 2, 3, 1}).reshape({out_rows * s.ow, s.c})
                                      : at::Tensor();
-  at::parallel_for(0, tasks, task_grain(s, tasks), [&](int64_t tb, int64_t te) {
+  parallel_for_aten(0, tasks, task_grain(s, tasks), [&](int64_t tb, int64_t te) {
     at::Tensor cols = pointwise ? at::Tensor() : at::empty({per * s.ow, k}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = t * per, r1 = std::min(out_rows, r0 + per), rows = (r1 - r0) * s.ow;
@@ -461,11 +474,11 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   const int64_t per = tile_rows(s, k, x.element_size(), rows);
   const int64_t blocks = (rows + per - 1) / per, tasks = nhwc ? blocks : s.n * blocks;
   const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, tasks);
-  // Plain tensors: worker threads do not inherit the caller's dispatch state (below autograd).
+  // Plain tensors: the workers' ATen ops record no autograd history.
   const at::Tensor xd = x.detach(), gyd = gy.detach(), accd = acc.detach();
   const at::Tensor gy_rows = nhwc ? gyd.permute({0, 2, 3, 1}).view({s.n * p, s.o}) : at::Tensor();
   std::vector<at::Tensor> parts(threads);
-  at::parallel_for(0, threads, 1, [&](int64_t hb, int64_t he) {
+  parallel_for_aten(0, threads, 1, [&](int64_t hb, int64_t he) {
     for (int64_t h = hb; h < he; ++h) {
       at::Tensor part = at::zeros_like(accd);
       at::Tensor cols = nhwc ? at::empty({per * s.ow, k}, xd.options())
