@@ -9,6 +9,7 @@ import torch
 
 from dlcv_fast.diffusion import (
     BETA_SCHEDULES,
+    DDPMScheduler,
     alphas_cumprod_from_betas,
     make_betas,
     rescale_zero_terminal_snr,
@@ -68,6 +69,20 @@ def test_schedule_matches_formula(schedule, T, beta_start, beta_end):
     # From the float32 betas, so that only the cumulative product is under test.
     torch.testing.assert_close(ac.double(), as64(ref_cumprod(betas.tolist())), rtol=RTOL32,
                                atol=0)
+
+
+@pytest.mark.parametrize("schedule", BETA_SCHEDULES)
+@pytest.mark.parametrize("rescale", [False, True])
+def test_scheduler_alphas_cumprod_from_float64_betas(schedule, rescale):
+    """The schedulers' alpha_bar is the float64 product of the float64 betas, rounded once:
+    from the float32 betas, the cosine schedule's late alpha_bar is off by about 1e-5."""
+    s = DDPMScheduler(beta_schedule=schedule, rescale_betas_zero_snr=rescale)
+    betas = as64(ref_betas(schedule, 1000, 0.0001, 0.02))
+    if rescale:
+        betas = rescale_zero_terminal_snr(betas)
+    want = as64(ref_cumprod(betas.tolist()))
+    torch.testing.assert_close(s.alphas_cumprod.double(), want, rtol=RTOL32, atol=1e-30)
+    assert torch.equal(s.betas, betas.float())
 
 
 def test_defaults_are_ddpm_linear():

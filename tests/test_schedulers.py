@@ -46,6 +46,30 @@ def test_set_timesteps(cls, spacing, n):
     assert s.num_inference_steps == n
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_set_timesteps_for_every_count(spacing):
+    """n distinct descending timesteps in [0, T) for every n, each the spacing's exact value
+    rounded (diffusers' float64 arithmetic may round an exact half either way). diffusers'
+    trailing spacing gives n + 1 timesteps, the last -1, for some n (61, 103, ... of 1000)."""
+    for T in (1000, 999):
+        s = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        for n in range(1, T + 1):
+            s.set_timesteps(n)
+            t = s.timesteps.tolist()
+            assert len(t) == n and 0 <= t[-1] and t[0] < T, (T, n)
+            assert all(a > b for a, b in zip(t, t[1:])), (T, n)
+            if spacing == "leading":
+                assert t == expected_timesteps(spacing, T, n), (T, n)
+                continue
+            # |t_i - exact_i| <= 1/2 with exact_i = num_i / den, in integers.
+            i = np.arange(n)
+            if spacing == "trailing":
+                num, den = T * (n - i) - n, n
+            else:
+                num, den = (T - 1) * (n - 1 - i), max(n - 1, 1)
+            assert (np.abs(2 * (np.array(t) * den - num)) <= den).all(), (T, n)
+
+
 def test_set_timesteps_errors():
     with pytest.raises(ValueError, match=r"num_inference_steps must lie in \[1, 1000\]"):
         DDIMScheduler().set_timesteps(1001)
@@ -296,6 +320,32 @@ def test_zero_terminal_snr_needs_a_prediction_that_defines_x0():
         out = s.step(m, 999, x, generator=torch.Generator().manual_seed(0))
         assert torch.equal(out.pred_original_sample, (-m).clamp(-1, 1))
         assert out.prev_sample.isfinite().all()
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
+def test_a_generator_per_sample(cls):
+    """A list of generators, one per sample (as diffusers' pipelines pass them): sample k's
+    noise is drawn from the k-th, as (1, ...) noise; a list of one is that generator."""
+    x, m = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    s = cls(clip_sample=False)
+    s.set_timesteps(10)
+    t = int(s.timesteps[2])
+    extra = {"eta": 1.0} if cls is DDIMScheduler else {}
+    seeds = [3, 1, 4]
+    z = torch.cat([torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(k))
+                   for k in seeds])
+    gens = [torch.Generator().manual_seed(k) for k in seeds]
+    got = s.step(m, t, x, generator=gens, **extra)
+    want = s.step(m, t, x, variance_noise=z, **extra)
+    assert torch.equal(got.prev_sample, want.prev_sample)
+    one = s.step(m, t, x, generator=[torch.Generator().manual_seed(7)], **extra)
+    single = s.step(m, t, x, generator=torch.Generator().manual_seed(7), **extra)
+    assert torch.equal(one.prev_sample, single.prev_sample)
+    with pytest.raises(ValueError, match=r"list of 2 generators; it must hold one per sample "
+                                         r"of the batch \(3\)"):
+        s.step(m, t, x, generator=gens[:2], **extra)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or a list"):
+        s.step(m, t, x, generator=[1, 2, 3], **extra)
 
 
 def test_generator_and_variance_noise_exclude_each_other():

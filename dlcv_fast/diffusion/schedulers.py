@@ -31,6 +31,7 @@ from dlcv_fast.diffusion.schedules import alphas_cumprod_from_betas, make_betas
 from dlcv_fast.diffusion.steps import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
+    Generators,
     SchedulerStepOutput,
     ddim_step,
     ddpm_step,
@@ -118,10 +119,13 @@ class _Scheduler:
                              f"{timestep_spacing!r}")
         if trained_betas is not None and num_train_timesteps == 1000:
             num_train_timesteps = None  # diffusers' default: the length of trained_betas
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                trained_betas, rescale_betas_zero_snr)
+        betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                           trained_betas, rescale_betas_zero_snr, dtype=torch.float64)
+        self.betas = betas.float()
         self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas.double())
+        # From the float64 betas: the cosine schedule's float32 betas would put a relative
+        # error of 1e-5 into its late alpha_bar (diffusers takes the float32 ones).
+        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
         self.num_train_timesteps = self.betas.shape[0]
         self.prediction_type = prediction_type
         self.clip_sample = clip_sample
@@ -154,7 +158,9 @@ class _Scheduler:
                                  f"{n} timesteps at {steps[0] + self.steps_offset}, past "
                                  f"num_train_timesteps - 1 = {T - 1}")
             return steps + self.steps_offset
-        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
+        # trailing: diffusers' values, but n of them: np.arange(T, 0, -T / n) has n + 1 for some
+        # n (61 of T = 1000), from rounding in its length, and the last one would be -1.
+        return np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
         """The descending timesteps of an n-step sampling run, spaced as
@@ -267,7 +273,7 @@ class DDPMScheduler(_Scheduler):
         self.timesteps = torch.tensor(steps, dtype=torch.int64, device=device)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True, *,
+             generator: Generators = None, return_dict: bool = True, *,
              variance_noise: Tensor | None = None):
         """One ancestral step from ``timestep`` to the previous timestep; the noise comes
         from ``generator`` or is given as ``variance_noise`` (not in diffusers)."""
@@ -300,7 +306,7 @@ class DDIMScheduler(_Scheduler):
                                     else self.alphas_cumprod[0].clone())
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
+             use_clipped_model_output: bool = False, generator: Generators = None,
              variance_noise: Tensor | None = None, return_dict: bool = True):
         """One DDIM step from ``timestep`` to the next timestep of self.timesteps."""
         if self.num_inference_steps is None:

@@ -132,8 +132,10 @@ def make_betas(
     beta_schedule: str = "linear",
     trained_betas=None,
     rescale_betas_zero_snr: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The betas of a diffusion noise schedule, as a float32 CPU tensor of shape (T,).
+    """The betas of a diffusion noise schedule, as a CPU tensor of shape (T,) in ``dtype``
+    (float32, or float64 for the unrounded values).
 
     ``beta_schedule``:
 
@@ -151,10 +153,12 @@ def make_betas(
     ``beta_schedule``; a ``num_train_timesteps`` given with it must equal its length.
     ``rescale_betas_zero_snr`` applies :func:`rescale_zero_terminal_snr` (needs T >= 2).
 
-    Computed in float64, rounded once to float32. Raises ValueError on an unknown
+    Computed in float64, rounded once to ``dtype``. Raises ValueError on an unknown
     schedule, T < 1, beta_start/beta_end outside (0, 1) or beta_start > beta_end (for the
     schedules that use them), or bad ``trained_betas``.
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, but got {dtype}")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of "
                          + ", ".join(repr(s) for s in BETA_SCHEDULES))
@@ -185,4 +189,4 @@ def make_betas(
 
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
-    return betas.to(torch.float32)
+    return betas.to(dtype)

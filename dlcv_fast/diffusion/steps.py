@@ -107,7 +107,11 @@ def _promoted(model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
     return model_output.to(dtype), sample.to(dtype)
 
 
-def _noise(variance_noise, generator, like: Tensor) -> Tensor:
+# A generator, or diffusers' list of one generator per sample.
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def _noise(variance_noise, generator: Generators, like: Tensor) -> Tensor:
     if variance_noise is not None and generator is not None:
         raise ValueError("pass generator or variance_noise, not both")
     if variance_noise is not None:
@@ -115,8 +119,26 @@ def _noise(variance_noise, generator, like: Tensor) -> Tensor:
             raise ValueError(f"variance_noise must have shape {list(like.shape)}, but got "
                              f"{list(variance_noise.shape)}")
         return variance_noise.to(device=like.device, dtype=like.dtype)
+    if isinstance(generator, (list, tuple)):
+        # diffusers' randn_tensor: one generator per sample, each drawing its sample's noise.
+        if len(generator) == 1:
+            return _draw(generator[0], like.shape, like)
+        if like.dim() == 0 or len(generator) != like.shape[0]:
+            batch = like.shape[0] if like.dim() else "no batch dim"
+            raise ValueError(f"generator is a list of {len(generator)} generators; it must "
+                             f"hold one per sample of the batch ({batch})")
+        return torch.cat([_draw(g, (1, *like.shape[1:]), like) for g in generator])
+    return _draw(generator, like.shape, like)
+
+
+def _draw(generator: torch.Generator | None, shape, like: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` on like's device and dtype, drawn on the
+    generator's device (a CPU generator gives the same noise whatever the sample's device)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, but got "
+                        f"{type(generator).__name__}")
     device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device,
+    return torch.randn(shape, generator=generator, device=device,
                        dtype=like.dtype).to(like.device)
 
 
@@ -126,7 +148,7 @@ def ddpm_step(
     variance_type: str = "fixed_small", clip_sample: bool = True,
     clip_sample_range: float = 1.0, thresholding: bool = False,
     dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-    generator: torch.Generator | None = None, variance_noise: Tensor | None = None,
+    generator: Generators = None, variance_noise: Tensor | None = None,
 ) -> SchedulerStepOutput:
     """One DDPM ancestral step from ``timestep`` to ``prev_timestep`` (default
     ``timestep - 1``; below 0 means alpha_bar = 1), as diffusers' DDPMScheduler.step.
@@ -189,7 +211,7 @@ def ddim_step(
     use_clipped_model_output: bool = False, prediction_type: str = "epsilon",
     clip_sample: bool = True, clip_sample_range: float = 1.0, thresholding: bool = False,
     dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-    generator: torch.Generator | None = None, variance_noise: Tensor | None = None,
+    generator: Generators = None, variance_noise: Tensor | None = None,
 ) -> SchedulerStepOutput:
     """One DDIM step (Song et al. 2021, eq. 12) from ``timestep`` to ``prev_timestep``
     (below 0 means alpha_bar = ``final_alpha_cumprod``: 1 with diffusers'
