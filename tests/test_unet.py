@@ -135,6 +135,21 @@ def test_diffusion_unet_registered_and_built_from_dlcv_fast_layers():
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
 
 
+@pytest.mark.parametrize("image_size", [8, 24, 32, 64])
+def test_diffusion_unet_default_attention_at_the_lowest_resolution(image_size):
+    """Without attention_resolutions, every image_size builds: attention where the side is
+    image_size / 4 (three levels), as at 4x4 for the 16x16 default."""
+    model = models.diffusion_unet(3, image_size, base_channels=8, norm_groups=4, num_heads=2)
+    sides = []
+    for m in model.modules():
+        if isinstance(m, AttentionBlock):
+            m.register_forward_hook(lambda _m, args, _out: sides.append(args[0].shape[-1]))
+    x = torch.randn(1, 3, image_size, image_size)
+    with torch.no_grad():
+        assert model.eval()(x, torch.tensor([10])).shape == x.shape
+    assert sides == [image_size // 4] * (1 + 1 + 2)  # down, middle, up (num_res_blocks + 1)
+
+
 @pytest.mark.parametrize("shape,out_channels", [((2, 1, 16, 16), None), ((3, 1, 16, 24), 2),
                                                 ((1, 1, 4, 8), None)])
 def test_diffusion_unet_shapes(shape, out_channels):

@@ -117,7 +117,7 @@ class DiffusionUNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, image_size: int = 16, *, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
-                 attention_resolutions: tuple[int, ...] = (4,), num_heads: int = 4,
+                 attention_resolutions: tuple[int, ...] | None = None, num_heads: int = 4,
                  dropout: float = 0.0, out_channels: int | None = None,
                  norm_groups: int = 8) -> None:
         super().__init__()
@@ -140,7 +140,8 @@ class DiffusionUNet(nn.Module):
                              f"2 ** (len(channel_mults) - 1) = {self.factor}, but got "
                              f"{image_size}")
         resolutions = [image_size // 2 ** i for i in range(len(channel_mults))]
-        attention_resolutions = tuple(attention_resolutions)
+        attention_resolutions = ((resolutions[-1],) if attention_resolutions is None
+                                 else tuple(attention_resolutions))
         for r in attention_resolutions:
             if r not in resolutions:
                 raise ValueError(f"diffusion_unet: attention_resolutions must be among the "
@@ -262,7 +263,7 @@ class DiffusionUNet(nn.Module):
 
 def diffusion_unet(in_channels: int = 1, image_size: int = 16, *, base_channels: int = 32,
                    channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
-                   attention_resolutions: tuple[int, ...] = (4,), num_heads: int = 4,
+                   attention_resolutions: tuple[int, ...] | None = None, num_heads: int = 4,
                    dropout: float = 0.0, out_channels: int | None = None,
                    norm_groups: int = 8) -> DiffusionUNet:
     """The DDPM denoising UNet, called as ``model(x, timesteps)``.
@@ -278,6 +279,7 @@ def diffusion_unet(in_channels: int = 1, image_size: int = 16, *, base_channels:
         num_res_blocks: residual blocks per level on the way down (one more on the way up).
         attention_resolutions: the resolutions (sides, for an image_size input) with a
             self-attention block after each residual block; the middle always has one.
+            None: the lowest resolution, image_size // 2 ** (len(channel_mults) - 1).
         num_heads: attention heads.
         dropout: in every residual block.
         out_channels: channels of the output (default in_channels: the predicted noise).
