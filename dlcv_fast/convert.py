@@ -33,6 +33,7 @@ from torch import nn
 
 import dlcv_fast.nn as dnn
 from dlcv_fast import backend
+from dlcv_fast.ops.attention import MAX_HEAD_DIM
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -140,8 +141,14 @@ register(nn.BatchNorm2d, dnn.BatchNorm2d, lambda m: _check_tensors("batch_norm",
          extra={"activation": None})
 register(nn.SyncBatchNorm, dnn.SyncBatchNorm, lambda m: _check_tensors("batch_norm", m),
          extra={"activation": None})
-register(nn.MultiheadAttention, dnn.MultiheadAttention,
-         lambda m: _check_tensors("scaled_dot_product_attention", m))
+def _check_attention(m: nn.MultiheadAttention) -> str | None:
+    if m.head_dim > MAX_HEAD_DIM:
+        return (f"head dim {m.head_dim} (embed_dim // num_heads) is above the fused kernels' "
+                f"{MAX_HEAD_DIM}")
+    return _check_tensors("scaled_dot_product_attention", m)
+
+
+register(nn.MultiheadAttention, dnn.MultiheadAttention, _check_attention)
 
 
 # The layers whose ReLU fuse_relus folds into them (activation='relu').

@@ -664,6 +664,19 @@ def test_multihead_attention_gradients_and_unbatched():
         assert_close(a, b, torch.float32)
 
 
+def test_multihead_attention_with_heads_above_256_runs_torch():
+    """A head dim above the kernels' 256 takes torch's forward, on both paths."""
+    torch.manual_seed(13)
+    ref, ours = torch.nn.MultiheadAttention(288, 1), dlcv_fast.nn.MultiheadAttention(288, 1)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 288)
+    for need_weights in (False, True):
+        out, w = ours(x, x, x, need_weights=need_weights)
+        want, want_w = ref(x, x, x, need_weights=need_weights)
+        assert torch.equal(out, want)
+        assert (w is None) == (not need_weights) and (w is None or torch.equal(w, want_w))
+
+
 def _mha_pair(kwargs, device):
     """(torch's module, ours) with the same parameters."""
     torch.manual_seed(18)

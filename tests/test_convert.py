@@ -99,6 +99,15 @@ def test_left_on_torch_with_reasons():
     assert type(model[0]) is nn.Conv2d and type(model[2]).__name__ == "MyConv"
 
 
+def test_attention_with_heads_wider_than_the_kernels_stays_on_torch():
+    model = nn.Sequential(nn.MultiheadAttention(512, 1), nn.MultiheadAttention(512, 2))
+    summary = dlcv_fast.convert(model)
+    assert summary.converted == collections.Counter({"MultiheadAttention": 1})
+    assert dict((name, reason) for name, _, reason in summary.left) == {
+        "0": "head dim 512 (embed_dim // num_heads) is above the fused kernels' 256"}
+    assert type(model[0]) is nn.MultiheadAttention
+
+
 def test_fusion_skips_hooked_layers_and_non_sequential():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU())
     model[2].register_forward_hook(lambda m, i, o: None)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlcv_fast.nn._fx import traced_as_leaf
-from dlcv_fast.ops.attention import scaled_dot_product_attention
+from dlcv_fast.ops.attention import MAX_HEAD_DIM, scaled_dot_product_attention
 
 _NEG_INF = float("-inf")
 
@@ -96,7 +96,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     names the argument and the expected shape. With ``need_weights=True``
     (torch's default) it is torch's own forward, the slower explicit path that materialises
     the (L, S) weights it returns. ``is_causal`` is a hint, as in torch: ``attn_mask`` must
-    hold the causal mask, and that mask is what is applied.
+    hold the causal mask, and that mask is what is applied. A head dim (embed_dim //
+    num_heads) above 256, the fused kernels' limit, runs torch's forward on both paths.
 
     A query that may attend to no key gives zeros (then ``out_proj``'s bias) on the fused
     path, as torch's ``need_weights=False`` path does in training or with grad; torch's
@@ -114,9 +115,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if traced is not None:
             return traced
         _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
-        if need_weights:
+        if need_weights or self.head_dim > MAX_HEAD_DIM:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                                   need_weights=True, attn_mask=attn_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
         if is_causal and attn_mask is None:
