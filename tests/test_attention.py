@@ -28,14 +28,17 @@ CPU_SHAPES = [
     (2, 2, 1, 77, 131, 64, 64),
     (1, 1, 1, 40, 100, 96, 96),
 ]
-# Triton's interpreter is slow: small shapes that still cross tiles of 16.
+# Triton's interpreter is slow: there, small shapes that still cross tiles of 16 (on a GPU,
+# these and the others).
 TRITON_SHAPES = [(1, 2, 1, 19, 23, 16, 8), (2, 1, 1, 33, 17, 24, 40)]
 MASKS = ["none", "bool_padding", "bool_full", "additive_heads", "additive_strided", "causal",
          "causal_padding"]
 
 
-def shapes_for(backend):
-    return TRITON_SHAPES if backend == "triton" else CPU_SHAPES
+def shapes_for(backend, device):
+    if backend != "triton":
+        return CPU_SHAPES
+    return TRITON_SHAPES if device == "cpu" else TRITON_SHAPES + CPU_SHAPES
 
 
 def make_mask(kind, B, H, L, S, dtype, device, g):
@@ -95,7 +98,7 @@ def make_qkv(shape, dtype, device, g, requires_grad=True):
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
 def test_forward_and_gradients(backend, device, dtype, mask_kind):
     g = torch.Generator().manual_seed(0)
-    for shape in shapes_for(backend):
+    for shape in shapes_for(backend, device):
         B, H, Hkv, L, S, E, Ev = shape
         q, k, v = make_qkv(shape, dtype, device, g)
         mask, causal = make_mask(mask_kind, B, H, L, S, dtype, device, g)
@@ -225,23 +228,36 @@ def test_lse_and_3d_inputs(backend, device, dtype):
     assert_close(lse, ref_lse, torch.float32 if dtype != torch.float64 else dtype)
 
 
-def test_long_sequences_on_the_cpu():
-    """L and S past a thousand, not multiples of any tile, causal with L < S, fp32."""
+# Not Triton's interpreter: too slow there at these lengths.
+LONG_BACKENDS = [(b, d) for b, d in BACKEND_DEVICES if (b, d) != ("triton", "cpu")]
+
+
+@pytest.mark.parametrize(("backend", "device"), LONG_BACKENDS, ids=[b for b, _ in LONG_BACKENDS])
+def test_long_sequences(backend, device):
+    """L and S past a thousand, not multiples of any tile, causal with L < S: fp32, and on a
+    GPU bf16 and head dim 128 as well."""
     g = torch.Generator().manual_seed(14)
-    q, k, v = make_qkv((1, 2, 1, 1100, 1537, 32, 32), torch.float32, "cpu", g)
-    with dlcv_fast.use_backend("cpu"):
-        out = dlcv_fast.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    grad = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference(q64, k64, v64, None, True)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    torch_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-    torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
-    check_error(out, ref, torch_out, torch.float32, "out")
-    for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
-        check_error(ours, want, theirs, torch.float32, f"grad_{name}")
+    cases = [((1, 2, 1, 1100, 1537, 32, 32), torch.float32)]
+    if device == "cuda":
+        cases += [((1, 2, 1, 1100, 1537, 32, 32), torch.bfloat16),
+                  ((1, 2, 2, 1031, 2053, 128, 128), torch.bfloat16)]
+    for shape, dtype in cases:
+        q, k, v = make_qkv(shape, dtype, device, g)
+        with dlcv_fast.use_backend(backend):
+            out = dlcv_fast.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                         enable_gqa=True)
+        grad = torch.randn(out.shape, generator=g).to(device, dtype)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = reference(q64, k64, v64, None, True)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+        qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        torch_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
+        what = f"{backend} {dtype} {shape}"
+        check_error(out, ref, torch_out, dtype, f"out {what}")
+        for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
+            check_error(ours, want, theirs, dtype, f"grad_{name} {what}")
 
 
 def test_huge_logits_do_not_overflow(backend_device):
