@@ -126,11 +126,11 @@ def _profile(args) -> int:
 
     try:
         model = profile.build_model(args.model, args.image_size)
+        return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,
+                            args.out, budget_s=args.budget, built=model)
     except profile.ModelChoiceError as e:
         print(f"python -m dlcv_fast profile: {e}", file=sys.stderr)
         return 2
-    return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,
-                        args.out, budget_s=args.budget, built=model)
 
 
 def _diffuse(args) -> int:

@@ -82,6 +82,16 @@ class ModelChoiceError(ValueError):
     """A model name or image size the command cannot profile (a usage error)."""
 
 
+def _built(builder, name: str, image_size: int | None, /, *args, **kwargs) -> nn.Module:
+    """builder(*args, **kwargs), its ValueError (an image size the model cannot take, say)
+    a ModelChoiceError."""
+    try:
+        return builder(*args, **kwargs)
+    except ValueError as e:
+        size = "" if image_size is None else f" for --image-size {image_size}"
+        raise ModelChoiceError(f"{name} cannot be built{size}: {e}") from e
+
+
 def build_model(name: str, image_size: int | None = None, num_classes: int | None = None
                 ) -> tuple[nn.Module, int, int, str]:
     """(model, input channels, image size, conversion summary text) for a dlcv_fast.models
@@ -95,7 +105,7 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
     if name in models.MODELS:
         if image_size is not None and name.startswith(("vit_", "diffusion_unet")):
             kwargs["image_size"] = image_size  # position embeddings, attention placement
-        model = models.MODELS[name](**kwargs)
+        model = _built(models.MODELS[name], name, image_size, **kwargs)
         channels, size = {"lenet5": (1, 32), "vit_tiny": (3, 32),
                           "diffusion_unet": (1, 16)}.get(name, (3, 224))
         return model, channels, image_size or size, "built from dlcv_fast layers"
@@ -108,7 +118,7 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
         kwargs["image_size"] = image_size
     if name.startswith(("googlenet", "inception")):
         kwargs.update(aux_logits=False, init_weights=False)
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = _built(torchvision.models.get_model, name, image_size, name, weights=None, **kwargs)
     summary = convert(model)
     size = 299 if name.startswith("inception") else 224
     return model, 3, image_size or size, str(summary)
@@ -237,11 +247,18 @@ def plot(rows: list[LayerRow], path: str, title: str) -> None:
 def main(model_name: str, batch: int, dtype: torch.dtype, image_size: int | None,
          out: str | None, progress: bool = True, budget_s: float = 0.2,
          built: tuple | None = None) -> int:
-    """Profiles the model (``built``: build_model's result for it, when already built)."""
+    """Profiles the model (``built``: build_model's result for it, when already built).
+    Raises ModelChoiceError when the model cannot take images of the size."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, channels, size, summary = built or build_model(model_name, image_size)
     model = model.to(device=device, dtype=dtype)
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
+    try:  # one image first: a size the model cannot take is a usage error, not a traceback
+        with torch.no_grad():
+            model.eval()(x[:1], *extra_inputs(model, 1, device))
+    except ValueError as e:
+        raise ModelChoiceError(f"{model_name} cannot take {channels}x{size}x{size} images: "
+                               f"{e}") from e
     env = bench.environment(device)
     print(f"{model_name}, batch {batch}, {channels}x{size}x{size}, "
           f"{str(dtype).removeprefix('torch.')}, forward, eval mode")

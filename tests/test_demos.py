@@ -120,7 +120,11 @@ def test_profile_usage_errors_are_messages():
                           (("--model", "lenet5", "--batch", "0"), "must be positive, got 0"),
                           (("--model", "lenet5", "--image-size", "64"),
                            "lenet5 takes 32x32 images"),
-                          (("--model", "lenet5", "--budget", "-1"), "must be positive")):
+                          (("--model", "lenet5", "--budget", "-1"), "must be positive"),
+                          (("--model", "vit_tiny", "--image-size", "30"),
+                           "vit_tiny cannot be built for --image-size 30: VisionTransformer"),
+                          (("--model", "alexnet", "--image-size", "16"),
+                           "alexnet cannot take 3x16x16 images: max_pool2d")):
         out = _run("profile", *args)
         assert out.returncode == 2, (args, out.stdout + out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
