@@ -47,6 +47,14 @@ CASES = [
     # counts per group that are multiples of 8 and 16 for their vector and tap-major paths.
     ("c16-3x3-s2-long", (4, 16, 33, 31), 24, 3, 2, 1, 1, 1),
     ("groups2-c32", (2, 32, 12, 12), 32, 3, 1, 1, 1, 2),
+    # Stride and dilation on one axis: dgrad's taps at a stride phase (every stride /
+    # gcd(stride, dilation)-th tap meets an output), coprime and not.
+    ("s2-d2", (2, 6, 15, 14), 4, 3, 2, 2, 2, 1),
+    ("s2x3-d4x3-groups2", (1, 4, 19, 20), 6, (3, 2), (2, 3), (1, 2), (4, 3), 2),
+    # Depthwise with dilation, an asymmetric kernel and unequal padding; 16 channels for the
+    # GPU kernels' vector paths.
+    ("depthwise-5x3-d2-s2", (2, 8, 15, 13), 8, (5, 3), 2, (4, 1), 2, 8),
+    ("depthwise-c16-d2x1", (2, 16, 11, 12), 16, 3, 1, (2, 1), (2, 1), 16),
 ]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 
