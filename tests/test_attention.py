@@ -287,6 +287,77 @@ def test_non_contiguous_inputs_and_custom_scale(backend_device):
     check_error(out, ref, theirs, torch.float32, "output")
 
 
+# Shapes of a learned additive mask: per head and query (broadcast over the batch), a
+# key-padding bias, one (L, S) for all, and the full (N, H, L, S).
+MASK_GRAD_SHAPES = [(1, 4, 7, 9), (2, 1, 1, 9), (7, 9), (2, 4, 7, 9)]
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
+def test_mask_gradient(backend, device, dtype):
+    """A floating mask that requires grad gets dL/dmask, summed over its broadcast dims,
+    with and without causal, with grouped-query heads."""
+    g = torch.Generator().manual_seed(21)
+    shape = (2, 4, 2, 7, 9, 16, 8)
+    L, S = shape[3], shape[4]
+    above = torch.ones(L, S, dtype=torch.bool, device=device).triu(1)
+    for mask_shape in MASK_GRAD_SHAPES:
+        for causal in (False, True):
+            q, k, v = make_qkv(shape, dtype, device, g)
+            mask = torch.randn(mask_shape, generator=g).to(device, dtype).requires_grad_()
+            with dlcv_fast.use_backend(backend):
+                out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                             is_causal=causal, enable_gqa=True)
+            grad = torch.randn(out.shape, generator=g).to(device, dtype)
+            grads = torch.autograd.grad(out, (q, k, v, mask), grad)
+            assert grads[3].shape == mask.shape and grads[3].dtype == dtype
+
+            q64, k64, v64, m64 = (t.detach().double().requires_grad_() for t in (q, k, v, mask))
+            ref, _ = reference(q64, k64, v64, m64, causal)
+            ref_grads = torch.autograd.grad(ref, (q64, k64, v64, m64), grad.double())
+            qt, kt, vt, mt = (t.detach().clone().requires_grad_() for t in (q, k, v, mask))
+            tmask = mt.masked_fill(above, -math.inf) if causal else mt  # torch: not both
+            torch_out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tmask,
+                                                       enable_gqa=True)
+            torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt, mt), grad)
+            what = f"{backend} {dtype} mask {mask_shape} causal={causal}"
+            for name, ours, want, theirs in zip(("q", "k", "v", "mask"), grads, ref_grads,
+                                                torch_grads):
+                check_error(ours, want, theirs, dtype, f"grad_{name} {what}")
+
+
+def test_mask_gradient_with_dropout(backend_device):
+    """dL/dmask through the dropout that the forward pass applied (the same keep mask)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(22)
+    shape = (2, 2, 1, 13, 11, 16, 16)
+    B, H, _, L, S, _, _ = shape
+    q, k, v = make_qkv(shape, torch.float64, device, g)
+    mask = torch.randn(1, H, L, S, generator=g, dtype=torch.float64).to(device)
+    mask.requires_grad_()
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**31 - 1, (), device=device).item())
+    keep = dropout_keep_mask(seed, B, H, L, S, 0.3, device=device)
+    torch.manual_seed(7)
+    with dlcv_fast.use_backend(backend):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3,
+                                                     enable_gqa=True)
+    ref, _ = reference(q, k, v, mask, False, keep=keep, dropout_p=0.3)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
+    ours = torch.autograd.grad(out, mask, grad)[0]
+    want = torch.autograd.grad(ref, mask, grad)[0]
+    assert ours.abs().max() > 0.1
+    assert_close(ours, want)
+
+
+def test_mask_gradcheck():
+    g = torch.Generator().manual_seed(23)
+    q, k, v = make_qkv((2, 4, 2, 5, 6, 8, 4), torch.float64, "cpu", g)
+    mask = torch.randn(4, 5, 1, generator=g, dtype=torch.float64).requires_grad_()
+    torch.autograd.gradcheck(
+        lambda q, k, v, m: dlcv_fast.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, is_causal=True, enable_gqa=True), (q, k, v, mask))
+
+
 @pytest.mark.parametrize("dropout_p", [0.2, 0.7])
 def test_dropout(backend_device, dropout_p):
     backend, device = backend_device
@@ -429,11 +500,14 @@ def test_opcheck(backend_device):
     g = torch.Generator().manual_seed(9)
     q, k, v = make_qkv((2, 2, 1, 9, 17, 16, 8), torch.float32, device, g)
     mask = (torch.rand(2, 1, 1, 17, generator=g) > 0.2).to(device)
-    for m in (None, mask):
+    bias = torch.randn(2, 9, 17, generator=g).to(device).requires_grad_()  # a learned bias
+    for m in (None, mask, bias):
         torch.library.opcheck(fwd, (q, k, v, m, 0.0, True, 0.25, 0))
-        out, lse = fwd(q.detach(), k.detach(), v.detach(), m, 0.0, True, 0.25, 0)
+        with torch.no_grad():
+            out, lse = fwd(q.detach(), k.detach(), v.detach(), m, 0.0, True, 0.25, 0)
         torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                                    out, lse, m, 0.0, True, 0.25, 0))
+                                    out, lse, None if m is None else m.detach(), 0.0, True,
+                                    0.25, 0))
 
 
 @pytest.mark.slow
@@ -597,9 +671,6 @@ def test_bad_types(backend_device):
     with pytest.raises(TypeError, match="attn_mask must be bool, float32 or query's dtype"):
         dlcv_fast.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(
             5, 5, dtype=torch.float64, device=device))
-    with pytest.raises(ValueError, match="attn_mask requires grad"):
-        dlcv_fast.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(
-            5, 5, device=device, requires_grad=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -205,11 +205,41 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _mask_grad(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
+               seed):
+    """The gradient of a floating attn_mask: dS = P * (dP - rowsum(dO * O)) with the scores'
+    probabilities P = exp(S - lse) and dP = dO V^T (times the dropout mask / (1 - p)), summed
+    over the dimensions the mask broadcasts along. In PyTorch ops, with the (B, H, L, S)
+    scores materialised: a mask that learns (a relative-position bias) is that size anyway,
+    up to its broadcast dimensions."""
+    B, H, L, _ = query.shape
+    S, group = key.shape[2], H // key.shape[1]
+    f = torch.float64 if query.dtype == torch.float64 else torch.float32
+    k = key.to(f).repeat_interleave(group, dim=1)
+    v = value.to(f).repeat_interleave(group, dim=1)
+    scores = query.to(f) @ k.transpose(-1, -2) * scale + attn_mask.to(f)
+    if is_causal:
+        above = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(above, -math.inf)
+    lse = lse.to(f).unsqueeze(-1)
+    p = torch.where(lse == -math.inf, 0.0, torch.exp(scores - lse))  # rows attending to nothing
+    dp = grad_out.to(f) @ v.transpose(-1, -2)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(seed, B, H, L, S, dropout_p, query.device)
+        dp = torch.where(keep, dp / (1.0 - dropout_p), 0.0)
+    delta = (grad_out.to(f) * out.to(f)).sum(-1, keepdim=True)
+    ds = torch.where(p == 0, 0.0, p * (dp - delta))  # masked scores: 0, also against an inf dP
+    return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
 def _backward_with(backward_op):
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, out, lse, attn_mask = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out, query, key, value, out, lse, attn_mask, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
+        dmask = None
+        if ctx.needs_input_grad[3]:
+            dmask = _mask_grad(grad_out, query, key, value, out, lse, attn_mask, *ctx.params)
+        return dq, dk, dv, dmask, None, None, None, None
 
     return backward
 
@@ -299,9 +329,6 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         query, key, value, attn_mask = cast_for_autocast(query.device, query, key, value,
                                                          attn_mask)
     q, k, v, mask, squeeze = _to_4d(query, key, value, attn_mask, enable_gqa)
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{_OP}: attn_mask requires grad, but gradients with respect to the "
-                         "mask are not computed; pass attn_mask.detach()")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     dropout_p = float(dropout_p)
@@ -328,7 +355,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
             to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
             rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
-            Read through its strides, never expanded in memory. Not differentiated.
+            Read through its strides, never expanded in memory. A floating mask that
+            requires grad gets its gradient (a learned bias), computed in PyTorch ops with
+            the (N, H, L, S) scores materialised.
         dropout_p: dropout on the attention weights, from a counter-based hash seeded by
             torch's generator for the device (``torch.manual_seed`` reproduces it; the
             backward pass applies the same mask). Under ``torch.compile`` the seed's
