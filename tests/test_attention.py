@@ -626,6 +626,38 @@ def test_fully_masked_rows_give_zeros_as_in_torch():
     assert out[:, 1].isnan().all() and out[:, 0].isfinite().all()
 
 
+# (q, k, v shapes): sizes of 1 that torch's SDPA broadcasts as a matrix product does.
+BROADCAST = [
+    ((2, 3, 5, 8), (1, 3, 6, 8), (1, 3, 6, 8)),  # key/value shared by the batch
+    ((1, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8)),  # one query batch for two of key/value
+    ((2, 3, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8)),  # one key/value head (no enable_gqa)
+    ((2, 1, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8)),  # one query head
+    ((2, 3, 5, 8), (2, 1, 6, 8), (1, 3, 6, 4)),  # each its own
+    ((1, 5, 8), (3, 6, 8), (1, 6, 8)),           # 3-D
+]
+
+
+@pytest.mark.parametrize("shapes", BROADCAST, ids=[str(i) for i in range(len(BROADCAST))])
+def test_broadcast_sizes_of_one(backend_device, shapes):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(24)
+    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes)
+    with dlcv_fast.use_backend(backend):
+        out = dlcv_fast.scaled_dot_product_attention(q, k, v)
+    grad = torch.randn(out.shape, generator=g).to(device)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    theirs = F.scaled_dot_product_attention(q, k, v)
+    their_grads = torch.autograd.grad(theirs, (q, k, v), grad)
+    assert out.shape == ref.shape
+    check_error(out, ref, theirs, torch.float32, f"out {shapes}")
+    for name, a, want, t in zip("qkv", grads, ref_grads, their_grads):
+        assert a.shape == want.shape
+        check_error(a, want, t, torch.float32, f"grad_{name} {shapes}")
+
+
 BAD = [
     # (description, q shape, k shape, v shape, mask shape, kwargs, exception, message)
     ("batch", (2, 2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 8), None, {}, ValueError,

@@ -313,10 +313,31 @@ def _to_4d(query, key, value, attn_mask, enable_gqa):
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
-    elif not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"{_OP}: query has {query.shape[1]} heads but key has {key.shape[1]}; "
-                         "pass enable_gqa=True for grouped-query attention")
+    query, key, value = _broadcast(query, key, value, 0)
+    if not enable_gqa:
+        query, key, value = _broadcast(query, key, value, 1)
+        if key.shape[1] not in (1, query.shape[1]):
+            raise ValueError(f"{_OP}: query has {query.shape[1]} heads but key has "
+                             f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")
     return query, key, value, attn_mask, squeeze
+
+
+def _broadcast(query, key, value, dim):
+    """torch's SDPA broadcasts a batch (dim 0) or, without enable_gqa, head (dim 1) size of 1
+    as a matrix product does: as expanded views here, read through stride 0. Key and value
+    with one head where the query has H stay as they are: the grouped-query path reads them
+    for every head."""
+    sizes = {t.shape[dim] for t in (query, key, value)} - {1}
+    if len(sizes) != 1:
+        return query, key, value  # all 1, all equal, or a mismatch check_args reports
+    n = sizes.pop()
+
+    def grown(t):
+        return t.expand(*t.shape[:dim], n, *t.shape[dim + 1:])
+
+    if dim == 1 and key.shape[1] == value.shape[1]:
+        return grown(query), key, value
+    return grown(query), grown(key), grown(value)
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
@@ -352,6 +373,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
         key: (N, Hkv, S, E) or (N, S, E).
         value: (N, Hkv, S, Ev) or (N, S, Ev); Ev may differ from E. Head dims up to 256.
+            A batch size of 1 (and without enable_gqa a head count of 1) broadcasts, as in
+            PyTorch, without a copy.
         attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
             to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
             rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
