@@ -28,6 +28,14 @@ def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
     assert "LeNet-5 on digits" in out.stderr  # the progress bar
 
 
+def test_lenet_full_run_reaches_97_percent(tmp_path):
+    """The demo as `make demo` runs it (10 epochs, about 7 s): the issue's 97% test accuracy."""
+    out = _run("lenet", "--out", str(tmp_path / "curves.png"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("test accuracy: "))
+    assert float(line.removeprefix("test accuracy: ").removesuffix("%")) >= 97.0, line
+
+
 def test_digits_data():
     from dlcv_fast.demos import lenet
 
