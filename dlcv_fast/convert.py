@@ -170,12 +170,13 @@ class _FusedReLU(nn.ReLU):
 @dataclasses.dataclass
 class Summary:
     """What :func:`convert` did: ``converted`` counts swapped layers by torch type name,
-    ``fused`` the Conv2d+ReLU and BatchNorm2d+ReLU pairs, ``left`` lists (name, type, reason) of the layers that
-    stay on torch."""
+    ``fused`` the Conv2d+ReLU and BatchNorm2d+ReLU pairs, ``left`` lists (name, type,
+    reason) of the layers that stay on torch, ``notes`` what else the user should know."""
 
     converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     fused: int = 0
     left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = ["converted to dlcv_fast:"]
@@ -185,6 +186,7 @@ class Summary:
         lines.append("left on torch:")
         groups = collections.Counter((t, r) for _, t, r in self.left)
         lines += [f"  {n:>4} x {t}: {r}" for (t, r), n in sorted(groups.items())] or ["  none"]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -266,6 +268,13 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
             visit(child, f"{name}.{child_name}" if name else child_name, module, child_name)
 
     visit(model, "", None, "")
+    fast_path = sum(type(m) is nn.TransformerEncoderLayer
+                    and isinstance(m.self_attn, dnn.MultiheadAttention) for m in model.modules())
+    if fast_path:
+        summary.notes.append(
+            f"{fast_path} x TransformerEncoderLayer: in eval mode without grad, torch's fused "
+            f"inference path runs in place of the converted MultiheadAttention; "
+            f"torch.backends.mha.set_fastpath_enabled(False) turns that path off")
     if fuse_relu:
         summary.fused = fuse_relus(model)
     return summary

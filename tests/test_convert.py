@@ -270,7 +270,7 @@ def test_registering_a_layer_that_is_not_a_subclass():
         del REGISTRY[nn.Linear], _BY_DLCV[_FastLinear]
 
 
-def test_transformer_layers_are_walked_into():
+def test_transformer_layers_are_walked_into(monkeypatch):
     """torch.nn's composite modules hold MultiheadAttention layers: those are converted,
     the composite's other layers reported, and the outputs match."""
     torch.manual_seed(0)
@@ -284,6 +284,23 @@ def test_transformer_layers_are_walked_into():
     assert {t for _, t, _ in summary.left} == {"Linear", "LayerNorm"}
     assert all(type(layer.self_attn) is dnn.MultiheadAttention for layer in model.layers)
     assert_close(model(x), expected)
+    # What the summary's note says: in eval mode without grad torch's fused path bypasses
+    # the converted layers, unless that path is turned off.
+    assert "2 x TransformerEncoderLayer: in eval mode without grad" in str(summary)
+    calls = []
+    forward = dnn.MultiheadAttention.forward
+    monkeypatch.setattr(dnn.MultiheadAttention, "forward",  # (a hook would stop that path)
+                        lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs))
+    model.eval().float()  # the fused path takes float32
+    with torch.no_grad():
+        fused = model(x.float())
+        assert calls == []
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            assert_close(model(x.float()), fused)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        assert len(calls) == 2
     dlcv_fast.revert(model)
     assert type(model.layers[0].self_attn) is nn.MultiheadAttention
 
