@@ -96,7 +96,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     names the argument and the expected shape. With ``need_weights=True``
     (torch's default) it is torch's own forward, the slower explicit path that materialises
     the (L, S) weights it returns. ``is_causal`` is a hint, as in torch: ``attn_mask`` must
-    hold the causal mask, and that mask is what is applied. A head dim (embed_dim //
+    hold the causal mask, and that mask is what is applied (with add_bias_kv or add_zero_attn
+    every query sees the extra key, as on torch's need_weights=True path; torch's fused path
+    masks it by its own causal rule over the S + 1 keys). A head dim (embed_dim //
     num_heads) above 256, the fused kernels' limit, runs torch's forward on both paths.
 
     A query that may attend to no key gives zeros (then ``out_proj``'s bias) on the fused
