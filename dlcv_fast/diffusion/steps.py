@@ -218,7 +218,9 @@ def ddim_step(
     set_alpha_to_one, else alphas_cumprod[0]), as diffusers' DDIMScheduler.step.
 
     ``eta`` scales the noise (0: deterministic DDIM, 1: DDPM-like); noise comes from
-    ``variance_noise`` or ``generator`` and is drawn only when eta > 0.
+    ``variance_noise`` or ``generator`` and is drawn only when eta > 0. Above 1, eta can make
+    the noise's variance exceed 1 - alpha_bar_prev: the direction term is then 0 (diffusers
+    takes the square root of a negative number, a NaN).
     ``use_clipped_model_output`` recomputes the predicted noise from the clipped x0.
     """
     t, prev_t = int(timestep), int(prev_timestep)
