@@ -637,6 +637,44 @@ BROADCAST = [
 ]
 
 
+# (q, k, v, mask shapes): 2-D, and more than one batch dim (broadcast among them).
+ANY_DIMS = [
+    ((5, 8), (6, 8), (6, 4), (5, 6)),
+    ((2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), None),
+    ((2, 1, 2, 5, 8), (1, 3, 2, 6, 8), (1, 3, 2, 6, 8), (3, 1, 5, 6)),
+    ((2, 3, 2, 5, 8), (2, 3, 1, 6, 8), (2, 3, 1, 6, 8), (2, 1, 1, 1, 6)),
+    ((2, 2, 1, 2, 5, 8), (2, 1, 1, 2, 6, 8), (1, 2, 1, 2, 6, 8), (5, 6)),
+]
+
+
+@pytest.mark.parametrize("shapes", ANY_DIMS, ids=[str(i) for i in range(len(ANY_DIMS))])
+def test_any_number_of_batch_dims(backend_device, shapes):
+    """As PyTorch's SDPA: (L, E) inputs, and every dim before (heads, L, E) a batch dim,
+    broadcast among query, key, value and the mask; the lse has the output's leading dims."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(25)
+    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes[:3])
+    mask = None if shapes[3] is None else torch.randn(shapes[3], generator=g).to(device)
+    with dlcv_fast.use_backend(backend):
+        out, lse = attention(q, k, v, attn_mask=mask, is_causal=True, return_lse=True)
+    grad = torch.randn(out.shape, generator=g).to(device)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=device).tril()
+    m64 = torch.zeros(causal.shape, dtype=torch.float64, device=device).masked_fill(
+        ~causal, -math.inf) + (0 if mask is None else mask.double())
+    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=m64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=m64.float())
+    their_grads = torch.autograd.grad(theirs, (q, k, v), grad)
+    assert out.shape == ref.shape and lse.shape == ref.shape[:-1]
+    ref_lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1]) + m64, -1)
+    assert_close(lse, ref_lse.float(), torch.float32)
+    check_error(out, ref, theirs, torch.float32, f"out {shapes}")
+    for name, a, want, t in zip("qkv", grads, ref_grads, their_grads):
+        check_error(a, want, t, torch.float32, f"grad_{name} {shapes}")
+
+
 @pytest.mark.parametrize("shapes", BROADCAST, ids=[str(i) for i in range(len(BROADCAST))])
 def test_broadcast_sizes_of_one(backend_device, shapes):
     backend, device = backend_device
@@ -677,7 +715,13 @@ BAD = [
     ("mask shape", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), (2, 1, 5, 7), {}, ValueError,
      "cannot be broadcast"),
     ("mixed dims", (2, 2, 5, 8), (2, 6, 8), (2, 6, 8), None, {}, ValueError,
-     "all be 3-D .* or all 4-D"),
+     r"same number of dims, at least 2: \(L, E\), \(N, L, E\)"),
+    ("1-D", (8,), (8,), (8,), None, {}, ValueError, "same number of dims, at least 2"),
+    ("batch dims", (2, 3, 2, 5, 8), (3, 3, 2, 6, 8), (3, 3, 2, 6, 8), None, {}, ValueError,
+     r"the batch dims of query, key and value, \[\[2, 3\], \[3, 3\], \[3, 3\]\], do not "
+     "broadcast"),
+    ("mask batch dims", (2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), (4, 3, 1, 1, 6), {},
+     ValueError, r"attn_mask's batch dims \[4, 3\] do not broadcast to \[2, 3\]"),
     ("dropout", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, {"dropout_p": 1.0}, ValueError,
      r"dropout_p must lie in \[0, 1\)"),
 ]

@@ -296,6 +296,9 @@ def _draw_seed(device: torch.device) -> int:
 # --- the functional entry points ------------------------------------------------------------
 
 def _to_4d(query, key, value, attn_mask, enable_gqa):
+    """(query, key, value, attn_mask) as the ops take them, (B, H, L, E) with every leading
+    dim folded into B, and the function that gives an output (B, H, L, X) its leading dims
+    back."""
     if not isinstance(query, Tensor):
         raise TypeError(f"{_OP}: query must be a Tensor, but got {type(query).__name__}")
     for name, t in (("key", key), ("value", value)):
@@ -304,22 +307,66 @@ def _to_4d(query, key, value, attn_mask, enable_gqa):
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"{_OP}: attn_mask must be a Tensor or None, but got "
                         f"{type(attn_mask).__name__}")
-    if query.dim() not in (3, 4) or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{_OP}: query, key and value must all be 3-D (N, L, E) or all 4-D "
-                         f"(N, heads, L, E), but got shapes {_shape(query)}, {_shape(key)} and "
-                         f"{_shape(value)}")
-    squeeze = query.dim() == 3
-    if squeeze:
+    nd = query.dim()
+    if nd < 2 or key.dim() != nd or value.dim() != nd:
+        raise ValueError(f"{_OP}: query, key and value must have the same number of dims, at "
+                         f"least 2: (L, E), (N, L, E), (N, heads, L, E) or more batch dims "
+                         f"(..., heads, L, E), but got shapes {_shape(query)}, {_shape(key)} "
+                         f"and {_shape(value)}")
+    if nd == 2:  # (L, E): one head of a batch of one
+        query, key, value = query[None, None], key[None, None], value[None, None]
+
+        def restore(t):
+            return t[0, 0]
+    elif nd == 3:  # (N, L, E): one head
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)
+
+        def restore(t):
+            return t.squeeze(1)
+    elif nd == 4:
+        def restore(t):
+            return t
+    else:
+        query, key, value, attn_mask, batch = _fold_batch(query, key, value, attn_mask)
+
+        def restore(t):
+            return t.reshape(*batch, *t.shape[1:])
     query, key, value = _broadcast(query, key, value, 0)
     if not enable_gqa:
         query, key, value = _broadcast(query, key, value, 1)
         if key.shape[1] not in (1, query.shape[1]):
             raise ValueError(f"{_OP}: query has {query.shape[1]} heads but key has "
                              f"{key.shape[1]}; pass enable_gqa=True for grouped-query attention")
-    return query, key, value, attn_mask, squeeze
+    return query, key, value, attn_mask, restore
+
+
+def _fold_batch(query, key, value, attn_mask):
+    """5-D and more: the leading dims (before heads, L, E), broadcast among query, key and
+    value (and the mask's, where it has them), folded into one. A broadcast dim is copied
+    where the fold needs it."""
+    shapes = [t.shape[:-3] for t in (query, key, value)]
+    try:
+        batch = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"{_OP}: the batch dims of query, key and value, "
+                         f"{[list(s) for s in shapes]}, do not broadcast") from None
+
+    def fold(t):
+        return t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+
+    query, key, value = fold(query), fold(key), fold(value)
+    if attn_mask is not None and attn_mask.dim() > 3:
+        if attn_mask.dim() > len(batch) + 3:
+            raise ValueError(f"{_OP}: attn_mask has {attn_mask.dim()} dims, more than the "
+                             f"{len(batch) + 3} of (..., heads, L, S)")
+        mask_batch = attn_mask.shape[:-3]
+        if any(m not in (1, b) for m, b in zip(reversed(mask_batch), reversed(batch))):
+            raise ValueError(f"{_OP}: attn_mask's batch dims {list(mask_batch)} do not "
+                             f"broadcast to {list(batch)}")
+        attn_mask = fold(attn_mask)
+    return query, key, value, attn_mask, tuple(batch)
 
 
 def _broadcast(query, key, value, dim):
@@ -345,19 +392,19 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
               enable_gqa: bool = False, return_lse: bool = False):
     """:func:`scaled_dot_product_attention`, and with ``return_lse=True`` also the
     log-sum-exp of each row's scores (natural log, float32, or float64 for float64 inputs;
-    shape (N, H, L), or (N, L) for 3-D inputs): ``(out, lse)``."""
+    the output's shape without its last dim: (N, H, L), (N, L) for 3-D inputs):
+    ``(out, lse)``."""
     if isinstance(query, Tensor):
         query, key, value, attn_mask = cast_for_autocast(query.device, query, key, value,
                                                          attn_mask)
-    q, k, v, mask, squeeze = _to_4d(query, key, value, attn_mask, enable_gqa)
+    q, k, v, mask, restore = _to_4d(query, key, value, attn_mask, enable_gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     dropout_p = float(dropout_p)
     seed = _draw_seed(q.device) if dropout_p > 0 else 0
     op = _FORWARD[backend.resolve("scaled_dot_product_attention", q)]
     out, lse = op(q, k, v, mask, dropout_p, bool(is_causal), float(scale), seed)
-    if squeeze:
-        out, lse = out.squeeze(1), lse.squeeze(1)
+    out, lse = restore(out), restore(lse.unsqueeze(-1)).squeeze(-1)
     return (out, lse) if return_lse else out
 
 
@@ -369,12 +416,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     :func:`torch.nn.functional.scaled_dot_product_attention`'s arguments and shapes.
 
     Args:
-        query: (N, H, L, E) or (N, L, E); float32/float16/bfloat16 on a GPU,
+        query: (N, H, L, E), (N, L, E), (L, E) or (..., H, L, E) with more batch dims;
+            float32/float16/bfloat16 on a GPU,
             float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
         key: (N, Hkv, S, E) or (N, S, E).
         value: (N, Hkv, S, Ev) or (N, S, Ev); Ev may differ from E. Head dims up to 256.
-            A batch size of 1 (and without enable_gqa a head count of 1) broadcasts, as in
-            PyTorch, without a copy.
+            Batch sizes of 1 (and without enable_gqa a head count of 1) broadcast, as in
+            PyTorch, without a copy (with more than one batch dim, the fold into one may
+            copy).
         attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
             to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
             rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
@@ -394,7 +443,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         enable_gqa: allow Hkv < H with H a multiple of Hkv; query head h reads key/value
             head h // (H / Hkv), without copying K and V.
 
-    Returns (N, H, L, Ev) (or (N, L, Ev)) in query's dtype. A query row that can attend to
+    Returns (N, H, L, Ev) (or the input's leading dims, then L, Ev) in query's dtype. A query row that can attend to
     no key (its mask all False or -inf) gives zeros and zero gradients, as PyTorch's does (on
     the CPU; its fused CUDA backends are not checked here). Differentiable in query, key and
     value; the backward pass recomputes the attention weights from the saved log-sum-exp and
