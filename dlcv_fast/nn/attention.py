@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -99,7 +101,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     hold the causal mask, and that mask is what is applied (with add_bias_kv or add_zero_attn
     every query sees the extra key, as on torch's need_weights=True path; torch's fused path
     masks it by its own causal rule over the S + 1 keys). A head dim (embed_dim //
-    num_heads) above 256, the fused kernels' limit, runs torch's forward on both paths.
+    num_heads) above 256, the fused kernels' limit, runs torch's forward on both paths,
+    with a warning on the need_weights=False path.
 
     A query that may attend to no key gives zeros (then ``out_proj``'s bias) on the fused
     path, as torch's ``need_weights=False`` path does in training or with grad; torch's
@@ -117,6 +120,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if traced is not None:
             return traced
         _check_inputs(self, query, key, value, key_padding_mask, attn_mask)
+        if self.head_dim > MAX_HEAD_DIM and not need_weights:
+            warnings.warn(f"MultiheadAttention: head dim {self.head_dim} is above the fused "
+                          f"kernels' {MAX_HEAD_DIM}; torch's forward runs", stacklevel=2)
         if need_weights or self.head_dim > MAX_HEAD_DIM:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
