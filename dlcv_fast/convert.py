@@ -141,6 +141,8 @@ register(nn.BatchNorm2d, dnn.BatchNorm2d, lambda m: _check_tensors("batch_norm",
          extra={"activation": None})
 register(nn.SyncBatchNorm, dnn.SyncBatchNorm, lambda m: _check_tensors("batch_norm", m),
          extra={"activation": None})
+
+
 def _check_attention(m: nn.MultiheadAttention) -> str | None:
     if m.head_dim > MAX_HEAD_DIM:
         return (f"head dim {m.head_dim} (embed_dim // num_heads) is above the fused kernels' "
@@ -268,7 +270,8 @@ def convert(model: nn.Module, *, fuse_relu: bool = False) -> Summary:
             visit(child, f"{name}.{child_name}" if name else child_name, module, child_name)
 
     visit(model, "", None, "")
-    fast_path = sum(type(m) is nn.TransformerEncoderLayer
+    # torch takes that path only with batch_first (and more conditions, checked per call).
+    fast_path = sum(type(m) is nn.TransformerEncoderLayer and m.self_attn.batch_first
                     and isinstance(m.self_attn, dnn.MultiheadAttention) for m in model.modules())
     if fast_path:
         summary.notes.append(

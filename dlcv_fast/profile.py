@@ -256,7 +256,7 @@ def main(model_name: str, batch: int, dtype: torch.dtype, image_size: int | None
     try:  # one image first: a size the model cannot take is a usage error, not a traceback
         with torch.no_grad():
             model.eval()(x[:1], *extra_inputs(model, 1, device))
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: layers left on torch
         raise ModelChoiceError(f"{model_name} cannot take {channels}x{size}x{size} images: "
                                f"{e}") from e
     env = bench.environment(device)

@@ -50,6 +50,7 @@ CASES = [
     # Stride and dilation on one axis: dgrad's taps at a stride phase (every stride /
     # gcd(stride, dilation)-th tap meets an output), coprime and not.
     ("s2-d2", (2, 6, 15, 14), 4, 3, 2, 2, 2, 1),
+    ("s2-d3", (1, 3, 17, 16), 4, 3, 2, 3, 3, 1),
     ("s2x3-d4x3-groups2", (1, 4, 19, 20), 6, (3, 2), (2, 3), (1, 2), (4, 3), 2),
     # Depthwise with dilation, an asymmetric kernel and unequal padding; 16 channels for the
     # GPU kernels' vector paths.

@@ -303,6 +303,9 @@ def test_transformer_layers_are_walked_into(monkeypatch):
         assert len(calls) == 2
     dlcv_fast.revert(model)
     assert type(model.layers[0].self_attn) is nn.MultiheadAttention
+    # Without batch_first torch never takes that path: no note.
+    seq_first = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    assert dlcv_fast.convert(seq_first).notes == []
 
 
 def test_revert_takes_a_module():

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dlcv_fast import models, profile
@@ -28,6 +29,7 @@ def test_lenet_quick_trains_and_writes_the_curves(tmp_path):
     assert "LeNet-5 on digits" in out.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_lenet_full_run_reaches_97_percent(tmp_path):
     """The demo as `make demo` runs it (10 epochs, about 7 s): the issue's 97% test accuracy."""
     out = _run("lenet", "--out", str(tmp_path / "curves.png"))
@@ -132,7 +134,9 @@ def test_profile_usage_errors_are_messages():
                           (("--model", "vit_tiny", "--image-size", "30"),
                            "vit_tiny cannot be built for --image-size 30: VisionTransformer"),
                           (("--model", "alexnet", "--image-size", "16"),
-                           "alexnet cannot take 3x16x16 images: max_pool2d")):
+                           "alexnet cannot take 3x16x16 images: max_pool2d"),
+                          (("--model", "densenet121", "--image-size", "16"),  # torch's pool
+                           "densenet121 cannot take 3x16x16 images")):
         out = _run("profile", *args)
         assert out.returncode == 2, (args, out.stdout + out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -353,8 +353,8 @@ def _fold_batch(query, key, value, attn_mask):
         raise ValueError(f"{_OP}: the batch dims of query, key and value, "
                          f"{[list(s) for s in shapes]}, do not broadcast") from None
 
-    def fold(t):
-        return t.expand(*batch, *t.shape[-3:]).reshape(-1, *t.shape[-3:])
+    def fold(t):  # (an explicit size: -1 is ambiguous for an empty tensor)
+        return t.expand(*batch, *t.shape[-3:]).reshape(math.prod(batch), *t.shape[-3:])
 
     query, key, value = fold(query), fold(key), fold(value)
     if attn_mask is not None and attn_mask.dim() > 3:
@@ -419,15 +419,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         query: (N, H, L, E), (N, L, E), (L, E) or (..., H, L, E) with more batch dims;
             float32/float16/bfloat16 on a GPU,
             float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
-        key: (N, Hkv, S, E) or (N, S, E).
-        value: (N, Hkv, S, Ev) or (N, S, Ev); Ev may differ from E. Head dims up to 256.
+        key: (N, Hkv, S, E), or with query's other leading dims.
+        value: (N, Hkv, S, Ev), likewise; Ev may differ from E. Head dims up to 256.
             Batch sizes of 1 (and without enable_gqa a head count of 1) broadcast, as in
             PyTorch, without a copy (with more than one batch dim, the fold into one may
             copy).
         attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
             to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
             rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
-            Read through its strides, never expanded in memory. A floating mask that
+            Read through its strides, never expanded in memory (except, with more than one
+            batch dim, a mask that has batch dims: folded with them). A floating mask that
             requires grad gets its gradient (a learned bias), computed in PyTorch ops with
             the (N, H, L, S) scores materialised.
         dropout_p: dropout on the attention weights, from a counter-based hash seeded by
@@ -443,11 +444,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         enable_gqa: allow Hkv < H with H a multiple of Hkv; query head h reads key/value
             head h // (H / Hkv), without copying K and V.
 
-    Returns (N, H, L, Ev) (or the input's leading dims, then L, Ev) in query's dtype. A query row that can attend to
-    no key (its mask all False or -inf) gives zeros and zero gradients, as PyTorch's does (on
-    the CPU; its fused CUDA backends are not checked here). Differentiable in query, key and
-    value; the backward pass recomputes the attention weights from the saved log-sum-exp and
-    is deterministic.
+    Returns (N, H, L, Ev) (or the input's leading dims, then L, Ev) in query's dtype. A
+    query row that can attend to no key (its mask all False or -inf) gives zeros and zero
+    gradients, as PyTorch's does (on the CPU; its fused CUDA backends are not checked here).
+    Differentiable in query, key, value and a floating attn_mask; the backward pass
+    recomputes the attention weights from the saved log-sum-exp and is deterministic.
     """
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
