@@ -216,7 +216,7 @@ def ddpm_alphas_cumprod():
     """alpha_bar of DDPM's linear schedule (1000 steps, betas 1e-4 to 0.02), float32."""
     from dlcv_fast.diffusion import alphas_cumprod_from_betas, make_betas
 
-    return alphas_cumprod_from_betas(make_betas())
+    return alphas_cumprod_from_betas(make_betas(dtype=torch.float64))
 
 
 # (name, shape): latent-diffusion latents and pixel-space images.
