@@ -94,6 +94,28 @@ def make_qkv(shape, dtype, device, g, requires_grad=True):
     return [t.to(device, dtype).requires_grad_(requires_grad) for t in (q, k, v)]
 
 
+def compare(ours, ref, theirs, inputs, g, dtype, what, names=("q", "k", "v", "mask")):
+    """ours(*inputs) against ref on float64 copies of the inputs and theirs (PyTorch in the
+    same dtype) on copies: the output and every input's gradient, for a random output
+    gradient drawn from g, by check_error. Returns ours' output and gradients."""
+    out = ours(*inputs)
+    grad = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    grads = torch.autograd.grad(out, inputs, grad)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    want = ref(*inputs64)
+    want_grads = torch.autograd.grad(want, inputs64, grad.double())
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    their_out = theirs(*copies)
+    their_grads = torch.autograd.grad(their_out, copies, grad)
+    assert out.shape == want.shape and out.dtype == dtype
+    check_error(out, want, their_out, dtype, f"out {what}")
+    for name, a, w, t in zip(names, grads, want_grads, their_grads):
+        assert a.shape == w.shape
+        if w.numel():  # (no keys: empty dK and dV)
+            check_error(a, w, t, dtype, f"grad_{name} {what}")
+    return out, grads
+
+
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
 def test_forward_and_gradients(backend, device, dtype, mask_kind):
@@ -102,29 +124,23 @@ def test_forward_and_gradients(backend, device, dtype, mask_kind):
         B, H, Hkv, L, S, E, Ev = shape
         q, k, v = make_qkv(shape, dtype, device, g)
         mask, causal = make_mask(mask_kind, B, H, L, S, dtype, device, g)
-        with dlcv_fast.use_backend(backend):
-            out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                         is_causal=causal, enable_gqa=H != Hkv)
-        assert out.shape == (B, H, L, Ev) and out.dtype == dtype
-        grad = torch.randn(out.shape, generator=g).to(device, dtype)
-        grads = torch.autograd.grad(out, (q, k, v), grad)
-
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref, _ = reference(q64, k64, v64, mask, causal)
-        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
         # PyTorch in the same dtype (its math backend, when a mask and causal are combined).
-        qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
         tmask = mask
         if causal and mask is not None:
             tmask = mask & torch.ones(L, S, dtype=torch.bool, device=device).tril()
-        torch_out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=tmask, is_causal=causal and mask is None,
-            enable_gqa=H != Hkv)
-        torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
-        what = f"{backend} {dtype} {shape} {mask_kind}"
-        check_error(out, ref, torch_out, dtype, f"out {what}")
-        for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
-            check_error(ours, want, theirs, dtype, f"grad_{name} {what}")
+
+        def ours(q, k, v):
+            with dlcv_fast.use_backend(backend):
+                return dlcv_fast.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hkv)
+
+        out, _ = compare(
+            ours, lambda q, k, v: reference(q, k, v, mask, causal)[0],
+            lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=tmask, is_causal=causal and mask is None,
+                enable_gqa=H != Hkv),
+            (q, k, v), g, dtype, f"{backend} {dtype} {shape} {mask_kind}")
+        assert out.shape == (B, H, L, Ev)
 
 
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_cases())
@@ -241,23 +257,16 @@ def test_long_sequences(backend, device):
     if device == "cuda":
         cases += [((1, 2, 1, 1100, 1537, 32, 32), torch.bfloat16),
                   ((1, 2, 2, 1031, 2053, 128, 128), torch.bfloat16)]
-    for shape, dtype in cases:
-        q, k, v = make_qkv(shape, dtype, device, g)
+    def ours(q, k, v):
         with dlcv_fast.use_backend(backend):
-            out = dlcv_fast.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                         enable_gqa=True)
-        grad = torch.randn(out.shape, generator=g).to(device, dtype)
-        grads = torch.autograd.grad(out, (q, k, v), grad)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref, _ = reference(q64, k64, v64, None, True)
-        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-        qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        torch_out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt), grad)
-        what = f"{backend} {dtype} {shape}"
-        check_error(out, ref, torch_out, dtype, f"out {what}")
-        for name, ours, want, theirs in zip("qkv", grads, ref_grads, torch_grads):
-            check_error(ours, want, theirs, dtype, f"grad_{name} {what}")
+            return dlcv_fast.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                          enable_gqa=True)
+
+    for shape, dtype in cases:
+        compare(ours, lambda q, k, v: reference(q, k, v, None, True)[0],
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=True),
+                make_qkv(shape, dtype, device, g), g, dtype, f"{backend} {dtype} {shape}")
 
 
 def test_huge_logits_do_not_overflow(backend_device):
@@ -304,25 +313,20 @@ def test_mask_gradient(backend, device, dtype):
         for causal in (False, True):
             q, k, v = make_qkv(shape, dtype, device, g)
             mask = torch.randn(mask_shape, generator=g).to(device, dtype).requires_grad_()
-            with dlcv_fast.use_backend(backend):
-                out = dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                             is_causal=causal, enable_gqa=True)
-            grad = torch.randn(out.shape, generator=g).to(device, dtype)
-            grads = torch.autograd.grad(out, (q, k, v, mask), grad)
-            assert grads[3].shape == mask.shape and grads[3].dtype == dtype
 
-            q64, k64, v64, m64 = (t.detach().double().requires_grad_() for t in (q, k, v, mask))
-            ref, _ = reference(q64, k64, v64, m64, causal)
-            ref_grads = torch.autograd.grad(ref, (q64, k64, v64, m64), grad.double())
-            qt, kt, vt, mt = (t.detach().clone().requires_grad_() for t in (q, k, v, mask))
-            tmask = mt.masked_fill(above, -math.inf) if causal else mt  # torch: not both
-            torch_out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tmask,
-                                                       enable_gqa=True)
-            torch_grads = torch.autograd.grad(torch_out, (qt, kt, vt, mt), grad)
-            what = f"{backend} {dtype} mask {mask_shape} causal={causal}"
-            for name, ours, want, theirs in zip(("q", "k", "v", "mask"), grads, ref_grads,
-                                                torch_grads):
-                check_error(ours, want, theirs, dtype, f"grad_{name} {what}")
+            def ours(q, k, v, m):
+                with dlcv_fast.use_backend(backend):
+                    return dlcv_fast.scaled_dot_product_attention(
+                        q, k, v, attn_mask=m, is_causal=causal, enable_gqa=True)
+
+            def theirs(q, k, v, m):  # PyTorch takes no mask with is_causal
+                m = m.masked_fill(above, -math.inf) if causal else m
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+
+            _, grads = compare(ours, lambda q, k, v, m: reference(q, k, v, m, causal)[0],
+                               theirs, (q, k, v, mask), g, dtype,
+                               f"{backend} {dtype} mask {mask_shape} causal={causal}")
+            assert grads[3].dtype == dtype
 
 
 def test_mask_gradient_with_dropout(backend_device):
@@ -654,49 +658,41 @@ def test_any_number_of_batch_dims(backend_device, shapes):
     broadcast among query, key, value and the mask; the lse has the output's leading dims."""
     backend, device = backend_device
     g = torch.Generator().manual_seed(25)
-    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes[:3])
+    qkv = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes[:3]]
     mask = None if shapes[3] is None else torch.randn(shapes[3], generator=g).to(device)
-    with dlcv_fast.use_backend(backend):
-        out, lse = attention(q, k, v, attn_mask=mask, is_causal=True, return_lse=True)
-    grad = torch.randn(out.shape, generator=g).to(device)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=device).tril()
+    causal = torch.ones(shapes[0][-2], shapes[1][-2], dtype=torch.bool, device=device).tril()
     m64 = torch.zeros(causal.shape, dtype=torch.float64, device=device).masked_fill(
         ~causal, -math.inf) + (0 if mask is None else mask.double())
-    ref = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=m64)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=m64.float())
-    their_grads = torch.autograd.grad(theirs, (q, k, v), grad)
-    assert out.shape == ref.shape and lse.shape == ref.shape[:-1]
-    ref_lse = torch.logsumexp(q64 @ k64.transpose(-1, -2) / math.sqrt(q.shape[-1]) + m64, -1)
+
+    def ours(q, k, v):
+        with dlcv_fast.use_backend(backend):
+            return attention(q, k, v, attn_mask=mask, is_causal=True)
+
+    def plain(q, k, v):  # PyTorch, the causal mask written out
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m64.to(q.dtype))
+
+    compare(ours, plain, plain, qkv, g, torch.float32, str(shapes))
+    q, k, _ = qkv
+    with dlcv_fast.use_backend(backend):
+        out, lse = attention(*qkv, attn_mask=mask, is_causal=True, return_lse=True)
+    ref_lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+                              + m64, -1)
+    assert lse.shape == out.shape[:-1]
     assert_close(lse, ref_lse.float(), torch.float32)
-    check_error(out, ref, theirs, torch.float32, f"out {shapes}")
-    for name, a, want, t in zip("qkv", grads, ref_grads, their_grads):
-        assert a.shape == want.shape
-        if want.numel():  # (no keys: empty dK and dV)
-            check_error(a, want, t, torch.float32, f"grad_{name} {shapes}")
 
 
 @pytest.mark.parametrize("shapes", BROADCAST, ids=[str(i) for i in range(len(BROADCAST))])
 def test_broadcast_sizes_of_one(backend_device, shapes):
     backend, device = backend_device
     g = torch.Generator().manual_seed(24)
-    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes)
-    with dlcv_fast.use_backend(backend):
-        out = dlcv_fast.scaled_dot_product_attention(q, k, v)
-    grad = torch.randn(out.shape, generator=g).to(device)
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(q64, k64, v64)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
-    theirs = F.scaled_dot_product_attention(q, k, v)
-    their_grads = torch.autograd.grad(theirs, (q, k, v), grad)
-    assert out.shape == ref.shape
-    check_error(out, ref, theirs, torch.float32, f"out {shapes}")
-    for name, a, want, t in zip("qkv", grads, ref_grads, their_grads):
-        assert a.shape == want.shape
-        check_error(a, want, t, torch.float32, f"grad_{name} {shapes}")
+    qkv = [torch.randn(s, generator=g).to(device).requires_grad_() for s in shapes]
+
+    def ours(q, k, v):
+        with dlcv_fast.use_backend(backend):
+            return dlcv_fast.scaled_dot_product_attention(q, k, v)
+
+    compare(ours, F.scaled_dot_product_attention, F.scaled_dot_product_attention, qkv, g,
+            torch.float32, str(shapes))
 
 
 BAD = [
