@@ -92,7 +92,17 @@ class MaxPool2dFunction : public torch::autograd::Function<MaxPool2dFunction> {
   }
 };
 
-// max_pool2d_backward is linear in grad_output; its adjoint gathers through the indices.
+// (out,) bool: whether each output's window along one dimension holds an input element.
+at::Tensor live_along(int64_t out, int64_t size, int64_t k, int64_t s, int64_t p, int64_t d,
+                      const at::TensorOptions& options) {
+  const at::Tensor taps = at::arange(out, options).view({-1, 1}) * s - p +
+                          at::arange(k, options) * d;
+  return at::logical_and(taps >= 0, taps < size).any(-1);
+}
+
+// max_pool2d_backward is linear in grad_output; its adjoint gathers through the indices, at
+// the outputs whose window holds an input element (a window wholly in the padding passed no
+// gradient, and its index may lie outside the plane).
 class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBackwardFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output,
@@ -101,13 +111,24 @@ class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBack
                             bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({indices});
+    ctx->saved_data["geometry"] = std::vector<int64_t>{
+        self.size(-2), self.size(-1), k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1]};
     return max_pool2d_backward_op(grad_output, self, indices, k, s, p, d, ceil_mode);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor indices = ctx->get_saved_variables()[0];
-    const at::Tensor grad_grad_output =
-        grads[0].flatten(-2).gather(-1, indices.flatten(-2)).view(indices.sizes());
+    const std::vector<int64_t> g = ctx->saved_data["geometry"].toIntVector();
+    const auto options = indices.options().dtype(at::kLong);
+    const at::Tensor live =
+        at::logical_and(live_along(indices.size(-2), g[0], g[2], g[4], g[6], g[8], options)
+                            .view({-1, 1}),
+                        live_along(indices.size(-1), g[1], g[3], g[5], g[7], g[9], options)
+                            .view({1, -1}));
+    const at::Tensor safe = indices.masked_fill(live.logical_not(), 0);
+    const at::Tensor grad_grad_output = grads[0].flatten(-2).gather(-1, safe.flatten(-2))
+                                            .view(indices.sizes())
+                                            .masked_fill(live.logical_not(), 0);
     return {grad_grad_output, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }

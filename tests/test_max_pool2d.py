@@ -4,6 +4,9 @@ torch.compile, on every backend that runs here."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,6 +395,34 @@ def test_gradcheck(backend_device, layout):
         fast = backend_device == ("triton", "cpu")
         assert torch.autograd.gradcheck(fn, (x,), fast_mode=fast)
         assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=fast)
+
+
+def test_second_order_gradient_of_windows_in_the_padding(backend_device):
+    """Windows wholly in the padding (width 2, padding 1, dilation 3: columns -1 and 2) pass
+    no gradient forward, so none back either: grad of grad_output is 0 there, whatever
+    index they hold (PyTorch's, inside the plane but outside the window)."""
+    backend, device = backend_device
+    x = _distinct_input((1, 2, 3, 2), device).requires_grad_()
+    k, s, p, d = (2, 2), 1, (0, 1), (1, 3)
+    with dlcv_fast.use_backend(backend):
+        out = dlcv_fast.max_pool2d(x, k, s, p, d)
+        g = torch.randn(out.shape, dtype=out.dtype, device=device).requires_grad_()
+        gx, = torch.autograd.grad(out, x, g, create_graph=True)
+        ggo, = torch.autograd.grad(gx, g, torch.randn_like(gx))
+    assert out.shape == (1, 2, 2, 1) and bool((out == -math.inf).all())
+    assert not gx.any() and not ggo.any()
+
+
+def test_integer_like_arguments():
+    """What PyTorch takes as an int (NumPy integers, 0-d integer tensors); ceil_mode must be
+    a bool, as in PyTorch."""
+    x = _distinct_input((1, 2, 7, 7), "cpu")
+    want = F.max_pool2d(x, 3, 2)
+    for k in (np.int64(3), torch.tensor(3), (np.int32(3), 3)):
+        assert torch.equal(dlcv_fast.max_pool2d(x, k, 2), want)
+    for bad in (None, 1):
+        with pytest.raises(TypeError, match="ceil_mode must be a bool"):
+            dlcv_fast.max_pool2d(x, 3, 2, ceil_mode=bad)
 
 
 def _opcheck_args(device, requires_grad):

@@ -18,6 +18,8 @@ own costs), in Python for the Triton ops.
 
 from __future__ import annotations
 
+import operator
+
 from collections.abc import Sequence
 
 import torch
@@ -41,10 +43,13 @@ def _pair(op: str, name: str, value, default=None) -> list[int]:
         values = list(value)
     else:
         values = [value]
-    if len(values) not in (1, 2) or not all(
-        isinstance(v, int) or (isinstance(v, torch.SymInt)) for v in values
-    ) or any(isinstance(v, bool) for v in values):
+    if len(values) not in (1, 2) or any(isinstance(v, bool) for v in values):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, but got {value!r}")
+    try:  # ints, and what PyTorch takes as one: numpy integers, 0-d integer tensors
+        values = [v if isinstance(v, torch.SymInt) else operator.index(v) for v in values]
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, but got "
+                        f"{value!r}") from None
     return values * 2 if len(values) == 1 else values
 
 
@@ -204,14 +209,33 @@ def _triton_backward(ctx, grad_output, _grad_indices):
 
 def _double_backward_setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[2])
+    ctx.params = inputs[3:7]  # kernel_size, stride, padding, dilation
+
+
+def live_windows(indices: Tensor, in_h: int, in_w: int, kernel_size, stride, padding,
+                 dilation) -> Tensor:
+    """(out_h, out_w) bool: whether each output's window holds an input element. A window
+    wholly in the padding passes no gradient (its index may lie outside the plane)."""
+    def live(out, size, k, s, p, d):
+        taps = (torch.arange(out, device=indices.device).view(-1, 1) * s - p
+                + torch.arange(k, device=indices.device) * d)
+        return ((taps >= 0) & (taps < size)).any(-1)
+
+    kh, kw = kernel_size
+    live_h = live(indices.shape[-2], in_h, kh, stride[0], padding[0], dilation[0])
+    live_w = live(indices.shape[-1], in_w, kw, stride[1], padding[1], dilation[1])
+    return live_h.view(-1, 1) & live_w.view(1, -1)
 
 
 def _double_backward(ctx, grad_grad_input):
-    # max_pool2d_backward is linear in grad_output: its adjoint gathers through the indices.
-    (indices,) = ctx.saved_tensors
-    grad_grad_output = (
-        grad_grad_input.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
-    )
+    # max_pool2d_backward is linear in grad_output: its adjoint gathers through the indices,
+    # at the outputs whose window holds an input element (the others passed nothing).
+    indices, = ctx.saved_tensors
+    live = live_windows(indices, grad_grad_input.shape[-2], grad_grad_input.shape[-1],
+                        *ctx.params[:4])
+    safe = indices.masked_fill(~live, 0)
+    grad_grad_output = (grad_grad_input.flatten(-2).gather(-1, safe.flatten(-2))
+                        .view(indices.shape).masked_fill(~live, 0))
     return (grad_grad_output,) + (None,) * 7
 
 
@@ -265,8 +289,10 @@ def max_pool2d(
     s = _pair("max_pool2d", "stride", stride, default=k)
     p = _pair("max_pool2d", "padding", padding)
     d = _pair("max_pool2d", "dilation", dilation)
+    if not isinstance(ceil_mode, bool):  # as PyTorch: not 0, 1 or None
+        raise TypeError(f"max_pool2d: ceil_mode must be a bool, but got {ceil_mode!r}")
     op = _FORWARD[backend.resolve("max_pool2d", input)]
-    output, indices = op(input, k, s, p, d, bool(ceil_mode))
+    output, indices = op(input, k, s, p, d, ceil_mode)
     return (output, indices) if return_indices else output
 
 
