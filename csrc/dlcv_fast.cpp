@@ -213,8 +213,15 @@ class NoiseBackwardFunction : public torch::autograd::Function<NoiseBackwardFunc
   }
 };
 
+// The table gets no gradient: one that requires it is refused rather than left without.
+void refuse_table_grad(const char* op, const at::Tensor& table) {
+  TORCH_CHECK_VALUE(!needs_autograd(table), op, ": alphas_cumprod requires grad, but its "
+                    "gradient is not computed; pass alphas_cumprod.detach()");
+}
+
 at::Tensor add_noise_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
                               const at::Tensor& table) {
+  refuse_table_grad("add_noise", table);
   if (!needs_autograd(x, e, t, table)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return noise_op(false, x, e, t, table);
@@ -224,6 +231,7 @@ at::Tensor add_noise_autograd(const at::Tensor& x, const at::Tensor& e, const at
 
 at::Tensor get_velocity_autograd(const at::Tensor& x, const at::Tensor& e, const at::Tensor& t,
                                  const at::Tensor& table) {
+  refuse_table_grad("get_velocity", table);
   if (!needs_autograd(x, e, t, table)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return noise_op(true, x, e, t, table);

@@ -206,6 +206,40 @@ def test_bad_types(backend_device):
         dlcv_fast.add_noise(x, x, t, torch.ones(10, dtype=torch.int64, device=device))
 
 
+def test_table_gradient_is_refused_not_dropped(backend_device):
+    """alphas_cumprod gets no gradient: one that requires it is an error, through the
+    functional API and the raw op, not a silently missing .grad."""
+    backend, device = backend_device
+    x = torch.randn(2, 3, device=device, requires_grad=True)
+    table = alphas_cumprod().to(device).requires_grad_()
+    t = torch.tensor([0, 1], device=device)
+    with dlcv_fast.use_backend(backend):
+        for fn in (dlcv_fast.add_noise, dlcv_fast.get_velocity):
+            with pytest.raises(ValueError, match="alphas_cumprod requires grad"):
+                fn(x, x, t, table)
+            with torch.no_grad():
+                fn(x, x, t, table)  # nothing is recorded: fine
+    for op in (torch.ops.dlcv_fast.add_noise, torch.ops.dlcv_fast.get_velocity):
+        with pytest.raises(ValueError, match="alphas_cumprod requires grad"):
+            op(x.cpu(), x.cpu(), t.cpu(), table.cpu())
+
+
+def test_one_element_timesteps_and_argument_types(backend_device):
+    backend, device = backend_device
+    x = torch.randn(3, 4, device=device)
+    noise = torch.randn_like(x)
+    table = alphas_cumprod().to(device)
+    with dlcv_fast.use_backend(backend):
+        want = dlcv_fast.add_noise(x, noise, torch.tensor(7, device=device), table)
+        got = dlcv_fast.add_noise(x, noise, torch.tensor([7], device=device), table)
+        assert torch.equal(got, want)
+        with pytest.raises(TypeError, match="add_noise: noise must be a Tensor, but got "
+                                            "NoneType"):
+            dlcv_fast.add_noise(x, None, 7, table)
+        with pytest.raises(TypeError, match="alphas_cumprod must be a Tensor"):
+            dlcv_fast.add_noise(x, noise, 7, table.tolist())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_devices():
     x = torch.randn(2, 3, device="cuda")

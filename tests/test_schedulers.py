@@ -348,6 +348,42 @@ def test_a_generator_per_sample(cls):
         s.step(m, t, x, generator=[1, 2, 3], **extra)
 
 
+def test_scheduler_noising_takes_what_diffusers_formula_takes():
+    """Noise that broadcasts to the samples, another floating dtype (the result in the
+    promoted one), a (1,) or (B, 1) timesteps tensor: as diffusers' add_noise computes."""
+    s = DDPMScheduler()
+    x = torch.randn(3, 2, 4, 4)
+    noise = torch.randn(1, 2, 4, 4)
+    ab = s.alphas_cumprod.double()
+    for t in (torch.tensor([500]), torch.tensor([[10], [500], [999]])):
+        tt = t.flatten().expand(3)
+        a = ab[tt].view(3, 1, 1, 1)
+        want = a.sqrt() * x.double() + (1 - a).sqrt() * noise.double()
+        assert_close(s.add_noise(x, noise, t), want.float())
+        v = a.sqrt() * noise.double() - (1 - a).sqrt() * x.double()
+        assert_close(s.get_velocity(x, noise, t), v.float())
+    half = s.add_noise(x, noise.expand(3, 2, 4, 4).half(), torch.tensor([500]))
+    assert half.dtype == torch.float32
+    with pytest.raises(TypeError, match="the samples and noise must be Tensors"):
+        s.add_noise(x, None, torch.tensor([5]))
+
+
+def test_steps_check_their_timestep_and_table():
+    s = DDPMScheduler(clip_sample=False)
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="timestep must be a whole number, but got 10.7"):
+        ddpm_step(m, 10.7, x, s.alphas_cumprod)
+    with pytest.raises(ValueError, match="timestep must be a whole number"):
+        ddim_step(m, 10.5, x, s.alphas_cumprod, prev_timestep=0)
+    table = s.alphas_cumprod.clone().requires_grad_()
+    with pytest.raises(ValueError, match="alphas_cumprod requires grad"):
+        ddpm_step(m, 10, x, table)
+    # A plain sequence is a table too.
+    got = ddpm_step(m, 10, x, s.alphas_cumprod.tolist(), variance_noise=torch.zeros(2, 3))
+    want = ddpm_step(m, 10, x, s.alphas_cumprod, variance_noise=torch.zeros(2, 3))
+    assert torch.equal(got.prev_sample, want.prev_sample)
+
+
 def test_generator_and_variance_noise_exclude_each_other():
     x, m = torch.randn(2, 3), torch.randn(2, 3)
     s = DDIMScheduler()

@@ -32,6 +32,7 @@ from dlcv_fast.diffusion.steps import (
     PREDICTION_TYPES,
     VARIANCE_TYPES,
     Generators,
+    _integer,
     SchedulerStepOutput,
     ddim_step,
     ddpm_step,
@@ -39,23 +40,6 @@ from dlcv_fast.diffusion.steps import (
 from dlcv_fast.ops.noise import add_noise, get_velocity
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-
-def _integer(name: str, value) -> int:
-    """value as an int: an int, a NumPy integer, a whole float, or a one-element tensor of
-    one (a timestep from ``scheduler.timesteps``); anything else raises."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be one number, but got a tensor of shape "
-                             f"{tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        if float(value).is_integer():
-            return int(value)
-        raise ValueError(f"{name} must be a whole number, but got {value}")
-    raise TypeError(f"{name} must be an integer, but got {type(value).__name__}")
 
 
 class SchedulerConfig(dict):
@@ -205,15 +189,26 @@ class _Scheduler:
             t = t.flatten()
         return t.reshape(()) if t.numel() == 1 else t
 
+    def _noising_args(self, x: Tensor, noise: Tensor, timesteps) -> tuple:
+        """As diffusers' formula takes them: noise that broadcasts to the samples, the two in
+        their promoted dtype, timesteps and the table on the samples' device."""
+        if not isinstance(x, Tensor) or not isinstance(noise, Tensor):
+            raise TypeError(f"the samples and noise must be Tensors, but got "
+                            f"{type(x).__name__} and {type(noise).__name__}")
+        if noise.dtype != x.dtype and noise.is_floating_point() and x.is_floating_point():
+            dtype = torch.promote_types(x.dtype, noise.dtype)
+            x, noise = x.to(dtype), noise.to(dtype)
+        if noise.shape != x.shape and torch.broadcast_shapes(noise.shape, x.shape) == x.shape:
+            noise = noise.expand(x.shape)
+        return x, noise, self._per_sample(timesteps, x), self._table(x.device)
+
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """sqrt(a_t) x0 + sqrt(1 - a_t) noise, per sample, in one fused pass."""
-        t = self._per_sample(timesteps, original_samples)
-        return add_noise(original_samples, noise, t, self._table(original_samples.device))
+        return add_noise(*self._noising_args(original_samples, noise, timesteps))
 
     def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) sample, in one pass."""
-        t = self._per_sample(timesteps, sample)
-        return get_velocity(sample, noise, t, self._table(sample.device))
+        return get_velocity(*self._noising_args(sample, noise, timesteps))
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """The identity: these schedulers do not scale the model's input."""

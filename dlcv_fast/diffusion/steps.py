@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -48,6 +49,33 @@ class SchedulerStepOutput:
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
+
+
+def _integer(name: str, value) -> int:
+    """value as an int: an int, a NumPy integer, a whole float, or a one-element tensor of
+    one (a timestep from ``scheduler.timesteps``); anything else raises."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be one number, but got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if float(value).is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be a whole number, but got {value}")
+    raise TypeError(f"{name} must be an integer, but got {type(value).__name__}")
+
+
+def _table(alphas_cumprod) -> Tensor:
+    """alphas_cumprod as a tensor; its coefficients are read on the host, so no gradient
+    reaches it: one that requires grad is refused rather than left without one."""
+    table = torch.as_tensor(alphas_cumprod)
+    if table.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alphas_cumprod requires grad, but the steps compute no gradient for "
+                         "it; pass alphas_cumprod.detach()")
+    return table
 
 
 def _alpha_bar(alphas_cumprod: Tensor, t: int) -> float:
@@ -158,8 +186,9 @@ def ddpm_step(
     ``variance_noise``) is added only for timestep > 0. "fixed_large_log" uses
     sqrt(beta_t), where diffusers takes the square root of log(beta_t) (NaN).
     """
-    t = int(timestep)
-    prev_t = t - 1 if prev_timestep is None else int(prev_timestep)
+    t = _integer("timestep", timestep)
+    prev_t = t - 1 if prev_timestep is None else _integer("prev_timestep", prev_timestep)
+    alphas_cumprod = _table(alphas_cumprod)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, but got "
                          f"{variance_type!r}")
@@ -223,7 +252,8 @@ def ddim_step(
     takes the square root of a negative number, a NaN).
     ``use_clipped_model_output`` recomputes the predicted noise from the clipped x0.
     """
-    t, prev_t = int(timestep), int(prev_timestep)
+    t, prev_t = _integer("timestep", timestep), _integer("prev_timestep", prev_timestep)
+    alphas_cumprod = _table(alphas_cumprod)
     if eta < 0:
         raise ValueError(f"eta must be non-negative, but got {eta}")
     model_output, sample = _promoted(model_output, sample)

@@ -174,12 +174,18 @@ _CPP = {
 def _timesteps(timesteps, device) -> Tensor:
     if isinstance(timesteps, int) and not isinstance(timesteps, bool):
         return torch.tensor(timesteps, dtype=torch.int64, device=device)
+    if isinstance(timesteps, Tensor) and timesteps.dim() == 1 and timesteps.numel() == 1:
+        return timesteps.reshape(())  # torch.tensor([t]): one timestep for every sample
     return timesteps
 
 
 def _run(op: str, x: Tensor, noise: Tensor, timesteps, alphas_cumprod: Tensor) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: the samples must be a Tensor, but got {type(x).__name__}")
+    for name, value in (("the samples", x), ("noise", noise), ("alphas_cumprod", alphas_cumprod)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, but got {type(value).__name__}")
+    if alphas_cumprod.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: alphas_cumprod requires grad, but its gradient is not "
+                         "computed; pass alphas_cumprod.detach()")
     name = backend.resolve(op, x)
     table = _TRITON if name == "triton" else _CPP
     return table[op](x, noise, _timesteps(timesteps, x.device), alphas_cumprod)
@@ -194,9 +200,13 @@ def add_noise(original_samples: Tensor, noise: Tensor, timesteps: Tensor | int,
         original_samples: (B, ...) float32, float64, float16 or bfloat16, any layout; the
             result takes its memory format.
         noise: same shape and dtype.
-        timesteps: (B,) integer tensor, one per sample, or a 0-d tensor or int for all.
-        alphas_cumprod: 1-D table of alpha_bar (float32 or float64) on the same device.
+        timesteps: (B,) integer tensor, one per sample, or a 0-d or one-element tensor or
+            an int for all.
+        alphas_cumprod: 1-D table of alpha_bar (float32 or float64) on the same device; not
+            differentiated (one that requires grad is refused).
 
+    Stricter than diffusers' formula, which the schedulers' ``add_noise`` follows (noise
+    broadcast and dtype promotion, timesteps and table moved to the samples' device).
     Differentiable in original_samples and noise. Timesteps outside the table raise
     IndexError (checking costs one host synchronisation on a GPU).
     """
