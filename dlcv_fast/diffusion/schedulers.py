@@ -20,7 +20,6 @@ scheduler's config, or the other class's, works).
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
