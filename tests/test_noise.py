@@ -4,6 +4,7 @@ every backend that runs here."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close, backend_dtype_cases
@@ -238,6 +239,14 @@ def test_one_element_timesteps_and_argument_types(backend_device):
             dlcv_fast.add_noise(x, None, 7, table)
         with pytest.raises(TypeError, match="alphas_cumprod must be a Tensor"):
             dlcv_fast.add_noise(x, noise, 7, table.tolist())
+        per_sample = dlcv_fast.add_noise(x, noise, torch.tensor([3, 7, 9], device=device),
+                                         table)
+        for t in ([3, 7, 9], (3, 7, 9), np.array([3, 7, 9])):
+            assert torch.equal(dlcv_fast.add_noise(x, noise, t, table), per_sample)
+        assert torch.equal(dlcv_fast.add_noise(x, noise, np.int64(7), table), want)
+        with pytest.raises(TypeError, match="timesteps must be an integer tensor, an int or a "
+                                            "sequence of ints, but got str"):
+            dlcv_fast.add_noise(x, noise, "7", table)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

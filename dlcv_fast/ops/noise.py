@@ -17,6 +17,9 @@ differentiable in the sample and the noise, twice.
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
@@ -172,9 +175,15 @@ _CPP = {
 # --- the functional entry points -------------------------------------------------------------
 
 def _timesteps(timesteps, device) -> Tensor:
-    if isinstance(timesteps, int) and not isinstance(timesteps, bool):
-        return torch.tensor(timesteps, dtype=torch.int64, device=device)
-    if isinstance(timesteps, Tensor) and timesteps.dim() == 1 and timesteps.numel() == 1:
+    """A tensor of timesteps: from an int (NumPy's too), a sequence or an array of them, on
+    the samples' device; a one-element tensor is one timestep for every sample."""
+    if not isinstance(timesteps, Tensor):
+        if isinstance(timesteps, bool) or not isinstance(
+                timesteps, (numbers.Integral, list, tuple, np.ndarray)):
+            raise TypeError(f"timesteps must be an integer tensor, an int or a sequence of "
+                            f"ints, but got {type(timesteps).__name__}")
+        timesteps = torch.as_tensor(timesteps, device=device)
+    if timesteps.dim() == 1 and timesteps.numel() == 1:
         return timesteps.reshape(())  # torch.tensor([t]): one timestep for every sample
     return timesteps
 
@@ -200,8 +209,8 @@ def add_noise(original_samples: Tensor, noise: Tensor, timesteps: Tensor | int,
         original_samples: (B, ...) float32, float64, float16 or bfloat16, any layout; the
             result takes its memory format.
         noise: same shape and dtype.
-        timesteps: (B,) integer tensor, one per sample, or a 0-d or one-element tensor or
-            an int for all.
+        timesteps: (B,) integer tensor (or sequence or array of ints), one per sample, or
+            a 0-d or one-element tensor or an int for all.
         alphas_cumprod: 1-D table of alpha_bar (float32 or float64) on the same device; not
             differentiated (one that requires grad is refused).
 
