@@ -240,6 +240,9 @@ BAD = [
      "sample_max_value must be positive"),
     (dict(timestep=1000), IndexError, r"timestep 1000 is outside \[0, 1000\)"),
     (dict(variance_noise=torch.zeros(1, 3, 4, 4)), ValueError, "variance_noise must have shape"),
+    (dict(model_output=torch.zeros(1, 3, 4, 4), variance_noise=torch.zeros(1, 3, 4, 4)),
+     ValueError, r"model_output must have the shape of sample \[2, 3, 4, 4\], but got "
+                 r"\[1, 3, 4, 4\]"),
 ]
 
 
@@ -248,6 +251,7 @@ def test_bad_arguments(kwargs, exc, match):
     s, m, _ = inputs((2, 3, 4, 4), "cpu", torch.float32)
     kwargs = dict(kwargs)
     t = kwargs.pop("timestep", 500)
+    m = kwargs.pop("model_output", m)
     with pytest.raises(exc, match=match):
         ddpm_step(m, t, s, table(), **kwargs)
 

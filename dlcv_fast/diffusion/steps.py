@@ -128,7 +128,11 @@ def _clip(x0_coefficients, model_output, sample, clip_sample, clip_sample_range,
 
 def _promoted(model_output: Tensor, sample: Tensor) -> tuple[Tensor, Tensor]:
     """Both in their promoted dtype, as diffusers' formulas in PyTorch ops would compute (a
-    float16 model output with a float32 sample gives a float32 step)."""
+    float16 model output with a float32 sample gives a float32 step). Checks their shapes
+    first (before the noise is drawn or checked against them)."""
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output must have the shape of sample {list(sample.shape)}, "
+                         f"but got {list(model_output.shape)}")
     if model_output.dtype == sample.dtype:
         return model_output, sample
     dtype = torch.promote_types(model_output.dtype, sample.dtype)
