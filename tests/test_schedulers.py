@@ -363,7 +363,10 @@ def test_scheduler_noising_takes_what_diffusers_formula_takes():
         v = a.sqrt() * noise.double() - (1 - a).sqrt() * x.double()
         assert_close(s.get_velocity(x, noise, t), v.float())
     half = s.add_noise(x, noise.expand(3, 2, 4, 4).half(), torch.tensor([500]))
-    assert half.dtype == torch.float32
+    a = ab[500]
+    want = a.sqrt() * x.double() + (1 - a).sqrt() * noise.half().double()
+    assert half.dtype == torch.float32 and half.shape == x.shape
+    assert_close(half, want.float())
     with pytest.raises(TypeError, match="the samples and noise must be Tensors"):
         s.add_noise(x, None, torch.tensor([5]))
 
