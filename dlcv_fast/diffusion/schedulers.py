@@ -181,12 +181,10 @@ class _Scheduler:
 
     @staticmethod
     def _per_sample(timesteps, x: Tensor) -> Tensor:
-        """timesteps on x's device, one per sample: like diffusers, any shape holding one
-        timestep per sample, or a single one for all."""
+        """timesteps on x's device, flattened: like diffusers, any shape holding one timestep
+        per sample, or a single one for all (add_noise reads a one-element tensor as that)."""
         t = torch.as_tensor(timesteps, device=x.device)
-        if t.dim() > 1 or (t.dim() == 1 and t.numel() != x.shape[0]):
-            t = t.flatten()
-        return t.reshape(()) if t.numel() == 1 else t
+        return t.flatten() if t.dim() > 1 else t
 
     def _noising_args(self, x: Tensor, noise: Tensor, timesteps) -> tuple:
         """As diffusers' formula takes them: noise that broadcasts to the samples, the two in
