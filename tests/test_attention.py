@@ -108,10 +108,11 @@ def compare(ours, ref, theirs, inputs, g, dtype, what, names=("q", "k", "v", "ma
     their_out = theirs(*copies)
     their_grads = torch.autograd.grad(their_out, copies, grad)
     assert out.shape == want.shape and out.dtype == dtype
-    check_error(out, want, their_out, dtype, f"out {what}")
+    if want.numel():  # (Ev = 0: an empty output)
+        check_error(out, want, their_out, dtype, f"out {what}")
     for name, a, w, t in zip(names, grads, want_grads, their_grads):
         assert a.shape == w.shape
-        if w.numel():  # (no keys: empty dK and dV)
+        if w.numel():  # (no keys: empty dK and dV; E = 0: empty dQ and dK)
             check_error(a, w, t, dtype, f"grad_{name} {what}")
     return out, grads
 
@@ -393,6 +394,42 @@ def test_dropout(backend_device, dropout_p):
     assert not torch.equal(other, out)
 
 
+def test_dropout_of_one_drops_every_weight(backend_device):
+    """dropout_p = 1, as PyTorch's: a zero output and zero gradients; the lse is the scores'."""
+    _, device = backend_device
+    g = torch.Generator().manual_seed(6)
+    q, k, v = make_qkv((2, 2, 2, 7, 9, 8, 8), torch.float32, device, g)
+    out, lse = attention(q, k, v, dropout_p=1.0, return_lse=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(theirs, out)
+    assert_close(lse, reference(q, k, v, None, False)[1].float(), torch.float32)
+    for grad in torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g)):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize(("E", "Ev"), [(0, 4), (8, 0), (0, 0)])
+def test_empty_head_dims(backend_device, E, Ev):
+    """As PyTorch: E = 0 gives every key the score 0, so the weights are uniform over the
+    keys the mask leaves; Ev = 0 gives an empty output."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv((2, 3, 3, 5, 6, E, Ev), torch.float32, device, g)
+    mask = torch.rand(2, 1, 5, 6, generator=g).to(device) < 0.6
+    mask[..., 0] = True  # (no fully masked row: PyTorch's CPU math backend gives NaN there)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def ours(q, k, v):
+        return dlcv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    out, _ = compare(ours, sdpa, sdpa, [q, k, v], g, torch.float32, f"E={E} Ev={Ev}")
+    assert out.shape == (2, 3, 5, Ev)
+    if E == 0 and Ev > 0:
+        uniform = mask.float() / mask.sum(-1, keepdim=True)
+        assert_close(out, uniform @ v.detach(), torch.float32)
+
+
 @pytest.mark.parametrize(("backend", "device", "dtype"),
                          [c for c in backend_dtype_cases()
                           if c.values[2] in (torch.float16, torch.bfloat16)])
@@ -649,6 +686,10 @@ ANY_DIMS = [
     ((2, 3, 2, 5, 8), (2, 3, 1, 6, 8), (2, 3, 1, 6, 8), (2, 1, 1, 1, 6)),
     ((2, 2, 1, 2, 5, 8), (2, 1, 1, 2, 6, 8), (1, 2, 1, 2, 6, 8), (5, 6)),
     ((2, 3, 2, 5, 8), (2, 3, 2, 0, 8), (2, 3, 2, 0, 8), None),  # no keys
+    # fewer dims than the others: leading dims of size 1
+    ((2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 4), None),
+    ((5, 8), (2, 3, 6, 8), (3, 6, 8), (3, 5, 6)),
+    ((2, 2, 5, 8), (2, 6, 8), (2, 6, 8), (2, 1, 6)),
 ]
 
 
@@ -713,15 +754,16 @@ BAD = [
      "same length S"),
     ("mask shape", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), (2, 1, 5, 7), {}, ValueError,
      "cannot be broadcast"),
-    ("mixed dims", (2, 2, 5, 8), (2, 6, 8), (2, 6, 8), None, {}, ValueError,
-     r"same number of dims, at least 2: \(L, E\), \(N, L, E\)"),
-    ("1-D", (8,), (8,), (8,), None, {}, ValueError, "same number of dims, at least 2"),
+    ("1-D", (8,), (8, 8), (8, 8), None, {}, ValueError,
+     r"at least 2 dims: \(L, E\), \(N, L, E\)"),
+    ("mask dims", (2, 5, 8), (2, 6, 8), (2, 6, 8), (2, 1, 5, 6), {}, ValueError,
+     r"attn_mask of shape \[2, 1, 5, 6\] has more dims than the attention weights, 3"),
     ("batch dims", (2, 3, 2, 5, 8), (3, 3, 2, 6, 8), (3, 3, 2, 6, 8), None, {}, ValueError,
      r"the batch dims of query, key and value, \[\[2, 3\], \[3, 3\], \[3, 3\]\], do not "
      "broadcast"),
     ("mask batch dims", (2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), (4, 3, 1, 1, 6), {},
      ValueError, r"attn_mask's batch dims \[4, 3\] do not broadcast to \[2, 3\]"),
-    ("dropout", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, {"dropout_p": 1.0}, ValueError,
+    ("dropout", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, {"dropout_p": 1.5}, ValueError,
      r"dropout_p must lie in \[0, 1\)"),
 ]
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dlcv_fast import backend
@@ -307,12 +308,16 @@ def _to_4d(query, key, value, attn_mask, enable_gqa):
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"{_OP}: attn_mask must be a Tensor or None, but got "
                         f"{type(attn_mask).__name__}")
-    nd = query.dim()
-    if nd < 2 or key.dim() != nd or value.dim() != nd:
-        raise ValueError(f"{_OP}: query, key and value must have the same number of dims, at "
-                         f"least 2: (L, E), (N, L, E), (N, heads, L, E) or more batch dims "
-                         f"(..., heads, L, E), but got shapes {_shape(query)}, {_shape(key)} "
-                         f"and {_shape(value)}")
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise ValueError(f"{_OP}: query, key and value must have at least 2 dims: (L, E), "
+                         f"(N, L, E), (N, heads, L, E) or more batch dims (..., heads, L, E), "
+                         f"but got shapes {_shape(query)}, {_shape(key)} and {_shape(value)}")
+    # Fewer dims than the others: leading dims of size 1, as a matrix product broadcasts.
+    nd = max(query.dim(), key.dim(), value.dim())
+    query, key, value = (t[(None,) * (nd - t.dim())] for t in (query, key, value))
+    if attn_mask is not None and attn_mask.dim() > nd:
+        raise ValueError(f"{_OP}: attn_mask of shape {_shape(attn_mask)} has more dims than the "
+                         f"attention weights, {nd}")
     if nd == 2:  # (L, E): one head of a batch of one
         query, key, value = query[None, None], key[None, None], value[None, None]
 
@@ -358,9 +363,6 @@ def _fold_batch(query, key, value, attn_mask):
 
     query, key, value = fold(query), fold(key), fold(value)
     if attn_mask is not None and attn_mask.dim() > 3:
-        if attn_mask.dim() > len(batch) + 3:
-            raise ValueError(f"{_OP}: attn_mask has {attn_mask.dim()} dims, more than the "
-                             f"{len(batch) + 3} of (..., heads, L, S)")
         mask_batch = attn_mask.shape[:-3]
         if any(m not in (1, b) for m, b in zip(reversed(mask_batch), reversed(batch))):
             raise ValueError(f"{_OP}: attn_mask's batch dims {list(mask_batch)} do not "
@@ -398,12 +400,27 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         query, key, value, attn_mask = cast_for_autocast(query.device, query, key, value,
                                                          attn_mask)
     q, k, v, mask, restore = _to_4d(query, key, value, attn_mask, enable_gqa)
+    E, Ev = q.shape[-1], v.shape[-1]
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+        scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
+    # Empty head dims, as PyTorch: E = 0 makes every score 0 (the weights uniform over the
+    # keys the mask leaves), Ev = 0 an empty output; the kernels take one zero column.
+    if E == 0:
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
+    if Ev == 0:
+        v = F.pad(v, (0, 1))
     dropout_p = float(dropout_p)
+    # dropout_p = 1 drops every weight: PyTorch's dropout multiplies them by 0.
+    drop_all = dropout_p == 1
+    if drop_all:
+        dropout_p = 0.0
     seed = _draw_seed(q.device) if dropout_p > 0 else 0
     op = _FORWARD[backend.resolve("scaled_dot_product_attention", q)]
     out, lse = op(q, k, v, mask, dropout_p, bool(is_causal), float(scale), seed)
+    if Ev == 0:
+        out = out[..., :0]
+    if drop_all:
+        out = out * 0
     out, lse = restore(out), restore(lse.unsqueeze(-1)).squeeze(-1)
     return (out, lse) if return_lse else out
 
@@ -420,10 +437,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             float32/float16/bfloat16 on a GPU,
             float32/float64 on the CPU (float16/bfloat16 there are computed in float32).
         key: (N, Hkv, S, E), or with query's other leading dims.
-        value: (N, Hkv, S, Ev), likewise; Ev may differ from E. Head dims up to 256.
+        value: (N, Hkv, S, Ev), likewise; Ev may differ from E. Head dims 0 to 256.
             Batch sizes of 1 (and without enable_gqa a head count of 1) broadcast, as in
             PyTorch, without a copy (with more than one batch dim, the fold into one may
-            copy).
+            copy); an input with fewer dims than the others has leading dims of 1.
         attn_mask: bool (True: take part in attention), or float32 or query's dtype (added
             to the scores, float32 for 16-bit queries without rounding on the CPU; PyTorch's
             rule), broadcastable to (N, H, L, S), e.g. a key-padding mask (N, 1, 1, S).
@@ -431,7 +448,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
             batch dim, a mask that has batch dims: folded with them). A floating mask that
             requires grad gets its gradient (a learned bias), computed in PyTorch ops with
             the (N, H, L, S) scores materialised.
-        dropout_p: dropout on the attention weights, from a counter-based hash seeded by
+        dropout_p: in [0, 1], dropout on the attention weights, from a counter-based hash seeded by
             torch's generator for the device (``torch.manual_seed`` reproduces it; the
             backward pass applies the same mask). Under ``torch.compile`` the seed's
             ``.item()`` is traced with ``fullgraph=True``; without it, it is a graph break.
