@@ -363,6 +363,64 @@ def test_mask_gradcheck():
             q, k, v, attn_mask=m, is_causal=True, enable_gqa=True), (q, k, v, mask))
 
 
+# (description, shape (B, H, Hkv, L, S, E, Ev), mask, causal, dropout_p)
+SECOND_ORDER = [
+    ("causal, float mask", (1, 2, 2, 4, 5, 3, 2), "float", True, 0.0),
+    ("gqa, bool mask, a row masked whole", (2, 2, 1, 3, 4, 3, 3), "bool", False, 0.0),
+    ("dropout", (1, 2, 2, 3, 4, 2, 3), None, False, 0.4),
+]
+
+
+@pytest.mark.parametrize(("what", "shape", "mask_kind", "causal", "dropout_p"), SECOND_ORDER,
+                         ids=[c[0] for c in SECOND_ORDER])
+def test_second_order_gradients(backend_device, what, shape, mask_kind, causal, dropout_p):
+    """Double backward (a gradient penalty, Hessian-vector products) by gradgradcheck, in
+    query, key, value and a floating mask; the backward kernels' own derivative runs in
+    PyTorch ops."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(26)
+    B, H, Hkv, L, S, _, _ = shape
+    inputs = make_qkv(shape, torch.float64, device, g)
+    mask = None
+    if mask_kind == "float":
+        mask = torch.randn(1, H, L, S, generator=g, dtype=torch.float64).to(device)
+        inputs.append(mask.requires_grad_())
+    elif mask_kind == "bool":
+        mask = (torch.rand(B, 1, L, S, generator=g) < 0.7).to(device)
+        mask[0, 0, 1] = False
+
+    def fn(q, k, v, m=mask):
+        torch.manual_seed(3)  # (one dropout mask for every call)
+        return dlcv_fast.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, dropout_p=dropout_p, is_causal=causal, enable_gqa=H != Hkv)
+
+    # (fast mode, one random direction, off the CPU kernels: the full Jacobians take a
+    # minute in Triton's interpreter)
+    assert torch.autograd.gradgradcheck(fn, tuple(inputs), fast_mode=backend != "cpu")
+
+
+def test_third_order_gradient_matches_the_math(backend_device):
+    """The second derivative is itself differentiable: a third-order derivative against
+    softmax(QK^T scale + mask) V written in PyTorch ops."""
+    _, device = backend_device
+    g = torch.Generator().manual_seed(27)
+    q, k, v = make_qkv((2, 2, 2, 4, 5, 3, 3), torch.float64, device, g)
+    mask = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(k.shape, generator=g, dtype=torch.float64).to(device)
+
+    def third(attend):
+        out = attend(q, k, v)
+        dq, = torch.autograd.grad((out ** 3).sum(), q, create_graph=True)
+        dk, = torch.autograd.grad((dq ** 2).sum(), k, create_graph=True)
+        return torch.autograd.grad((dk * w).sum(), (q, k, v))  # (dk sums to 0 over keys)
+
+    ours = third(lambda q, k, v: dlcv_fast.scaled_dot_product_attention(q, k, v, mask))
+    want = third(lambda q, k, v: F.softmax(q @ k.transpose(-1, -2) / math.sqrt(3) + mask, -1) @ v)
+    for a, b in zip(ours, want):
+        assert b.abs().max() > 0.1
+        assert_close(a, b)
+
+
 @pytest.mark.parametrize("dropout_p", [0.2, 0.7])
 def test_dropout(backend_device, dropout_p):
     backend, device = backend_device

@@ -206,31 +206,61 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _mask_grad(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale,
-               seed):
-    """The gradient of a floating attn_mask: dS = P * (dP - rowsum(dO * O)) with the scores'
-    probabilities P = exp(S - lse) and dP = dO V^T (times the dropout mask / (1 - p)), summed
-    over the dimensions the mask broadcasts along. In PyTorch ops, with the (B, H, L, S)
-    scores materialised: a mask that learns (a relative-position bias) is that size anyway,
-    up to its broadcast dimensions."""
+def _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    """The attention weights P = exp(S - lse) (with dropout's mask and 1 / (1 - p) applied),
+    and the scores' gradient dS = P * (dP - rowsum(dO * O)), dP = dO V^T (likewise dropped),
+    as (B, H, L, S) tensors (H the query's heads) in differentiable PyTorch ops, float32
+    (float64 for float64 inputs). lse and O are recomputed, not the forward's: the results
+    are functions of the arguments alone, so autograd differentiates them again."""
     B, H, L, _ = query.shape
     S, group = key.shape[2], H // key.shape[1]
     f = torch.float64 if query.dtype == torch.float64 else torch.float32
     k = key.to(f).repeat_interleave(group, dim=1)
     v = value.to(f).repeat_interleave(group, dim=1)
-    scores = query.to(f) @ k.transpose(-1, -2) * scale + attn_mask.to(f)
+    scores = query.to(f) @ k.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask.to(f))
     if is_causal:
         above = torch.ones(L, S, dtype=torch.bool, device=query.device).triu(1)
         scores = scores.masked_fill(above, -math.inf)
-    lse = lse.to(f).unsqueeze(-1)
-    p = torch.where(lse == -math.inf, 0.0, torch.exp(scores - lse))  # rows attending to nothing
+    # A row attending to nothing has lse = -inf and no weights; where() before logsumexp()
+    # and exp() keeps its NaN out of the gradients.
+    dead = (scores == -math.inf).all(-1, keepdim=True)
+    lse = torch.where(dead, -math.inf,
+                      torch.logsumexp(torch.where(dead, 0.0, scores), -1, keepdim=True))
+    p = torch.exp(torch.where(lse == -math.inf, -math.inf, scores - lse))
     dp = grad_out.to(f) @ v.transpose(-1, -2)
+    p_dropped = p
     if dropout_p > 0:
         keep = dropout_keep_mask(seed, B, H, L, S, dropout_p, query.device)
         dp = torch.where(keep, dp / (1.0 - dropout_p), 0.0)
-    delta = (grad_out.to(f) * out.to(f)).sum(-1, keepdim=True)
+        p_dropped = torch.where(keep, p / (1.0 - dropout_p), 0.0)
+    delta = (grad_out.to(f) * (p_dropped @ v)).sum(-1, keepdim=True)
     ds = torch.where(p == 0, 0.0, p * (dp - delta))  # masked scores: 0, also against an inf dP
+    return p_dropped, ds
+
+
+def _mask_grad(grad_out, query, key, value, attn_mask, *params):
+    """The gradient of a floating attn_mask, dS summed over the dimensions the mask
+    broadcasts along. The (B, H, L, S) scores are materialised: a mask that learns (a
+    relative-position bias) is that size anyway, up to its broadcast dimensions."""
+    ds = _weights_and_ds(grad_out, query, key, value, attn_mask, *params)[1]
     return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
+def _backward_math(grad_out, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+    """The backward kernels' (dQ, dK, dV) in differentiable PyTorch ops: what the second
+    derivative goes through."""
+    p, ds = _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal,
+                            scale, seed)
+    B, Hkv, S, E = key.shape
+    group = query.shape[1] // Hkv
+    f = ds.dtype
+    dq = ds @ key.to(f).repeat_interleave(group, dim=1) * scale
+    dk = (ds.transpose(-1, -2) @ query.to(f) * scale).view(B, Hkv, group, S, E).sum(2)
+    dv = (p.transpose(-1, -2) @ grad_out.to(f)).view(B, Hkv, group, S, -1).sum(2)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
 def _backward_with(backward_op):
@@ -239,7 +269,7 @@ def _backward_with(backward_op):
         dq, dk, dv = backward_op(grad_out, query, key, value, out, lse, attn_mask, *ctx.params)
         dmask = None
         if ctx.needs_input_grad[3]:
-            dmask = _mask_grad(grad_out, query, key, value, out, lse, attn_mask, *ctx.params)
+            dmask = _mask_grad(grad_out, query, key, value, attn_mask, *ctx.params)
         return dq, dk, dv, dmask, None, None, None, None
 
     return backward
@@ -250,6 +280,44 @@ torch.library.register_autograd(
     setup_context=_setup_context)
 _sdpa_triton.register_autograd(_backward_with(torch.ops.dlcv_fast.sdpa_backward_triton),
                                setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad_out, query, key, value, _out, _lse, attn_mask = inputs[:7]
+    ctx.save_for_backward(grad_out, query, key, value, attn_mask)
+    ctx.params = inputs[7:]
+
+
+def _double_backward(ctx, *grads):
+    """The second derivative: the backward pass's (dQ, dK, dV) differentiated through
+    _backward_math in PyTorch ops (the scores materialised, as for the mask's gradient);
+    itself differentiable, so every higher order follows. out and lse get no gradient:
+    _backward_math recomputes them, so its derivatives in query, key and value already take
+    the paths through them."""
+    tensors = ctx.saved_tensors  # grad_out, query, key, value, attn_mask
+    wrt = [i for i, n in enumerate((0, 1, 2, 3, 6)) if ctx.needs_input_grad[n]]
+    pairs = [(d, g) for d, g in enumerate(grads) if g is not None]
+    result = [None] * 5
+    if wrt and pairs:
+        def backward_of(*inputs):
+            args = list(tensors)
+            for i, t in zip(wrt, inputs):
+                args[i] = t
+            outputs = _backward_math(*args, *ctx.params)
+            return tuple(outputs[d] for d, _ in pairs)
+
+        # torch.func.vjp differentiates on a level of its own: autograd.grad here would also
+        # walk the graph behind grad_out, which this backward pass is part of.
+        _, vjp = torch.func.vjp(backward_of, *(tensors[i] for i in wrt))
+        for i, grad in zip(wrt, vjp(tuple(g for _, g in pairs))):
+            result[i] = grad
+    grad_out, query, key, value, attn_mask = result
+    return grad_out, query, key, value, None, None, attn_mask, None, None, None, None
+
+
+torch.library.register_autograd("dlcv_fast::sdpa_backward", _double_backward,
+                                setup_context=_setup_backward_context)
+_sdpa_backward_triton.register_autograd(_double_backward, setup_context=_setup_backward_context)
 for _name in ("sdpa", "sdpa_triton"):  # autocast: in its dtype, as torch's SDPA
     register_lower_precision(_name)
 
@@ -465,7 +533,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     query row that can attend to no key (its mask all False or -inf) gives zeros and zero
     gradients, as PyTorch's does (on the CPU; its fused CUDA backends are not checked here).
     Differentiable in query, key, value and a floating attn_mask; the backward pass
-    recomputes the attention weights from the saved log-sum-exp and is deterministic.
+    recomputes the attention weights from the saved log-sum-exp and is deterministic. Second
+    and higher derivatives differentiate the backward pass written in PyTorch ops, with the
+    (N, H, L, S) weights materialised.
     """
     return attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
