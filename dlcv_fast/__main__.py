@@ -106,9 +106,30 @@ def _demo(args) -> int:
     return _lenet(argparse.Namespace(epochs=None, out=None, quick=False)) or status
 
 
+def _writable(command: str, path: str | None) -> bool:
+    """Whether ``--out`` can be written (its folder is created here); if not, a usage error
+    is printed: found before the work, not after it."""
+    if path is None:
+        return True
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        existed = os.path.exists(path)
+        with open(path, "ab"):
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as e:
+        print(f"python -m dlcv_fast {command}: cannot write --out {path}: {e.strerror}",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def _lenet(args) -> int:
     from dlcv_fast.demos import lenet
 
+    if not _writable("lenet", args.out):
+        return 2
     kwargs = {"quick": args.quick}
     if args.epochs:
         kwargs["epochs"] = args.epochs
@@ -124,6 +145,8 @@ def _lenet(args) -> int:
 def _profile(args) -> int:
     from dlcv_fast import profile
 
+    if not _writable("profile", args.out):
+        return 2
     try:
         model = profile.build_model(args.model, args.image_size)
         return profile.main(args.model, args.batch, bench.DTYPES[args.dtype], args.image_size,
@@ -136,6 +159,12 @@ def _profile(args) -> int:
 def _diffuse(args) -> int:
     from dlcv_fast.demos import diffuse
 
+    if args.steps > diffuse.TRAIN_TIMESTEPS:
+        print(f"python -m dlcv_fast diffuse: --steps must be at most the "
+              f"{diffuse.TRAIN_TIMESTEPS} training timesteps, got {args.steps}", file=sys.stderr)
+        return 2
+    if not _writable("diffuse", args.out):
+        return 2
     kwargs = {"quick": args.quick, "steps": args.steps, "seed": args.seed}
     if args.epochs:
         kwargs["epochs"] = args.epochs
@@ -162,6 +191,17 @@ def _positive(kind):
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2^32) (what NumPy's and scikit-learn's take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}")
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2^32), got {text}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -203,7 +243,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("diffuse", help="train a small DDPM on the digits, sample with DDIM")
     p.add_argument("--epochs", type=_positive(int), help="default 45")
     p.add_argument("--steps", type=_positive(int), default=50, help="DDIM sampling steps (default 50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", help="PNG of the samples (default demo_output/ddpm_digits.png)")
     p.add_argument("--quick", action="store_true",
                    help="2 epochs on 256 images, 16 samples in 5 steps (tests)")

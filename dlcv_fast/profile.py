@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 
 import torch
@@ -118,6 +119,10 @@ def build_model(name: str, image_size: int | None = None, num_classes: int | Non
         kwargs["image_size"] = image_size
     if name.startswith(("googlenet", "inception")):
         kwargs.update(aux_logits=False, init_weights=False)
+    # Segmentation and detection builders default to an ImageNet backbone (a download).
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
     model = _built(torchvision.models.get_model, name, image_size, name, weights=None, **kwargs)
     summary = convert(model)
     size = 299 if name.startswith("inception") else 224

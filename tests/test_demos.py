@@ -142,6 +142,38 @@ def test_profile_usage_errors_are_messages():
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_diffuse_and_out_usage_errors_come_before_the_work(tmp_path):
+    """Seeds outside [0, 2^32), more sampling steps than training timesteps and an --out
+    that cannot be written are usage errors (exit 2) before any training or timing."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    cases = [(("diffuse", "--seed", "-1"), "must lie in [0, 2^32), got -1"),
+             (("diffuse", "--seed", str(2**32)), "must lie in [0, 2^32)"),
+             (("diffuse", "--steps", "1001"), "--steps must be at most the 1000 training"),
+             (("diffuse", "--out", str(blocked / "x.png")), "cannot write --out"),
+             (("lenet", "--out", str(blocked / "x.png")), "cannot write --out"),
+             (("profile", "--model", "lenet5", "--out", str(blocked / "x.png")),
+              "cannot write --out")]
+    for args, message in cases:
+        out = _run(*args)
+        assert out.returncode == 2, (args, out.stdout + out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert out.stdout == "", out.stdout  # nothing ran
+
+
+def test_profile_torchvision_backbones_are_random_too(monkeypatch):
+    """Segmentation and detection models default to a pretrained backbone: profile asks for
+    none, so nothing is downloaded."""
+    import torch.hub
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"profile downloaded {url}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model, channels, size, summary = profile.build_model("lraspp_mobilenet_v3_large", 64)
+    assert (channels, size) == (3, 64) and "Conv2d" in summary
+
+
 def test_profile_table_columns_fit_long_names():
     row = profile.LayerRow("encoder.layers.encoder_layer_0.self_attention", "attention",
                            (2, 50, 768), 1.0, 2.0, 1e9, 1e6)

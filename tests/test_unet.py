@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -184,13 +185,16 @@ def test_diffusion_unet_timesteps_forms():
         assert_close(model(x, 7), y)
         assert_close(model(x, torch.tensor(7)), y)
         assert_close(model(x, torch.tensor([7.0, 7.0, 7.0])), y)
+        assert_close(model(x, np.int64(7)), y)
+        assert_close(model(x, np.float32(7)), y)
         per_sample = model(x, torch.tensor([7, 500, 999]))
         assert_close(per_sample[0], y[0])
         assert not torch.allclose(per_sample[1:], y[1:])  # the timestep matters
         # each sample sees its own timestep only
         assert_close(model(x[1:2], 500), per_sample[1:2])
     for bad, err in [(torch.tensor([1, 2]), ValueError), (torch.zeros(3, 1), ValueError),
-                     (torch.tensor([True, False, True]), TypeError), ("7", TypeError)]:
+                     (torch.tensor([True, False, True]), TypeError), ("7", TypeError),
+                     (np.bool_(True), TypeError)]:
         with pytest.raises(err, match="timesteps"):
             model(x, bad)
 

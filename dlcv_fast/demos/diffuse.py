@@ -38,6 +38,7 @@ from dlcv_fast.models import diffusion_unet
 IMAGE_SIZE = 16
 CONFIDENCE = 0.9
 PROMISED = 0.5  # the full run recognises about 64% (real held-out digits: 86%)
+TRAIN_TIMESTEPS = 1000
 
 
 def load_digits_16(test_fraction: float = 0.2, seed: int = 0):
@@ -112,7 +113,7 @@ class Result:
 
 
 def _schedulers():
-    kwargs = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+    kwargs = dict(num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="squaredcos_cap_v2",
                   prediction_type="epsilon", clip_sample=True)
     return DDPMScheduler(**kwargs), DDIMScheduler(**kwargs)
 

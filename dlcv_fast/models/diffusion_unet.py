@@ -9,6 +9,7 @@ nearest-neighbour upsampling stay torch's (dlcv_fast has no kernels for them).""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -210,12 +211,13 @@ class DiffusionUNet(nn.Module):
         self.conv_out = dnn.Conv2d(ch, out_channels, 3, padding=1)
 
     def _timesteps(self, timesteps, x: torch.Tensor) -> torch.Tensor:
-        """(N,) timesteps on x's device from an int, a 0-d tensor or an (N,) tensor."""
+        """(N,) timesteps on x's device from a number (Python's or NumPy's), a 0-d tensor or
+        an (N,) tensor."""
         n = x.shape[0]
         if isinstance(timesteps, torch.fx.Proxy):  # torch.fx: a 0-d or (N,) tensor, unchecked
             return timesteps.to(x.device).expand(n)
         if not isinstance(timesteps, torch.Tensor):
-            if isinstance(timesteps, bool) or not isinstance(timesteps, (int, float)):
+            if isinstance(timesteps, bool) or not isinstance(timesteps, numbers.Real):
                 raise TypeError(f"DiffusionUNet: timesteps must be a tensor of shape (N,) or a "
                                 f"scalar, but got {type(timesteps).__name__}")
             timesteps = torch.tensor(timesteps)
