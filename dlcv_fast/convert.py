@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -340,7 +341,8 @@ def revert(model: nn.Module) -> collections.Counter:
     (also those the model was built with), and un-fuses what ``convert(fuse_relu=True)``
     fused. Returns the counts by type. A Conv2d or batch norm built with
     ``activation='relu'`` (not fused by :func:`convert`) has no single torch.nn layer and
-    stays as it is."""
+    stays as it is. So does a subclass of a dlcv_fast layer (a user's, or one that
+    ``torch.nn.utils.parametrize`` made after the conversion), with a warning naming it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert: model must be a torch.nn.Module, but got "
                         f"{type(model).__name__}")
@@ -362,16 +364,24 @@ def revert(model: nn.Module) -> collections.Counter:
         if entry is not None and not getattr(module, "activation", None):
             new = done[id(module)] = entry.undo(module)
             counts[entry.torch_cls.__name__] += 1
+        elif entry is None and isinstance(module, tuple(_BY_DLCV)):
+            subclasses.append(type(module).__name__)
         if new is module:
             for key, child in list(module._modules.items()):
                 if child is not None:
                     module._modules[key] = undo(child)
         return new
 
+    subclasses: list[str] = []
     root = undo(model)
     if root is not model:  # the model itself was a dlcv_fast layer of another kind
         raise TypeError(f"revert: the model is a {type(model).__name__}, whose torch.nn "
                         f"layer is a new module; revert a model that contains it")
+    if subclasses:
+        warnings.warn(f"revert: left {len(subclasses)} layer(s) that subclass dlcv_fast layers "
+                      f"as they are ({', '.join(sorted(set(subclasses)))}): only the "
+                      f"dlcv_fast classes themselves are turned back into torch.nn layers",
+                      stacklevel=2)
     return counts
 
 

@@ -311,3 +311,16 @@ def test_transformer_layers_are_walked_into(monkeypatch):
 def test_revert_takes_a_module():
     with pytest.raises(TypeError, match="revert: model must be a torch.nn.Module"):
         dlcv_fast.revert("not a model")
+
+
+def test_revert_warns_of_the_subclasses_it_leaves():
+    """A layer parametrized after the conversion is a subclass of the dlcv_fast layer: revert
+    cannot turn it back alone, and says so."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    dlcv_fast.convert(model)
+    nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) that subclass dlcv_fast layers as "
+                                         r"they are \(ParametrizedConv2d\)"):
+        counts = dlcv_fast.revert(model)
+    assert counts == collections.Counter({"BatchNorm2d": 1})
+    assert type(model[1]) is nn.BatchNorm2d and isinstance(model[0], dlcv_fast.nn.Conv2d)
