@@ -65,8 +65,25 @@ def test_batch_norm_training_bumps_running_stat_versions(grad_mode):
     torch.testing.assert_close(ours_var, torch_var)
 
 
-@pytest.mark.parametrize("name,fn,x", _cases(), ids=[c[0] for c in _cases()])
-def test_forward_mode_ad_is_refused_not_dropped(name, fn, x):
+def _ddim_step(x):
+    from dlcv_fast.diffusion import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    return scheduler.step(x, 901, torch.ones_like(x)).prev_sample
+
+
+FORWARD_AD_CASES = _cases() + [
+    ("attention", lambda x: dlcv_fast.scaled_dot_product_attention(x, x, x),
+     torch.randn(1, 2, 5, 8)),
+    ("scheduler_step", _ddim_step, torch.randn(2, 3, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("name,fn,x", FORWARD_AD_CASES, ids=[c[0] for c in FORWARD_AD_CASES])
+def test_forward_mode_ad_is_refused_not_dropped(backend_device, name, fn, x):
+    """On every backend: an output without the tangent would be a silently wrong jvp (what
+    torch.library's Python-registered autograd formulas give)."""
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
         with pytest.raises(RuntimeError, match="jvp"):

@@ -9,6 +9,7 @@ import math
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._prims_common import suggest_memory_format
 
 
@@ -34,6 +35,19 @@ def empty_output(
                 poison = torch.iinfo(dtype).min if dtype == torch.int64 else torch.iinfo(dtype).max
         out.fill_(poison)
     return out
+
+
+def refuse_forward_ad(op: str, *tensors) -> None:
+    """Raises if a tensor carries a forward-mode tangent. The autograd formulas registered
+    from Python (torch.library.register_autograd: attention, the scheduler step, the Triton
+    ops) give outputs no tangent, silently; the C++ ops' autograd::Function refuses one, and
+    so does this, with the same word (jvp)."""
+    if torch.compiler.is_compiling():  # (no forward-mode AD under torch.compile)
+        return
+    for t in tensors:
+        if t is not None and fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(f"{op}: forward-mode AD (jvp) is not implemented; use "
+                               f"reverse mode (backward)")
 
 
 def relu_flag(op: str, activation) -> bool:

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from dlcv_fast import backend
 from dlcv_fast.ops._autocast import cast_for_autocast, register_lower_precision
+from dlcv_fast.ops._common import refuse_forward_ad
 
 _OP = "scaled_dot_product_attention"
 MAX_HEAD_DIM = 256
@@ -483,6 +484,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     if drop_all:
         dropout_p = 0.0
     seed = _draw_seed(q.device) if dropout_p > 0 else 0
+    refuse_forward_ad(_OP, q, k, v, mask)
     op = _FORWARD[backend.resolve("scaled_dot_product_attention", q)]
     out, lse = op(q, k, v, mask, dropout_p, bool(is_causal), float(scale), seed)
     if Ev == 0:

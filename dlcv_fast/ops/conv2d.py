@@ -29,7 +29,8 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false
 from dlcv_fast import backend
 from dlcv_fast._ext import _C
 from dlcv_fast.ops._autocast import cast_for_autocast, register_lower_precision
-from dlcv_fast.ops._common import empty_output, memory_format_of, on_device_of, relu_flag
+from dlcv_fast.ops._common import (empty_output, memory_format_of, on_device_of,
+                                   refuse_forward_ad, relu_flag)
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -461,7 +462,10 @@ def conv2d(
         # PyTorch's rule: a channels_last weight makes the convolution channels_last (the
         # recipe model.to(memory_format=torch.channels_last) with NCHW images).
         x = x.contiguous(memory_format=torch.channels_last)
-    ops = _TRITON if backend.resolve(op, x) == "triton" else _CPP
+    ops = _CPP
+    if backend.resolve(op, x) == "triton":
+        refuse_forward_ad(op, x, weight, bias)
+        ops = _TRITON
     y = ops.forward(x, weight, bias, s, p, d, g, relu)
     return y if batched else y.squeeze(0)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend
-from dlcv_fast.ops._common import memory_format_of, pool_output_size
+from dlcv_fast.ops._common import memory_format_of, pool_output_size, refuse_forward_ad
 
 _IntPair = int | Sequence[int]
 
@@ -291,7 +291,10 @@ def max_pool2d(
     d = _pair("max_pool2d", "dilation", dilation)
     if not isinstance(ceil_mode, bool):  # as PyTorch: not 0, 1 or None
         raise TypeError(f"max_pool2d: ceil_mode must be a bool, but got {ceil_mode!r}")
-    op = _FORWARD[backend.resolve("max_pool2d", input)]
+    name = backend.resolve("max_pool2d", input)
+    if name == "triton":
+        refuse_forward_ad("max_pool2d", input)
+    op = _FORWARD[name]
     output, indices = op(input, k, s, p, d, ceil_mode)
     return (output, indices) if return_indices else output
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops._common import refuse_forward_ad
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -196,6 +197,8 @@ def _run(op: str, x: Tensor, noise: Tensor, timesteps, alphas_cumprod: Tensor) -
         raise ValueError(f"{op}: alphas_cumprod requires grad, but its gradient is not "
                          "computed; pass alphas_cumprod.detach()")
     name = backend.resolve(op, x)
+    if name == "triton":
+        refuse_forward_ad(op, x, noise)
     table = _TRITON if name == "triton" else _CPP
     return table[op](x, noise, _timesteps(timesteps, x.device), alphas_cumprod)
 

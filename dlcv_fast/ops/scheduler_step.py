@@ -18,6 +18,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops._common import refuse_forward_ad
 
 N_COEFFICIENTS = 13  # a, b, c, d, e, f, p, q, r, sigma, min_log, max_log, clip_range
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
@@ -160,6 +161,7 @@ def scheduler_step(model_output: Tensor, sample: Tensor, noise: Tensor | None,
                    recompute_eps: bool) -> tuple[Tensor, Tensor]:
     """(prev_sample, pred_original_sample) of one step on the backend in force."""
     name = backend.resolve("scheduler_step", sample)
+    refuse_forward_ad("scheduler_step", model_output, sample, noise, variance, thresholds)
     op = (torch.ops.dlcv_fast.scheduler_step_triton if name == "triton"
           else torch.ops.dlcv_fast.scheduler_step)
     return op(model_output, sample, noise, variance, thresholds, [float(c) for c in coefficients],
