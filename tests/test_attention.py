@@ -366,7 +366,7 @@ def test_mask_gradcheck():
 # (description, shape (B, H, Hkv, L, S, E, Ev), mask, causal, dropout_p)
 SECOND_ORDER = [
     ("causal, float mask", (1, 2, 2, 4, 5, 3, 2), "float", True, 0.0),
-    ("gqa, bool mask, a row masked whole", (2, 2, 1, 3, 4, 3, 3), "bool", False, 0.0),
+    ("gqa, bool mask, a row masked whole", (2, 4, 2, 3, 4, 3, 3), "bool", False, 0.0),
     ("dropout", (1, 2, 2, 3, 4, 2, 3), None, False, 0.4),
 ]
 
@@ -404,8 +404,8 @@ def test_third_order_gradient_matches_the_math(backend_device):
     softmax(QK^T scale + mask) V written in PyTorch ops."""
     _, device = backend_device
     g = torch.Generator().manual_seed(27)
-    q, k, v = make_qkv((2, 2, 2, 4, 5, 3, 3), torch.float64, device, g)
-    mask = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)
+    q, k, v = make_qkv((2, 4, 2, 4, 5, 3, 3), torch.float64, device, g)  # query heads 2h, 2h+1
+    mask = torch.randn(4, 5, generator=g, dtype=torch.float64).to(device)  # read kv head h
     w = torch.randn(k.shape, generator=g, dtype=torch.float64).to(device)
 
     def third(attend):
@@ -414,11 +414,26 @@ def test_third_order_gradient_matches_the_math(backend_device):
         dk, = torch.autograd.grad((dq ** 2).sum(), k, create_graph=True)
         return torch.autograd.grad((dk * w).sum(), (q, k, v))  # (dk sums to 0 over keys)
 
-    ours = third(lambda q, k, v: dlcv_fast.scaled_dot_product_attention(q, k, v, mask))
-    want = third(lambda q, k, v: F.softmax(q @ k.transpose(-1, -2) / math.sqrt(3) + mask, -1) @ v)
-    for a, b in zip(ours, want):
+    def plain(q, k, v):
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        return F.softmax(q @ k.transpose(-1, -2) / math.sqrt(3) + mask, -1) @ v
+
+    ours = third(lambda q, k, v: dlcv_fast.scaled_dot_product_attention(q, k, v, mask,
+                                                                        enable_gqa=True))
+    for a, b in zip(ours, third(plain)):
         assert b.abs().max() > 0.1
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 0, 3, 3), (0, 2, 1, 2, 4, 3, 3)],
+                         ids=["no keys", "no batch"])
+def test_second_order_gradients_of_empty_inputs(backend_device, shape):
+    _, device = backend_device
+    q, k, v = make_qkv(shape, torch.float64, device, torch.Generator().manual_seed(28))
+    out = dlcv_fast.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    dq, = torch.autograd.grad(out.sum(), q, create_graph=True)
+    for grad, t in zip(torch.autograd.grad(dq.sum(), (q, k, v), allow_unused=True), (q, k, v)):
+        assert grad is None or torch.equal(grad, torch.zeros_like(t))
 
 
 @pytest.mark.parametrize("dropout_p", [0.2, 0.7])
@@ -748,6 +763,7 @@ ANY_DIMS = [
     ((2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 4), None),
     ((5, 8), (2, 3, 6, 8), (3, 6, 8), (3, 5, 6)),
     ((2, 2, 5, 8), (2, 6, 8), (2, 6, 8), (2, 1, 6)),
+    ((2, 5, 8), (2, 6, 8), (2, 6, 8), (1, 1, 5, 6)),  # a mask's extra leading 1s
 ]
 
 
@@ -777,6 +793,7 @@ def test_any_number_of_batch_dims(backend_device, shapes):
     ref_lse = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
                               + m64, -1)
     assert lse.shape == out.shape[:-1]
+    ref_lse = ref_lse.reshape(lse.shape)  # (less a mask's extra leading 1s)
     assert_close(lse, ref_lse.float(), torch.float32)
 
 
@@ -807,7 +824,9 @@ BAD = [
     ("head dim", (2, 2, 5, 8), (2, 2, 6, 4), (2, 2, 6, 8), None, {}, ValueError,
      r"key's head dim \(4\) must equal query's \(8\)"),
     ("head dim too large", (1, 1, 5, 300), (1, 1, 6, 300), (1, 1, 6, 8), None, {}, ValueError,
-     r"head dims must lie in \[1, 256\]"),
+     r"head dims must lie in \[0, 256\], but got E=300 and Ev=8"),
+    ("value head dim too large", (1, 1, 5, 0), (1, 1, 6, 0), (1, 1, 6, 300), None, {},
+     ValueError, r"head dims must lie in \[0, 256\], but got E=0 and Ev=300"),
     ("kv length", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 7, 8), None, {}, ValueError,
      "same length S"),
     ("mask shape", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), (2, 1, 5, 7), {}, ValueError,
@@ -815,14 +834,15 @@ BAD = [
     ("1-D", (8,), (8, 8), (8, 8), None, {}, ValueError,
      r"at least 2 dims: \(L, E\), \(N, L, E\)"),
     ("mask dims", (2, 5, 8), (2, 6, 8), (2, 6, 8), (2, 1, 5, 6), {}, ValueError,
-     r"attn_mask of shape \[2, 1, 5, 6\] has more dims than the attention weights, 3"),
+     r"attn_mask of shape \[2, 1, 5, 6\] has more dims than the attention weights, 3, and "
+     "they are not of size 1"),
     ("batch dims", (2, 3, 2, 5, 8), (3, 3, 2, 6, 8), (3, 3, 2, 6, 8), None, {}, ValueError,
      r"the batch dims of query, key and value, \[\[2, 3\], \[3, 3\], \[3, 3\]\], do not "
      "broadcast"),
     ("mask batch dims", (2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8), (4, 3, 1, 1, 6), {},
      ValueError, r"attn_mask's batch dims \[4, 3\] do not broadcast to \[2, 3\]"),
     ("dropout", (2, 2, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), None, {"dropout_p": 1.5}, ValueError,
-     r"dropout_p must lie in \[0, 1\)"),
+     r"dropout_p must lie in \[0, 1\], but got 1.5"),
 ]
 
 

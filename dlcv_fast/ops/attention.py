@@ -260,7 +260,7 @@ def _backward_math(grad_out, query, key, value, attn_mask, dropout_p, is_causal,
     f = ds.dtype
     dq = ds @ key.to(f).repeat_interleave(group, dim=1) * scale
     dk = (ds.transpose(-1, -2) @ query.to(f) * scale).view(B, Hkv, group, S, E).sum(2)
-    dv = (p.transpose(-1, -2) @ grad_out.to(f)).view(B, Hkv, group, S, -1).sum(2)
+    dv = (p.transpose(-1, -2) @ grad_out.to(f)).view(B, Hkv, group, S, value.shape[3]).sum(2)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
@@ -385,8 +385,13 @@ def _to_4d(query, key, value, attn_mask, enable_gqa):
     nd = max(query.dim(), key.dim(), value.dim())
     query, key, value = (t[(None,) * (nd - t.dim())] for t in (query, key, value))
     if attn_mask is not None and attn_mask.dim() > nd:
-        raise ValueError(f"{_OP}: attn_mask of shape {_shape(attn_mask)} has more dims than the "
-                         f"attention weights, {nd}")
+        # Leading dims of 1 beyond the weights' are dropped (PyTorch takes a (1, 1, L, S) mask
+        # with 3-D inputs); any other extra dim is refused, as PyTorch refuses it.
+        extra = attn_mask.shape[:attn_mask.dim() - nd]
+        if any(n != 1 for n in extra):
+            raise ValueError(f"{_OP}: attn_mask of shape {_shape(attn_mask)} has more dims than "
+                             f"the attention weights, {nd}, and they are not of size 1")
+        attn_mask = attn_mask.reshape(attn_mask.shape[len(extra):])
     if nd == 2:  # (L, E): one head of a batch of one
         query, key, value = query[None, None], key[None, None], value[None, None]
 
@@ -470,6 +475,12 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
                                                          attn_mask)
     q, k, v, mask, restore = _to_4d(query, key, value, attn_mask, enable_gqa)
     E, Ev = q.shape[-1], v.shape[-1]
+    if max(E, Ev) > MAX_HEAD_DIM:  # (here, before a zero head dim is padded to 1)
+        raise ValueError(f"{_OP}: head dims must lie in [0, {MAX_HEAD_DIM}], but got E={E} and "
+                         f"Ev={Ev}")
+    dropout_p = float(dropout_p)
+    if not 0 <= dropout_p <= 1:
+        raise ValueError(f"{_OP}: dropout_p must lie in [0, 1], but got {dropout_p}")
     if scale is None:
         scale = 1.0 / math.sqrt(E) if E > 0 else 1.0
     # Empty head dims, as PyTorch: E = 0 makes every score 0 (the weights uniform over the
@@ -478,7 +489,6 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
         q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
     if Ev == 0:
         v = F.pad(v, (0, 1))
-    dropout_p = float(dropout_p)
     # dropout_p = 1 drops every weight: PyTorch's dropout multiplies them by 0.
     drop_all = dropout_p == 1
     if drop_all:
