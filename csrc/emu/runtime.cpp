@@ -266,7 +266,9 @@ void run_block(Launch& l, unsigned char* stacks) {
   l.mma_memos.assign((n + 31) / 32, {});
   l.mma_calls.assign(n, 0);
   l.exchanges.assign(n, 0);
-  if (l.dynamic_smem_bytes > 0) std::memset(l.dynamic_smem.get(), 0xCD, l.dynamic_smem_bytes);
+  // Every byte 0xFF: NaN in float, half and bfloat16, so that an unwritten element a kernel
+  // reads shows in its result even when multiplied by zero.
+  if (l.dynamic_smem_bytes > 0) std::memset(l.dynamic_smem.get(), 0xFF, l.dynamic_smem_bytes);
   // The first ready thread in schedule order runs to its next barrier. A warp whose lanes
   // have all reached a warp barrier goes on at once, so each warp runs as far as it can
   // before the next one starts: between two block barriers, every write of the first warp
