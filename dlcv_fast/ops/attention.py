@@ -212,9 +212,9 @@ def _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal
     """The attention weights P = exp(S - lse) (with dropout's mask and 1 / (1 - p) applied),
     and the scores' gradient dS = P * (dP - rowsum(dO * O)), dP = dO V^T (likewise dropped),
     as (B, H, L, S) tensors (H the query's heads) in differentiable PyTorch ops, float32
-    (float64 for float64 inputs). From the forward's out and lse where given; else from lse
-    and O recomputed, so that the results are functions of the arguments alone, which
-    autograd differentiates again."""
+    (float64 for float64 inputs), and the key with its heads repeated for the query's. From
+    the forward's out and lse where given; else from lse and O recomputed, so that the
+    results are functions of the arguments alone, which autograd differentiates again."""
     B, H, L, _ = query.shape
     S, group = key.shape[2], H // key.shape[1]
     f = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -245,7 +245,7 @@ def _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal
     out = p_dropped @ v if out is None else out.to(f)
     delta = (grad_out.to(f) * out).sum(-1, keepdim=True)
     ds = torch.where(p == 0, 0.0, p * (dp - delta))  # masked scores: 0, also against an inf dP
-    return p_dropped, ds
+    return p_dropped, ds, k
 
 
 def _mask_grad(grad_out, query, key, value, out, lse, attn_mask, *params):
@@ -264,12 +264,12 @@ def _mask_grad(grad_out, query, key, value, out, lse, attn_mask, *params):
 def _backward_math(grad_out, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
     """The backward kernels' (dQ, dK, dV) in differentiable PyTorch ops: what the second
     derivative goes through."""
-    p, ds = _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal,
-                            scale, seed)
+    p, ds, k = _weights_and_ds(grad_out, query, key, value, attn_mask, dropout_p, is_causal,
+                               scale, seed)
     B, Hkv, S, E = key.shape
     group = query.shape[1] // Hkv
     f = ds.dtype
-    dq = ds @ key.to(f).repeat_interleave(group, dim=1) * scale
+    dq = ds @ k * scale
     dk = (ds.transpose(-1, -2) @ query.to(f) * scale).view(B, Hkv, group, S, E).sum(2)
     dv = (p.transpose(-1, -2) @ grad_out.to(f)).view(B, Hkv, group, S, value.shape[3]).sum(2)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
@@ -504,8 +504,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     drop_all = dropout_p == 1
     if drop_all:
         dropout_p = 0.0
-    seed = _draw_seed(q.device) if dropout_p > 0 else 0
     refuse_forward_ad(_OP, q, k, v, mask)
+    seed = _draw_seed(q.device) if dropout_p > 0 else 0
     op = _FORWARD[backend.resolve("scaled_dot_product_attention", q)]
     out, lse = op(q, k, v, mask, dropout_p, bool(is_causal), float(scale), seed)
     if Ev == 0:
