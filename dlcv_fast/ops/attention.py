@@ -34,13 +34,16 @@ last bits.)
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from dlcv_fast import backend
+from dlcv_fast.ops import _func
 from dlcv_fast.ops._autocast import cast_for_autocast, register_lower_precision
 from dlcv_fast.ops._common import refuse_forward_ad
 
@@ -287,11 +290,6 @@ def _backward_with(backward_op):
     return backward
 
 
-torch.library.register_autograd(
-    "dlcv_fast::sdpa", _backward_with(torch.ops.dlcv_fast.sdpa_backward),
-    setup_context=_setup_context)
-_sdpa_triton.register_autograd(_backward_with(torch.ops.dlcv_fast.sdpa_backward_triton),
-                               setup_context=_setup_context)
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -327,17 +325,61 @@ def _double_backward(ctx, *grads):
     return grad_out, query, key, value, None, None, attn_mask, None, None, None, None
 
 
-torch.library.register_autograd("dlcv_fast::sdpa_backward", _double_backward,
-                                setup_context=_setup_backward_context)
-_sdpa_backward_triton.register_autograd(_double_backward, setup_context=_setup_backward_context)
+# Batching rules (torch.vmap): the vmapped samples fold into the batch dim. A mask that
+# has a batch dim is expanded over it first (a copy). Dropout's mask depends on the seed and
+# the batch index: folded, each sample gets its own (vmap's randomness='different'); under
+# randomness='same', one call per sample with the call's seed gives every sample the same.
+
+def _folded_mask(attn_mask, dim, n: int, batch: int):
+    if attn_mask is None or (dim is None and (attn_mask.dim() < 4 or attn_mask.shape[0] == 1)):
+        return attn_mask
+    m = _func.batched(attn_mask, dim, n)
+    m = m.reshape(n, *[1] * (5 - m.dim()), *m.shape[1:])  # (n, 4 dims)
+    return m.expand(n, batch, *m.shape[2:]).flatten(0, 1)
+
+
+def _forward_vmap_with(op):
+    def rule(info, in_dims, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
+        if dropout_p > 0 and info.randomness == "error":
+            raise RuntimeError(f"{_OP}: dropout under torch.vmap needs randomness='same' or "
+                               f"'different' (the default, 'error', refuses random operations)")
+        if dropout_p > 0 and info.randomness == "same":
+            return _func.looped(op, info, in_dims, *args)
+        n = info.batch_size
+        q, k, v = (_func.batched(t, d, n) for t, d in zip(args[:3], in_dims))
+        out, lse = op(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                      _folded_mask(attn_mask, in_dims[3], n, q.shape[1]), *args[4:])
+        return (out.unflatten(0, q.shape[:2]), lse.unflatten(0, q.shape[:2])), (0, 0)
+
+    return rule
+
+
+def _backward_vmap_with(op):
+    def rule(info, in_dims, *args):
+        if args[7] > 0 and info.randomness == "same":  # dropout_p
+            return _func.looped(op, info, in_dims, *args)
+        n = info.batch_size
+        tensors = [_func.batched(t, d, n) for t, d in zip(args[:6], in_dims)]
+        batch = tensors[0].shape[:2]
+        grads = op(*(t.flatten(0, 1) for t in tensors),
+                   _folded_mask(args[6], in_dims[6], n, batch[1]), *args[7:])
+        return tuple(g.unflatten(0, batch) for g in grads), (0, 0, 0)
+
+    return rule
+
+
+_OPS = {"cpp": (_func.Op(torch.ops.dlcv_fast.sdpa), _func.Op(torch.ops.dlcv_fast.sdpa_backward)),
+        "triton": (_func.Op(_sdpa_triton), _func.Op(_sdpa_backward_triton))}
+for _forward, _backward in _OPS.values():
+    _func.register_autograd(_forward, _backward_with(_backward), _setup_context)
+    _func.register_autograd(_backward, _double_backward, _setup_backward_context)
+    _func.register_vmap(_forward, _forward_vmap_with(_forward))
+    _func.register_vmap(_backward, _backward_vmap_with(_backward))
 for _name in ("sdpa", "sdpa_triton"):  # autocast: in its dtype, as torch's SDPA
     register_lower_precision(_name)
 
-_FORWARD = {
-    "cpu": torch.ops.dlcv_fast.sdpa,
-    "cuda": torch.ops.dlcv_fast.sdpa,
-    "triton": torch.ops.dlcv_fast.sdpa_triton,
-}
+_FORWARD = {"cpu": _OPS["cpp"][0], "cuda": _OPS["cpp"][0], "triton": _OPS["triton"][0]}
 
 
 # --- dropout --------------------------------------------------------------------------------
@@ -371,7 +413,11 @@ def _draw_seed(device: torch.device) -> int:
     """A seed from torch's default generator of ``device`` (torch.manual_seed reproduces it)."""
     if device.type == "meta":  # shapes only: no values to draw
         return 0
-    return int(torch.randint(0, 2**31 - 1, (), device=device).item())
+    # Under torch.func's transforms, drawn outside them: one seed for the call, whatever
+    # vmap's randomness (the batching rule applies that).
+    with (temporarily_clear_interpreter_stack() if torch._C._are_functorch_transforms_active()
+          else contextlib.nullcontext()):
+        return int(torch.randint(0, 2**31 - 1, (), device=device).item())
 
 
 # --- the functional entry points ------------------------------------------------------------

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops import _func
 from dlcv_fast.ops._common import relu_flag
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -395,26 +396,24 @@ _batch_norm_backward_reduce_triton.register_fake(_backward_reduce_fake)
 _batch_norm_backward_elemt_triton.register_fake(_backward_elemt_fake)
 
 
-class _TritonBatchNorm(torch.autograd.Function):
-    """Autograd of the Triton op (a mutating op takes no registered autograd formula)."""
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, training, _, _, relu = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.training, ctx.relu = training, relu
+    ctx.mark_non_differentiable(mean, invstd)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
-                relu):
-        out, mean, invstd = torch.ops.dlcv_fast.batch_norm_triton(
-            input, weight, bias, running_mean, running_var, training, momentum, eps, relu)
-        ctx.save_for_backward(input, weight, bias, mean, invstd)
-        ctx.training, ctx.relu = training, relu
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
+def _backward_with(backward_op):
+    def backward(ctx, grad, _grad_mean, _grad_invstd):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
-        gx, gw, gb = torch.ops.dlcv_fast.batch_norm_backward_triton(
-            grad, input, weight, bias, mean, invstd, ctx.training, ctx.relu, mask)
+        gx, gw, gb = backward_op(grad, input, weight, bias, mean, invstd, ctx.training,
+                                 ctx.relu, mask)
         return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, None, None, None)
+
+    return backward
 
 
 # --- double backward ------------------------------------------------------------------------
@@ -518,7 +517,76 @@ def _defined(t):
     return None if t is None or t.numel() == 0 else t
 
 
-_batch_norm_backward_triton.register_autograd(_backward_backward, setup_context=_backward_setup)
+# Batching rules (torch.vmap): the vmapped samples' channels stacked, (B, N, C, ...) ->
+# (N, B*C, ...), so that statistics stay per sample. Running statistics updated in training
+# must be vmapped too (one per sample, updated through a view), as in PyTorch.
+
+def _stacked_channels(t: Tensor) -> Tensor:
+    return t.movedim(0, 1).flatten(1, 2)
+
+
+def _stacked_params(t, dim, n: int):
+    return None if t is None else _func.batched(t, dim, n).flatten(0, 1)
+
+
+def _forward_vmap_with(op):
+    def rule(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum,
+             eps, relu):
+        n = info.batch_size
+        stats = []
+        for name, t, dim in (("running_mean", running_mean, in_dims[3]),
+                             ("running_var", running_var, in_dims[4])):
+            if t is not None and training:
+                if dim is None:
+                    raise RuntimeError(
+                        f"batch_norm: under torch.vmap in training, {name} must be vmapped too "
+                        f"(one per sample, updated in place) or None")
+                t = t.movedim(dim, 0)
+                if not t.is_contiguous():
+                    raise RuntimeError(f"batch_norm: under torch.vmap in training, {name} must "
+                                       f"be contiguous with its vmapped dim first (updated "
+                                       f"in place through a view)")
+            stats.append(_stacked_params(t, dim, n))
+        x = _func.batched(input, in_dims[0], n)
+        out, mean, invstd = op(_stacked_channels(x), _stacked_params(weight, in_dims[1], n),
+                               _stacked_params(bias, in_dims[2], n), *stats, training, momentum,
+                               eps, relu)
+        return ((out.unflatten(1, (n, -1)), mean.unflatten(0, (n, -1)),
+                 invstd.unflatten(0, (n, -1))), (1, 0, 0))
+
+    return rule
+
+
+def _backward_vmap_with(op):
+    def rule(info, in_dims, grad_output, input, weight, bias, save_mean, save_invstd, training,
+             relu, output_mask):
+        n = info.batch_size
+        gx, gw, gb = op(_stacked_channels(_func.batched(grad_output, in_dims[0], n)),
+                        _stacked_channels(_func.batched(input, in_dims[1], n)),
+                        *(_stacked_params(t, d, n) for t, d in zip(
+                            (weight, bias, save_mean, save_invstd), in_dims[2:6])),
+                        training, relu, output_mask)
+        return ((gx.unflatten(1, (n, -1)) if output_mask[0] else gx,
+                 *(g.unflatten(0, (n, -1)) if g.numel() else g for g in (gw, gb))),
+                (1 if output_mask[0] else None,
+                 *(0 if g.numel() else None for g in (gw, gb))))
+
+    return rule
+
+
+# The C++ batch_norm and batch_norm_backward have their autograd in C++ (csrc/dlcv_fast.cpp);
+# the same formulas in Python serve torch.func. The Triton forward writes to its arguments,
+# which torch.library takes no autograd formula for: its Function serves plain autograd too.
+_OPS = {"cpp": (_func.Op(torch.ops.dlcv_fast.batch_norm),
+                _func.Op(torch.ops.dlcv_fast.batch_norm_backward)),
+        "triton": (_func.Op(_batch_norm_triton), _func.Op(_batch_norm_backward_triton))}
+for _key, (_forward, _backward) in _OPS.items():
+    _func.register_autograd(_forward, _backward_with(_backward), _setup_context, library=False)
+    _func.register_autograd(_backward, _backward_backward, _backward_setup,
+                            library=_key == "triton")
+    _func.register_vmap(_forward, _forward_vmap_with(_forward))
+    _func.register_vmap(_backward, _backward_vmap_with(_backward))
+_TRITON_BATCH_NORM = _func.function(_OPS["triton"][0])
 
 
 # The four parts of SyncBatchNorm per backend: stats, elemt, backward_reduce, backward_elemt.
@@ -582,13 +650,13 @@ def batch_norm(
     # The ops check the rest. This wrapper stays short: on small layers its Python time is a
     # visible part of the step.
     if backend.resolve("batch_norm", input) == "triton":
-        return _TritonBatchNorm.apply(input, weight, bias, running_mean, running_var, training,
-                                      float(momentum), float(eps), relu)
+        return _TRITON_BATCH_NORM.apply(input, weight, bias, running_mean, running_var, training,
+                                        float(momentum), float(eps), relu)[0]
     return _BATCH_NORM(input, weight, bias, running_mean, running_var, training,
                        float(momentum), float(eps), relu)[0]
 
 
-_BATCH_NORM = torch.ops.dlcv_fast.batch_norm.default
+_BATCH_NORM = _OPS["cpp"][0]
 
 
 __all__ = ["batch_norm", "check_eps", "check_forward", "check_running"]

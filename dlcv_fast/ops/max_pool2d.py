@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from dlcv_fast import backend
+from dlcv_fast.ops import _func
 from dlcv_fast.ops._common import memory_format_of, pool_output_size, refuse_forward_ad
 
 _IntPair = int | Sequence[int]
@@ -192,7 +193,8 @@ def _check_backward_args(grad_output, input, indices, kernel_size, stride, paddi
                              f"{list(t.shape)}")
 
 
-# --- autograd of the Triton ops (the C++ ops have theirs in csrc/dlcv_fast.cpp) --------------
+# --- autograd of the Triton ops (the C++ ops have theirs in csrc/dlcv_fast.cpp; the same
+# formulas in Python serve torch.func) --------------------------------------------------------
 
 def _forward_setup_context(ctx, inputs, output):
     input, *params = inputs
@@ -200,11 +202,13 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _triton_backward(ctx, grad_output, _grad_indices):
-    input, indices = ctx.saved_tensors
-    grad_input = torch.ops.dlcv_fast.max_pool2d_backward_triton(grad_output, input, indices,
-                                                                 *ctx.params)
-    return grad_input, None, None, None, None, None
+def _backward_with(backward_op):
+    def backward(ctx, grad_output, _grad_indices):
+        input, indices = ctx.saved_tensors
+        grad_input = backward_op(grad_output, input, indices, *ctx.params)
+        return grad_input, None, None, None, None, None
+
+    return backward
 
 
 def _double_backward_setup_context(ctx, inputs, output):
@@ -239,18 +243,52 @@ def _double_backward(ctx, grad_grad_input):
     return (grad_grad_output,) + (None,) * 7
 
 
-_max_pool2d_triton.register_autograd(_triton_backward, setup_context=_forward_setup_context)
-_max_pool2d_backward_triton.register_autograd(_double_backward,
-                                              setup_context=_double_backward_setup_context)
+# Batching rules (torch.vmap): the vmapped samples fold into the batch dim (or make one).
+
+def _fold(t: Tensor) -> Tensor:
+    return t if t.dim() == 4 else t.flatten(0, 1)  # (B, C, H, W) or (B, N, C, H, W)
+
+
+def _unfold(t: Tensor, like: Tensor) -> Tensor:
+    return t.unflatten(0, like.shape[:2]) if like.dim() == 5 else t
+
+
+def _forward_vmap_with(forward_op):
+    def rule(info, in_dims, input, *params):
+        x = _func.batched(input, in_dims[0], info.batch_size)
+        output, indices = forward_op(_fold(x), *params)
+        return (_unfold(output, x), _unfold(indices, x)), (0, 0)
+
+    return rule
+
+
+def _backward_vmap_with(backward_op):
+    def rule(info, in_dims, grad_output, input, indices, *params):
+        n = info.batch_size
+        x = _func.batched(input, in_dims[1], n)
+        grad_input = backward_op(_fold(_func.batched(grad_output, in_dims[0], n)), _fold(x),
+                                 _fold(_func.batched(indices, in_dims[2], n)), *params)
+        return _unfold(grad_input, x), 0
+
+    return rule
+
+
+_CPP = (_func.Op(torch.ops.dlcv_fast.max_pool2d),
+        _func.Op(torch.ops.dlcv_fast.max_pool2d_backward))
+_TRITON = (_func.Op(_max_pool2d_triton), _func.Op(_max_pool2d_backward_triton))
+for _forward, _backward in (_CPP, _TRITON):
+    _cpp = _forward is _CPP[0]
+    _func.register_autograd(_forward, _backward_with(_backward), _forward_setup_context,
+                            library=not _cpp)
+    _func.register_autograd(_backward, _double_backward, _double_backward_setup_context,
+                            library=not _cpp)
+    _func.register_vmap(_forward, _forward_vmap_with(_forward))
+    _func.register_vmap(_backward, _backward_vmap_with(_backward))
 
 
 # --- the functional entry point -------------------------------------------------------------
 
-_FORWARD = {
-    "cpu": torch.ops.dlcv_fast.max_pool2d,
-    "cuda": torch.ops.dlcv_fast.max_pool2d,
-    "triton": torch.ops.dlcv_fast.max_pool2d_triton,
-}
+_FORWARD = {"cpu": _CPP[0], "cuda": _CPP[0], "triton": _TRITON[0]}
 
 
 def max_pool2d(

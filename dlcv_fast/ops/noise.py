@@ -25,6 +25,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops import _func
 from dlcv_fast.ops._common import refuse_forward_ad
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -136,10 +137,10 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[2], inputs[3])
 
 
-def _backward_of(velocity: bool):
+def _backward_with(backward_op, velocity: bool):
     def backward(ctx, grad):
         timesteps, table = ctx.saved_tensors
-        gx, ge = torch.ops.dlcv_fast.noise_backward_triton(grad, timesteps, table, velocity)
+        gx, ge = backward_op(grad, timesteps, table, velocity)
         return gx, ge, None, None
 
     return backward
@@ -150,27 +151,67 @@ def _setup_double(ctx, inputs, output):
     ctx.velocity = inputs[3]
 
 
-def _double_backward(ctx, grad_x, grad_e):
-    # noise_backward is (cx g, ce g): its adjoint is cx gx + ce ge, the forward op again.
-    timesteps, table = ctx.saved_tensors
-    grad_x = torch.zeros_like(grad_e) if grad_x is None else grad_x
-    grad_e = torch.zeros_like(grad_x) if grad_e is None else grad_e
-    op = _TRITON["get_velocity" if ctx.velocity else "add_noise"]
-    return op(grad_x, grad_e, timesteps, table), None, None, None
+def _double_backward_with(forward_ops: dict):
+    def backward(ctx, grad_x, grad_e):
+        # noise_backward is (cx g, ce g): its adjoint is cx gx + ce ge, the forward op again.
+        timesteps, table = ctx.saved_tensors
+        grad_x = torch.zeros_like(grad_e) if grad_x is None else grad_x
+        grad_e = torch.zeros_like(grad_x) if grad_e is None else grad_e
+        op = forward_ops["get_velocity" if ctx.velocity else "add_noise"]
+        return op(grad_x, grad_e, timesteps, table), None, None, None
+
+    return backward
 
 
-_add_noise_triton.register_autograd(_backward_of(False), setup_context=_setup)
-_get_velocity_triton.register_autograd(_backward_of(True), setup_context=_setup)
-_noise_backward_triton.register_autograd(_double_backward, setup_context=_setup_double)
+# Batching rules (torch.vmap): the vmapped samples fold into the batch dim, each sample's
+# timestep repeated over it. A vmapped table is rare: looped.
 
-_TRITON = {
-    "add_noise": torch.ops.dlcv_fast.add_noise_triton,
-    "get_velocity": torch.ops.dlcv_fast.get_velocity_triton,
-}
-_CPP = {
-    "add_noise": torch.ops.dlcv_fast.add_noise,
-    "get_velocity": torch.ops.dlcv_fast.get_velocity,
-}
+def _timesteps_folded(timesteps, dim, n: int, batch: int) -> Tensor:
+    t = _func.batched(timesteps, dim, n)
+    return (t.unsqueeze(1).expand(n, batch) if t.dim() == 1 else t).reshape(-1)
+
+
+def _combine_vmap_with(op):
+    def rule(info, in_dims, x, noise, timesteps, table):
+        if in_dims[3] is not None:
+            return _func.looped(op, info, in_dims, x, noise, timesteps, table)
+        n = info.batch_size
+        xb, eb = _func.batched(x, in_dims[0], n), _func.batched(noise, in_dims[1], n)
+        t = _timesteps_folded(timesteps, in_dims[2], n, xb.shape[1])
+        return op(xb.flatten(0, 1), eb.flatten(0, 1), t, table).unflatten(0, xb.shape[:2]), 0
+
+    return rule
+
+
+def _backward_vmap_with(op):
+    def rule(info, in_dims, grad, timesteps, table, velocity):
+        if in_dims[2] is not None:
+            return _func.looped(op, info, in_dims, grad, timesteps, table, velocity)
+        g = _func.batched(grad, in_dims[0], info.batch_size)
+        t = _timesteps_folded(timesteps, in_dims[1], info.batch_size, g.shape[1])
+        gx, ge = op(g.flatten(0, 1), t, table, velocity)
+        return (gx.unflatten(0, g.shape[:2]), ge.unflatten(0, g.shape[:2])), (0, 0)
+
+    return rule
+
+
+def _ops(suffix: str) -> dict:
+    return {name: _func.Op(getattr(torch.ops.dlcv_fast, name + suffix))
+            for name in ("add_noise", "get_velocity", "noise_backward")}
+
+
+# The C++ ops have their autograd in C++ (csrc/dlcv_fast.cpp); the same formulas in Python
+# serve torch.func.
+_CPP, _TRITON = _ops(""), _ops("_triton")
+for _table in (_CPP, _TRITON):
+    _library = _table is _TRITON
+    for _name, _velocity in (("add_noise", False), ("get_velocity", True)):
+        _func.register_autograd(_table[_name], _backward_with(_table["noise_backward"], _velocity),
+                                _setup, library=_library)
+        _func.register_vmap(_table[_name], _combine_vmap_with(_table[_name]))
+    _func.register_autograd(_table["noise_backward"], _double_backward_with(_table),
+                            _setup_double, library=_library)
+    _func.register_vmap(_table["noise_backward"], _backward_vmap_with(_table["noise_backward"]))
 
 
 # --- the functional entry points -------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlcv_fast import backend
+from dlcv_fast.ops import _func
 from dlcv_fast.ops._common import refuse_forward_ad
 
 N_COEFFICIENTS = 13  # a, b, c, d, e, f, p, q, r, sigma, min_log, max_log, clip_range
@@ -150,9 +151,24 @@ def _step_backward(ctx, grad_prev, grad_x0):
     return (g_m.to(m.dtype), g_s.to(s.dtype), g_z, g_v, g_th, None, None, None, None)
 
 
-torch.library.register_autograd("dlcv_fast::scheduler_step", _step_backward,
-                                setup_context=_setup_step)
-_scheduler_step_triton.register_autograd(_step_backward, setup_context=_setup_step)
+def _step_vmap_with(op):
+    # (torch.vmap) The vmapped samples fold into the batch dim, thresholds (one per sample)
+    # with them.
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        tensors = [None if t is None else _func.batched(t, d, n).flatten(0, 1)
+                   for t, d in zip(args[:5], in_dims)]
+        prev, x0 = op(*tensors, *args[5:])
+        return (prev.unflatten(0, (n, -1)), x0.unflatten(0, (n, -1))), (0, 0)
+
+    return rule
+
+
+_OPS = {"cpp": _func.Op(torch.ops.dlcv_fast.scheduler_step),
+        "triton": _func.Op(_scheduler_step_triton)}
+for _op in _OPS.values():
+    _func.register_autograd(_op, _step_backward, _setup_step)
+    _func.register_vmap(_op, _step_vmap_with(_op))
 
 
 def scheduler_step(model_output: Tensor, sample: Tensor, noise: Tensor | None,
@@ -162,7 +178,6 @@ def scheduler_step(model_output: Tensor, sample: Tensor, noise: Tensor | None,
     """(prev_sample, pred_original_sample) of one step on the backend in force."""
     name = backend.resolve("scheduler_step", sample)
     refuse_forward_ad("scheduler_step", model_output, sample, noise, variance, thresholds)
-    op = (torch.ops.dlcv_fast.scheduler_step_triton if name == "triton"
-          else torch.ops.dlcv_fast.scheduler_step)
+    op = _OPS["triton" if name == "triton" else "cpp"]
     return op(model_output, sample, noise, variance, thresholds, [float(c) for c in coefficients],
               int(clip), int(variance_mode), bool(recompute_eps))
