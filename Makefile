@@ -30,7 +30,7 @@ test: build
 # missing __syncthreads or __syncwarp fails one of the two. Needs the CUDA toolkit's
 # headers (not a GPU), GCC's libasan and an x86-64 machine.
 EMULATED_TESTS := tests/test_max_pool2d.py tests/test_conv2d.py tests/test_batch_norm.py \
-	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py
+	tests/test_attention.py tests/test_noise.py tests/test_scheduler_steps.py tests/test_func.py
 ASAN_PRELOAD = $(shell c++ -print-file-name=libasan.so):$(shell c++ -print-file-name=libstdc++.so)
 EMULATION = LD_PRELOAD=$(ASAN_PRELOAD) ASAN_OPTIONS=detect_leaks=0 \
 	DLCV_FAST_EXTENSION=build/emu-asan/_C.so
