@@ -259,3 +259,20 @@ def test_attention_dropout_under_vmap_error_randomness():
     with pytest.raises(RuntimeError, match="randomness='same' or 'different'"):
         torch.func.vmap(lambda q: dlcv_fast.scaled_dot_product_attention(
             q, q, q, dropout_p=0.5))(q)
+
+
+def test_under_torch_compile():
+    """torch.compile of a transform over the ops: not one graph (the transform runs behind a
+    graph break, vmap through PyTorch's per-sample fallback), but the same values."""
+    x = torch.randn(3, 2, 3, 6, 6, dtype=DT)
+    w, b = torch.randn(4, 3, 3, 3, dtype=DT), torch.randn(4, dtype=DT)
+
+    def loss(w, x):
+        return _loss(dlcv_fast.max_pool2d(dlcv_fast.conv2d(x, w, b, 1, 1), 2))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    forward = torch.func.vmap(lambda x: dlcv_fast.conv2d(x, w, b, padding=1))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule for dlcv_fast")
+        got = torch.compile(per_sample)(w, x), torch.compile(forward)(x)
+    _close(got, (per_sample(w, x), forward(x)), "torch.compile")

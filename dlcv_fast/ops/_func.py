@@ -70,7 +70,9 @@ class Op:
         self.overload = _overload(op)
 
     def __call__(self, *args):
-        if torch._C._are_functorch_transforms_active():
+        # Dynamo fails inside these Functions (it hands their forward the context): under
+        # torch.compile the op is called as it is, and a transform over it breaks the graph.
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
             function = _FUNCTIONS.get(self.overload)
             if function is not None:
                 return function.apply(*args)
