@@ -8,10 +8,9 @@ transform is active; otherwise straight to the op, as before. The backward formu
 their ops through :class:`Op` too, so second and higher derivatives under ``torch.func``
 take the same formulas as ``torch.autograd.grad(create_graph=True)``.
 
-Under ``vmap`` an op with a batching rule (:func:`register_vmap`) runs once on the whole
-batch. For one without, the Function's rule is generated: its forward and backward run on
-batched tensors, which PyTorch's fallback takes one sample at a time, or, for an op that
-writes to an argument (batch_norm's running statistics), refuses.
+Under ``vmap`` each op's batching rule (:func:`register_vmap`) runs it once on the whole
+batch. (Without one, the Function's rule would be generated: its forward and backward run
+on batched tensors, which PyTorch's fallback takes one sample at a time, with a warning.)
 """
 
 from __future__ import annotations

@@ -541,7 +541,7 @@ def _forward_vmap_with(op):
                     raise RuntimeError(
                         f"batch_norm: under torch.vmap in training, {name} must be vmapped too "
                         f"(one per sample, updated in place) or None")
-                t = t.movedim(dim, 0)
+                t, dim = t.movedim(dim, 0), 0
                 if not t.is_contiguous():
                     raise RuntimeError(f"batch_norm: under torch.vmap in training, {name} must "
                                        f"be contiguous with its vmapped dim first (updated "

@@ -395,6 +395,8 @@ for _ops in (_CPP, _TRITON):
              _setup_bias_relu_context)):
         _func.register_autograd(_op.overload, _backward(_ops), _setup,
                                 library=_op is not _CPP.forward)
+
+
 # Batching rules (torch.vmap). Samples of one weight fold into the batch dim N; B weights
 # (per-sample gradients, model ensembles) run side by side as B times the groups, the
 # samples' channels stacked: (B, N, C, H, W) -> (N, B*C, H, W), weights (B*O, C/g, kH, kW).
