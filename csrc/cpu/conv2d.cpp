@@ -97,12 +97,6 @@ void im2col_nchw_rows(const T* x, T* cols, const Conv2dShape& s, int64_t c0, int
   });
 }
 
-// The whole image: cols (K x OH*OW).
-template <typename T>
-void im2col_nchw(const T* x, T* cols, const Conv2dShape& s, int64_t c0) {
-  im2col_nchw_rows(x, cols, s, c0, 0, s.oh);
-}
-
 // Adds cols (K x OH*OW) back into one image's group planes gx (C, H, W) from channel c0;
 // each channel's rows land in its own plane only, so channels run in parallel.
 template <typename T>
@@ -246,19 +240,8 @@ at::Tensor weight_matrix(const at::Tensor& w, bool nhwc) {
   return nhwc ? w.permute({0, 2, 3, 1}).contiguous().view({o, -1}) : w.contiguous().view({o, -1});
 }
 
-// The (K x OH*OW) columns of image n's group g: built in cols, or for a pointwise
-// convolution the image's channels themselves.
-at::Tensor columns_nchw(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s,
-                        int64_t n, int64_t g) {
-  const int64_t cg = s.c_per_group();
-  if (is_pointwise(s)) return x[n].view({s.c, s.oh * s.ow}).narrow(0, g * cg, cg);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-    im2col_nchw(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, g * cg);
-  });
-  return cols;
-}
-
-// The (b*OH*OW x K) columns of images [n0, n0 + b) for group g, likewise (x NHWC).
+// The (b*OH*OW x K) columns of images [n0, n0 + b) for group g (x NHWC): built in cols, or
+// for a pointwise convolution the images' channels themselves.
 at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s,
                         int64_t n0, int64_t b, int64_t g) {
   const int64_t cg = s.c_per_group(), rows = b * s.oh * s.ow;
@@ -272,29 +255,78 @@ at::Tensor columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
   return cols.narrow(0, 0, rows);
 }
 
-// s with one group: its NCHW columns are those of every group of s, one after another.
-inline Conv2dShape all_groups(Conv2dShape s) {
+// --- groups in batched GEMMs (NCHW) ---------------------------------------------------------
+//
+// With many small groups a GEMM per group costs more in calls than in arithmetic: the columns
+// of `count` consecutive groups are built at once (as one group of their channels: group
+// g0 + j's are rows j*K to (j+1)*K) and multiplied in one batched GEMM over the groups. On 2
+// cores, a GEMM per group took 11x PyTorch's time for the weight gradient of 64 groups of
+// 6 -> 16 channels 5x5 at 14x14 (LeNet-5's second layer under vmap: per-sample gradients)
+// and 4x for its forward; the groups of a span are capped so that their columns still fit
+// the cache-sized tile (columns of all 64 groups at once made the dgrad of 64 groups of 6
+// channels 5x5 at 28x28 1.5x slower than a GEMM per group).
+
+// The shape of groups [g0, g0 + count) of s as one group, for im2col/col2im from channel
+// g0 * Cg.
+inline Conv2dShape group_span(Conv2dShape s, int64_t count) {
+  s.c = s.c_per_group() * count;
+  s.o = s.o_per_group() * count;
   s.groups = 1;
   return s;
 }
 
-// The columns of one tile, output rows [r0, r1) of group g, built in cols: NCHW rows of
-// image n, (K x pixels) packed; NHWC rows n * OH + i across images, (pixels x K).
-at::Tensor tile_columns(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s, bool nhwc,
-                        int64_t n, int64_t r0, int64_t r1, int64_t g) {
-  const int64_t c0 = g * s.c_per_group(), pixels = (r1 - r0) * s.ow;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
-    if (nhwc) {
-      im2col_nhwc_rows(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, r0,
-                       r1, c0);
+// out (count, M, N) = a (count, M, K) @ b (count, K, N) [+ bias (count, M, 1) broadcast]: one
+// GEMM when count is 1, else a batched one.
+inline void group_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+                       const std::optional<at::Tensor>& bias = std::nullopt) {
+  if (out.size(0) == 1) {
+    at::Tensor o = out[0];
+    if (bias.has_value()) {
+      at::addmm_out(o, (*bias)[0].expand(o.sizes()), a[0], b[0]);
     } else {
-      im2col_nchw_rows(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s,
-                       c0, r0, r1);
+      at::mm_out(o, a[0], b[0]);
     }
+  } else if (bias.has_value()) {
+    at::baddbmm_out(out, bias->expand(out.sizes()), a, b);
+  } else {
+    at::bmm_out(out, a, b);
+  }
+}
+
+// acc (count, M, N) += a @ b, likewise.
+inline void group_gemm_add(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.size(0) == 1) {
+    acc[0].addmm_(a[0], b[0]);
+  } else {
+    acc.baddbmm_(a, b);
+  }
+}
+
+// The (pixels x K) columns of one NHWC tile, output rows [r0, r1) (row n * OH + i, across
+// images) of group g, built in cols.
+at::Tensor tile_columns_nhwc(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s,
+                             int64_t r0, int64_t r1, int64_t g) {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+    im2col_nhwc_rows(x.const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(), s, r0, r1,
+                     g * s.c_per_group());
   });
-  if (nhwc) return cols.narrow(0, 0, pixels);
-  const int64_t k = cols.size(0);
-  return cols.view(-1).narrow(0, 0, k * pixels).view({k, pixels});
+  return cols.narrow(0, 0, (r1 - r0) * s.ow);
+}
+
+// The NCHW columns of groups [g0, g0 + count) for output rows [r0, r1) of image n, (count,
+// K, pixels): built in cols, or for a pointwise convolution the image's channels themselves.
+at::Tensor span_columns(const at::Tensor& x, at::Tensor& cols, const Conv2dShape& s, int64_t n,
+                        int64_t r0, int64_t r1, int64_t g0, int64_t count) {
+  const int64_t cg = s.c_per_group(), k = cg * s.kh * s.kw, pixels = (r1 - r0) * s.ow;
+  if (is_pointwise(s)) {
+    return x[n].view({s.c, s.oh * s.ow}).narrow(0, g0 * cg, count * cg)
+        .narrow(1, r0 * s.ow, pixels).view({count, k, pixels});
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_im2col", [&] {
+    im2col_nchw_rows(x[n].const_data_ptr<scalar_t>(), cols.mutable_data_ptr<scalar_t>(),
+                     group_span(s, count), g0 * cg, r0, r1);
+  });
+  return cols.view(-1).narrow(0, 0, count * k * pixels).view({count, k, pixels});
 }
 
 // Output rows per forward task: columns of about kTileBytes, so that they are still in
@@ -302,6 +334,11 @@ at::Tensor tile_columns(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
 // GEMM of fewer rows re-reads the weight (2.4 MB at 256 channels 3x3) for too little work.
 constexpr int64_t kTileBytes = int64_t{512} << 10;
 constexpr int64_t kTilePixels = 256;
+
+// Groups per span: as many as keep `bytes_per_group` of columns each within kTileBytes.
+inline int64_t groups_per_span(const Conv2dShape& s, int64_t bytes_per_group) {
+  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(bytes_per_group, 1), 1, s.groups);
+}
 
 inline int64_t tile_rows(const Conv2dShape& s, int64_t k, int64_t element_size, int64_t rows) {
   if (is_pointwise(s)) return std::max<int64_t>(rows, 1);  // no columns: the longest GEMM
@@ -343,25 +380,23 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
   }
   const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
   const int64_t blocks = (s.oh + per - 1) / per;
+  const int64_t span =
+      pointwise ? s.groups : groups_per_span(s, k * per * s.ow * x.element_size());
   parallel_for_aten(0, s.n * blocks, task_grain(s, s.n * blocks), [&](int64_t tb, int64_t te) {
-    at::Tensor cols = pointwise ? at::Tensor() : at::empty({k, per * s.ow}, xd.options());
+    at::Tensor cols = pointwise ? at::Tensor() : at::empty({span * k, per * s.ow}, xd.options());
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = t / blocks, i0 = t % blocks * per, i1 = std::min(s.oh, i0 + per);
       const int64_t p0 = i0 * s.ow, pb = (i1 - i0) * s.ow;
-      for (int64_t g = 0; g < s.groups; ++g) {
-        at::Tensor out = y[n].view({s.o, p}).narrow(0, g * og, og).narrow(1, p0, pb);
-        at::Tensor in;
-        if (pointwise) {
-          in = xd[n].view({s.c, p}).narrow(0, g * cg, cg).narrow(1, p0, pb);
-        } else {
-          in = tile_columns(xd, cols, s, false, n, i0, i1, g);
-        }
-        const at::Tensor wg = w.narrow(0, g * og, og);
-        if (b.has_value()) {
-          at::addmm_out(out, b->narrow(0, g * og, og).view({og, 1}).expand({og, pb}), wg, in);
-        } else {
-          at::mm_out(out, wg, in);
-        }
+      for (int64_t g0 = 0; g0 < s.groups; g0 += span) {
+        const int64_t count = std::min(span, s.groups - g0), rows = count * og;
+        at::Tensor out = y[n].view({s.o, p}).narrow(0, g0 * og, rows).narrow(1, p0, pb)
+                             .view({count, og, pb});
+        const at::Tensor in = span_columns(xd, cols, s, n, i0, i1, g0, count);
+        const at::Tensor wg = w.narrow(0, g0 * og, rows).view({count, og, k});
+        group_gemm(out, wg, in,
+                   b.has_value() ? std::optional<at::Tensor>(
+                                       b->narrow(0, g0 * og, rows).view({count, og, 1}))
+                                 : std::nullopt);
         if (relu) out.clamp_min_(0);
       }
     }
@@ -395,7 +430,7 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
         if (pointwise) {
           in = x_all.narrow(0, r0 * s.ow, rows).narrow(1, g * s.c_per_group(), s.c_per_group());
         } else {
-          in = tile_columns(xd, cols, s, true, 0, r0, r1, g);
+          in = tile_columns_nhwc(xd, cols, s, r0, r1, g);
         }
         const at::Tensor wt = w.narrow(0, g * og, og).t();
         if (b.has_value()) {
@@ -411,27 +446,29 @@ void forward_nhwc(const at::Tensor& x, const at::Tensor& wm, const std::optional
 
 void backward_input_nchw(const at::Tensor& gy, const at::Tensor& wm, at::Tensor& gx,
                          const Conv2dShape& s) {
-  const int64_t og = s.o_per_group(), cg = s.c_per_group(), p = s.oh * s.ow;
+  const int64_t og = s.o_per_group(), cg = s.c_per_group(), k = wm.size(1), p = s.oh * s.ow;
   const bool pointwise = is_pointwise(s);
   if (pointwise && s.groups == 1) {  // one batched GEMM, as in forward_nchw
     at::Tensor out = gx.view({s.n, s.c, p});
     at::bmm_out(out, wm.t().unsqueeze(0).expand({s.n, s.c, s.o}), gy.view({s.n, s.o, p}));
     return;
   }
-  at::Tensor cols = pointwise ? at::Tensor() : at::empty({wm.size(1), p}, gy.options());
+  const int64_t span = pointwise ? s.groups : groups_per_span(s, k * p * gy.element_size());
+  at::Tensor cols = pointwise ? at::Tensor() : at::empty({span, k, p}, gy.options());
   for (int64_t n = 0; n < s.n; ++n) {
-    for (int64_t g = 0; g < s.groups; ++g) {
-      const at::Tensor gyg = gy[n].view({s.o, p}).narrow(0, g * og, og);
-      const at::Tensor wgt = wm.narrow(0, g * og, og).t();
+    for (int64_t g0 = 0; g0 < s.groups; g0 += span) {
+      const int64_t count = std::min(span, s.groups - g0), rows = count * og;
+      const at::Tensor gyg = gy[n].view({s.o, p}).narrow(0, g0 * og, rows).view({count, og, p});
+      const at::Tensor wgt = wm.narrow(0, g0 * og, rows).view({count, og, k}).transpose(1, 2);
       if (pointwise) {
-        at::Tensor gxg = gx[n].view({s.c, s.h * s.w}).narrow(0, g * cg, cg);
-        at::mm_out(gxg, wgt, gyg);
+        group_gemm(gx[n].view({s.c, p}).narrow(0, g0 * cg, count * cg).view({count, cg, p}),
+                   wgt, gyg);
         continue;
       }
-      at::mm_out(cols, wgt, gyg);
+      group_gemm(cols.narrow(0, 0, count), wgt, gyg);
       AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv2d_col2im", [&] {
-        col2im_nchw(cols.const_data_ptr<scalar_t>(), gx[n].mutable_data_ptr<scalar_t>(), s,
-                    g * cg);
+        col2im_nchw(cols.const_data_ptr<scalar_t>(), gx[n].mutable_data_ptr<scalar_t>(),
+                    group_span(s, count), g0 * cg);
       });
     }
   }
@@ -477,42 +514,37 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   const int64_t og = s.o_per_group(), k = acc.size(1), p = s.oh * s.ow;
   // NHWC tiles run across images (row = n * OH + i); NCHW tiles stay within one image.
   const int64_t rows = nhwc ? s.n * s.oh : s.oh;
-  const bool by_group = !nhwc && s.groups > 1;  // see backward_weight_nchw
-  const int64_t per = tile_rows(s, (by_group ? s.groups : 1) * k, x.element_size(), rows);
+  const int64_t per = tile_rows(s, k, x.element_size(), rows);
   const int64_t blocks = (rows + per - 1) / per, tasks = nhwc ? blocks : s.n * blocks;
   const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, tasks);
+  const int64_t span = nhwc ? 1 : groups_per_span(s, k * per * s.ow * x.element_size());
   // Plain tensors: the workers' ATen ops record no autograd history.
   const at::Tensor xd = x.detach(), gyd = gy.detach(), accd = acc.detach();
   const at::Tensor gy_rows = nhwc ? gyd.permute({0, 2, 3, 1}).view({s.n * p, s.o}) : at::Tensor();
-  const Conv2dShape whole = all_groups(s);
   std::vector<at::Tensor> parts(threads);
   parallel_for_aten(0, threads, 1, [&](int64_t hb, int64_t he) {
     for (int64_t h = hb; h < he; ++h) {
       at::Tensor part = at::zeros_like(accd);
       at::Tensor cols = nhwc ? at::empty({per * s.ow, k}, xd.options())
-                             : at::empty({(by_group ? s.groups : 1) * k, per * s.ow},
-                                         xd.options());
+                             : at::empty({span * k, per * s.ow}, xd.options());
       for (int64_t t = tasks * h / threads; t < tasks * (h + 1) / threads; ++t) {
         const int64_t n = nhwc ? 0 : t / blocks, r0 = t % blocks * per;
         const int64_t r1 = std::min(rows, r0 + per), pixels = (r1 - r0) * s.ow;
-        if (by_group) {
-          const at::Tensor in = tile_columns(xd, cols, whole, false, n, r0, r1, 0);
-          const at::Tensor gyt = gyd[n].view({s.o, p}).narrow(1, r0 * s.ow, pixels);
-          part.view({s.groups, og, k}).baddbmm_(gyt.view({s.groups, og, pixels}),
-                                                in.view({s.groups, k, pixels}).transpose(1, 2));
+        if (!nhwc) {
+          for (int64_t g0 = 0; g0 < s.groups; g0 += span) {
+            const int64_t count = std::min(span, s.groups - g0), o_rows = count * og;
+            const at::Tensor in = span_columns(xd, cols, s, n, r0, r1, g0, count);
+            const at::Tensor gyt = gyd[n].view({s.o, p}).narrow(0, g0 * og, o_rows)
+                                       .narrow(1, r0 * s.ow, pixels).view({count, og, pixels});
+            group_gemm_add(part.narrow(0, g0 * og, o_rows).view({count, og, k}), gyt,
+                           in.transpose(1, 2));
+          }
           continue;
         }
         for (int64_t g = 0; g < s.groups; ++g) {
-          at::Tensor part_g = part.narrow(0, g * og, og);
-          const at::Tensor in = tile_columns(xd, cols, s, nhwc, n, r0, r1, g);
-          if (nhwc) {
-            const at::Tensor gyt = gy_rows.narrow(0, r0 * s.ow, pixels).narrow(1, g * og, og);
-            part_g.addmm_(gyt.t(), in);
-          } else {
-            const at::Tensor gyt = gyd[n].view({s.o, p}).narrow(0, g * og, og)
-                                       .narrow(1, r0 * s.ow, pixels);
-            part_g.addmm_(gyt, in.t());
-          }
+          const at::Tensor in = tile_columns_nhwc(xd, cols, s, r0, r1, g);
+          const at::Tensor gyt = gy_rows.narrow(0, r0 * s.ow, pixels).narrow(1, g * og, og);
+          part.narrow(0, g * og, og).addmm_(gyt.t(), in);
         }
       }
       parts[h] = std::move(part);
@@ -521,23 +553,20 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   for (const at::Tensor& part : parts) acc.add_(part);
 }
 
-// acc (O, K) += the weight gradient, K in weight_matrix's order. With groups, the columns of
-// every group at once (the image's, as if in one group: group g's are rows g*K to (g+1)*K)
-// and one batched GEMM over the groups: a GEMM per group took 11x PyTorch's time for 64
-// groups of 6 -> 16 channels 5x5 at 14x14 (LeNet-5's second layer under vmap, per-sample
-// gradients), 2x for 32 groups of 8 channels 3x3 at 28x28 (ResNeXt).
+// acc (O, K) += the weight gradient, K in weight_matrix's order.
 void backward_weight_nchw(const at::Tensor& gy, const at::Tensor& x, at::Tensor& acc,
                           const Conv2dShape& s) {
-  const int64_t g = s.groups, og = s.o_per_group(), k = acc.size(1), p = s.oh * s.ow;
-  const Conv2dShape whole = all_groups(s);
-  at::Tensor cols = is_pointwise(s) ? at::Tensor() : at::empty({g * k, p}, x.options());
+  const int64_t og = s.o_per_group(), k = acc.size(1), p = s.oh * s.ow;
+  const bool pointwise = is_pointwise(s);
+  const int64_t span = pointwise ? s.groups : groups_per_span(s, k * p * x.element_size());
+  at::Tensor cols = pointwise ? at::Tensor() : at::empty({span * k, p}, x.options());
   for (int64_t n = 0; n < s.n; ++n) {
-    const at::Tensor in = columns_nchw(x, cols, whole, n, 0);
-    const at::Tensor gyn = gy[n].view({s.o, p});
-    if (g == 1) {
-      acc.addmm_(gyn, in.t());
-    } else {
-      acc.view({g, og, k}).baddbmm_(gyn.view({g, og, p}), in.view({g, k, p}).transpose(1, 2));
+    for (int64_t g0 = 0; g0 < s.groups; g0 += span) {
+      const int64_t count = std::min(span, s.groups - g0), rows = count * og;
+      const at::Tensor in = span_columns(x, cols, s, n, 0, s.oh, g0, count);
+      group_gemm_add(acc.narrow(0, g0 * og, rows).view({count, og, k}),
+                     gy[n].view({s.o, p}).narrow(0, g0 * og, rows).view({count, og, p}),
+                     in.transpose(1, 2));
     }
   }
 }
