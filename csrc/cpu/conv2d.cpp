@@ -69,16 +69,16 @@ void parallel_for_aten(int64_t begin, int64_t end, int64_t grain, const F& f) {
 // --- NCHW -------------------------------------------------------------------------------
 
 // cols (K x (i1 - i0)*OW) of output rows [i0, i1) of one image's group starting at channel
-// c0; x is the image (C, H, W).
+// c0; x is the image (C, H, W). Row k starts at cols + k * ld (default: packed).
 template <typename T>
 void im2col_nchw_rows(const T* x, T* cols, const Conv2dShape& s, int64_t c0, int64_t i0,
-                      int64_t i1) {
+                      int64_t i1, int64_t ld = -1) {
   const int64_t k_rows = s.c_per_group() * s.kh * s.kw, p = (i1 - i0) * s.ow;
   at::parallel_for(0, k_rows, grain(p), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t c = k / (s.kh * s.kw), r = k / s.kw % s.kh, q = k % s.kw;
       const T* plane = x + (c0 + c) * s.h * s.w;
-      T* dst = cols + k * p;
+      T* dst = cols + k * (ld < 0 ? p : ld);
       const int64_t off_w = q * s.dil_w - s.pad_w;
       int64_t j0, j1;
       valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
@@ -90,11 +90,38 @@ void im2col_nchw_rows(const T* x, T* cols, const Conv2dShape& s, int64_t c0, int
         }
         const T* src = plane + ih * s.w + off_w;
         std::fill(dst, dst + j0, T(0));
-        for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * s.stride_w];
+        if (s.stride_w == 1) {  // a run the compiler copies in vector loads
+          std::copy(src + j0, src + j1, dst + j0);
+        } else {
+          for (int64_t j = j0; j < j1; ++j) dst[j] = src[j * s.stride_w];
+        }
         std::fill(dst + j1, dst + s.ow, T(0));
       }
     }
   });
+}
+
+// Adds channel c's rows of one image's cols (K x OH*OW) back into its plane (H, W), which
+// it zeroes first.
+template <typename T>
+void col2im_plane(const T* cols, T* plane, const Conv2dShape& s, int64_t c) {
+  const int64_t p = s.oh * s.ow;
+  std::fill(plane, plane + s.h * s.w, T(0));
+  for (int64_t r = 0; r < s.kh; ++r) {
+    for (int64_t q = 0; q < s.kw; ++q) {
+      const T* src = cols + ((c * s.kh + r) * s.kw + q) * p;
+      const int64_t off_w = q * s.dil_w - s.pad_w;
+      int64_t j0, j1;
+      valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
+      for (int64_t i = 0; i < s.oh; ++i) {
+        const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
+        if (ih < 0 || ih >= s.h) continue;
+        T* dst = plane + ih * s.w + off_w;
+        const T* row = src + i * s.ow;
+        for (int64_t j = j0; j < j1; ++j) dst[j * s.stride_w] += row[j];
+      }
+    }
+  }
 }
 
 // Adds cols (K x OH*OW) back into one image's group planes gx (C, H, W) from channel c0;
@@ -103,24 +130,19 @@ template <typename T>
 void col2im_nchw(const T* cols, T* gx, const Conv2dShape& s, int64_t c0) {
   const int64_t p = s.oh * s.ow;
   at::parallel_for(0, s.c_per_group(), grain(s.kh * s.kw * p), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      T* plane = gx + (c0 + c) * s.h * s.w;
-      std::fill(plane, plane + s.h * s.w, T(0));
-      for (int64_t r = 0; r < s.kh; ++r) {
-        for (int64_t q = 0; q < s.kw; ++q) {
-          const T* src = cols + ((c * s.kh + r) * s.kw + q) * p;
-          const int64_t off_w = q * s.dil_w - s.pad_w;
-          int64_t j0, j1;
-          valid_range(off_w, s.stride_w, s.w, s.ow, j0, j1);
-          for (int64_t i = 0; i < s.oh; ++i) {
-            const int64_t ih = i * s.stride_h - s.pad_h + r * s.dil_h;
-            if (ih < 0 || ih >= s.h) continue;
-            T* dst = plane + ih * s.w + off_w;
-            const T* row = src + i * s.ow;
-            for (int64_t j = j0; j < j1; ++j) dst[j * s.stride_w] += row[j];
-          }
-        }
-      }
+    for (int64_t c = begin; c < end; ++c) col2im_plane(cols, gx + (c0 + c) * s.h * s.w, s, c);
+  });
+}
+
+// The same for b whole images (one group): cols (b, K, OH*OW) into gx (b, C, H, W), the
+// (image, channel) planes in parallel.
+template <typename T>
+void col2im_nchw_images(const T* cols, T* gx, const Conv2dShape& s, int64_t b) {
+  const int64_t p = s.oh * s.ow, k = s.c * s.kh * s.kw;
+  at::parallel_for(0, b * s.c, grain(s.kh * s.kw * p), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / s.c, c = t % s.c;
+      col2im_plane(cols + n * k * p, gx + t * s.h * s.w, s, c);
     }
   });
 }
@@ -335,6 +357,16 @@ at::Tensor span_columns(const at::Tensor& x, at::Tensor& cols, const Conv2dShape
 constexpr int64_t kTileBytes = int64_t{512} << 10;
 constexpr int64_t kTilePixels = 256;
 
+// Whole images per task where an image's columns (`bytes_per_image`) take less than a
+// tile: as many as fill one, but no more than a thread's share of the batch. A GEMM per
+// image of LeNet-5 (6 and 16 channels, 5x5, at 32x32 and 14x14, batch 64) spent more time
+// in calls than in arithmetic: the forward took 2x-3x PyTorch's time, wgrad 1.5x-2x.
+inline int64_t images_per_task(const Conv2dShape& s, int64_t bytes_per_image) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t share = (s.n + threads - 1) / threads;
+  return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(bytes_per_image, 1), 1, share);
+}
+
 // Groups per span: as many as keep `bytes_per_group` of columns each within kTileBytes.
 inline int64_t groups_per_span(const Conv2dShape& s, int64_t bytes_per_group) {
   return std::clamp<int64_t>(kTileBytes / std::max<int64_t>(bytes_per_group, 1), 1, s.groups);
@@ -379,6 +411,31 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
     return;
   }
   const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
+  if (s.groups == 1 && !pointwise && per >= s.oh) {
+    // Small images: a task takes several, their columns (b, K, P), one batched GEMM.
+    const int64_t ipt = images_per_task(s, k * p * x.element_size());
+    parallel_for_aten(0, (s.n + ipt - 1) / ipt, 1, [&](int64_t tb, int64_t te) {
+      at::Tensor cols = at::empty({ipt, k, p}, xd.options());
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t n0 = t * ipt, nb = std::min(ipt, s.n - n0);
+        AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
+          for (int64_t i = 0; i < nb; ++i) {
+            im2col_nchw_rows(xd[n0 + i].const_data_ptr<scalar_t>(),
+                             cols[i].mutable_data_ptr<scalar_t>(), s, 0, 0, s.oh);
+          }
+        });
+        at::Tensor out = y.narrow(0, n0, nb).view({nb, s.o, p});
+        const at::Tensor wb = w.unsqueeze(0).expand({nb, s.o, k}), in = cols.narrow(0, 0, nb);
+        if (b.has_value()) {
+          at::baddbmm_out(out, b->view({1, s.o, 1}).expand({nb, s.o, p}), wb, in);
+        } else {
+          at::bmm_out(out, wb, in);
+        }
+        if (relu) out.clamp_min_(0);
+      }
+    });
+    return;
+  }
   const int64_t blocks = (s.oh + per - 1) / per;
   const int64_t span =
       pointwise ? s.groups : groups_per_span(s, k * per * s.ow * x.element_size());
@@ -453,6 +510,24 @@ void backward_input_nchw(const at::Tensor& gy, const at::Tensor& wm, at::Tensor&
     at::bmm_out(out, wm.t().unsqueeze(0).expand({s.n, s.c, s.o}), gy.view({s.n, s.o, p}));
     return;
   }
+  if (!pointwise && s.groups == 1) {
+    // Chunks of images: one batched GEMM into their columns, then col2im over every (image,
+    // channel) plane in parallel. A GEMM and a col2im per image took 3.4x PyTorch's time
+    // for LeNet-5's second layer (6 -> 16 channels 5x5 at 14x14) at batch 64.
+    const int64_t chunk = images_per_chunk(s, gy.element_size());
+    at::Tensor cols = at::empty({chunk, k, p}, gy.options());
+    const at::Tensor wt = wm.t().unsqueeze(0);
+    for (int64_t n0 = 0; n0 < s.n; n0 += chunk) {
+      const int64_t b = std::min(chunk, s.n - n0);
+      at::Tensor c = cols.narrow(0, 0, b);
+      at::bmm_out(c, wt.expand({b, k, s.o}), gy.narrow(0, n0, b).view({b, s.o, p}));
+      AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "conv2d_col2im", [&] {
+        col2im_nchw_images(c.const_data_ptr<scalar_t>(), gx[n0].mutable_data_ptr<scalar_t>(), s,
+                           b);
+      });
+    }
+    return;
+  }
   const int64_t span = pointwise ? s.groups : groups_per_span(s, k * p * gy.element_size());
   at::Tensor cols = pointwise ? at::Tensor() : at::empty({span, k, p}, gy.options());
   for (int64_t n = 0; n < s.n; ++n) {
@@ -515,7 +590,12 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   // NHWC tiles run across images (row = n * OH + i); NCHW tiles stay within one image.
   const int64_t rows = nhwc ? s.n * s.oh : s.oh;
   const int64_t per = tile_rows(s, k, x.element_size(), rows);
-  const int64_t blocks = (rows + per - 1) / per, tasks = nhwc ? blocks : s.n * blocks;
+  // NCHW small images: tasks of several whole images, their columns side by side (K, b*P)
+  // and the gradient's rows likewise (O, b*P), one GEMM (see images_per_task).
+  const bool images = !nhwc && s.groups == 1 && per >= s.oh;
+  const int64_t ipt = images ? images_per_task(s, k * p * x.element_size()) : 1;
+  const int64_t blocks = (rows + per - 1) / per;
+  const int64_t tasks = nhwc ? blocks : images ? (s.n + ipt - 1) / ipt : s.n * blocks;
   const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, tasks);
   const int64_t span = nhwc ? 1 : groups_per_span(s, k * per * s.ow * x.element_size());
   // Plain tensors: the workers' ATen ops record no autograd history.
@@ -525,9 +605,23 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   parallel_for_aten(0, threads, 1, [&](int64_t hb, int64_t he) {
     for (int64_t h = hb; h < he; ++h) {
       at::Tensor part = at::zeros_like(accd);
-      at::Tensor cols = nhwc ? at::empty({per * s.ow, k}, xd.options())
-                             : at::empty({span * k, per * s.ow}, xd.options());
+      at::Tensor cols = nhwc     ? at::empty({per * s.ow, k}, xd.options())
+                        : images ? at::empty({k, ipt * p}, xd.options())
+                                 : at::empty({span * k, per * s.ow}, xd.options());
       for (int64_t t = tasks * h / threads; t < tasks * (h + 1) / threads; ++t) {
+        if (images) {
+          const int64_t n0 = t * ipt, nb = std::min(ipt, s.n - n0);
+          AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "conv2d_im2col", [&] {
+            for (int64_t i = 0; i < nb; ++i) {
+              im2col_nchw_rows(xd[n0 + i].const_data_ptr<scalar_t>(),
+                               cols.mutable_data_ptr<scalar_t>() + i * p, s, 0, 0, s.oh, nb * p);
+            }
+          });
+          const at::Tensor in = cols.view(-1).narrow(0, 0, k * nb * p).view({k, nb * p});
+          part.addmm_(gyd.narrow(0, n0, nb).view({nb, s.o, p}).transpose(0, 1)
+                          .reshape({s.o, nb * p}), in.t());
+          continue;
+        }
         const int64_t n = nhwc ? 0 : t / blocks, r0 = t % blocks * per;
         const int64_t r1 = std::min(rows, r0 + per), pixels = (r1 - r0) * s.ow;
         if (!nhwc) {
@@ -718,10 +812,13 @@ void conv2d_backward_input(const at::Tensor& gy, const at::Tensor& w, at::Tensor
   // of whole images and their col2im: on ResNet-50's 3x3 layers of 64 and 128 channels at
   // batch 2, 1.4x-1.5x faster in channels_last, up to 1.15x in NCHW. Rearranging the weight
   // is a strided copy (3 ms for 512 x 512 x 3 x 3): only where the weight is no larger than
-  // the gradient (at 512 channels and 7 x 7, batch 2, dgrad took 3.6x longer this way).
+  // the gradient (at 512 channels and 7 x 7, batch 2, dgrad took 3.6x longer this way). And
+  // only where the input is not much larger than the output: the convolution runs over the
+  // input's positions, the GEMM over the output's (without padding, at batch 64-128, 3x3
+  // and 5x5 layers of 14x14 to 32x32 inputs took 1.15x-2.5x longer this way).
   const int64_t top = s.dil_h * (s.kh - 1) - s.pad_h, left = s.dil_w * (s.kw - 1) - s.pad_w;
   if (s.stride_h == 1 && s.stride_w == 1 && !is_pointwise(s) && top >= 0 && left >= 0 &&
-      w.numel() <= gy.numel()) {
+      w.numel() <= gy.numel() && 10 * s.h * s.w <= 11 * s.oh * s.ow) {
     const int64_t g = s.groups, og = s.o_per_group(), cg = s.c_per_group();
     const at::Tensor flipped = w.view({g, og, cg, s.kh, s.kw})
                                    .transpose(1, 2)
