@@ -229,6 +229,34 @@ def test_cpu_forward_in_row_tiles(layout, dtype):
                                   f"{layout} k{k} s{s}")
 
 
+@pytest.mark.parametrize(("x_shape", "out_channels", "k", "padding", "groups"), [
+    ((9, 6, 14, 14), 16, 5, 0, 1),   # small images: tasks of several, the last one partial
+    ((9, 3, 12, 12), 8, 3, 1, 1),    # likewise, dgrad as a flipped convolution
+    ((2, 192, 28, 28), 128, 3, 1, 64),  # 64 groups in spans of 3 (columns capped), 1 left
+    ((3, 12, 9, 9), 8, 1, 0, 4),     # pointwise with groups: every group in one span
+], ids=["images", "images-same", "group-spans", "pointwise-groups"])
+def test_cpu_batched_images_and_group_spans(x_shape, out_channels, k, padding, groups):
+    """The CPU kernels batch whole small images into one GEMM per task, and groups into
+    spans of one batched GEMM: forward, dgrad and wgrad against PyTorch in float64, with
+    two threads so that tasks split the batch."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make(x_shape, torch.float64, "cpu", "nchw").requires_grad_()
+        w = weight_for(x_shape, out_channels, k, groups, torch.float64, "cpu").requires_grad_()
+        b = make((out_channels,), torch.float64, "cpu", seed=3).requires_grad_()
+        ours = dlcv_fast.conv2d(x, w, b, 1, padding, groups=groups, activation="relu")
+        ref = F.conv2d(x, w, b, 1, padding, groups=groups).relu()
+        g = torch.randn_like(ref)
+        mine = torch.autograd.grad(ours, (x, w, b), g)
+        theirs = torch.autograd.grad(ref, (x, w, b), g)
+        for what, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"),
+                              (ours, *mine), (ref, *theirs)):
+            assert_close(a, e, msg=what)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("which", ["weight", "input", "unbatched"])
 def test_output_memory_format_follows_torch(backend_device, which):
     """Channels_last output when the input or the weight is channels_last, as PyTorch's conv

@@ -359,8 +359,9 @@ constexpr int64_t kTilePixels = 256;
 
 // Whole images per task where an image's columns (`bytes_per_image`) take less than a
 // tile: as many as fill one, but no more than a thread's share of the batch. A GEMM per
-// image of LeNet-5 (6 and 16 channels, 5x5, at 32x32 and 14x14, batch 64) spent more time
-// in calls than in arithmetic: the forward took 2x-3x PyTorch's time, wgrad 1.5x-2x.
+// image of LeNet-5 (1 -> 6 and 6 -> 16 channels, 5x5, at 32x32 and 14x14, batch 64) spent
+// more time in calls than in arithmetic: its second layer's forward took 3x PyTorch's time,
+// the wgrads 2x.
 inline int64_t images_per_task(const Conv2dShape& s, int64_t bytes_per_image) {
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
   const int64_t share = (s.n + threads - 1) / threads;
