@@ -412,9 +412,11 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
     return;
   }
   const int64_t per = tile_rows(s, k, x.element_size(), s.oh);
-  if (s.groups == 1 && !pointwise && per >= s.oh) {
+  const int64_t ipt =
+      s.groups == 1 && !pointwise && per >= s.oh ? images_per_task(s, k * p * x.element_size())
+                                                 : 1;
+  if (ipt > 1) {
     // Small images: a task takes several, their columns (b, K, P), one batched GEMM.
-    const int64_t ipt = images_per_task(s, k * p * x.element_size());
     parallel_for_aten(0, (s.n + ipt - 1) / ipt, 1, [&](int64_t tb, int64_t te) {
       at::Tensor cols = at::empty({ipt, k, p}, xd.options());
       for (int64_t t = tb; t < te; ++t) {
@@ -593,8 +595,9 @@ void backward_weight_tiled(const at::Tensor& gy, const at::Tensor& x, at::Tensor
   const int64_t per = tile_rows(s, k, x.element_size(), rows);
   // NCHW small images: tasks of several whole images, their columns side by side (K, b*P)
   // and the gradient's rows likewise (O, b*P), one GEMM (see images_per_task).
-  const bool images = !nhwc && s.groups == 1 && per >= s.oh;
-  const int64_t ipt = images ? images_per_task(s, k * p * x.element_size()) : 1;
+  const int64_t ipt = !nhwc && s.groups == 1 && per >= s.oh
+                          ? images_per_task(s, k * p * x.element_size()) : 1;
+  const bool images = ipt > 1;
   const int64_t blocks = (rows + per - 1) / per;
   const int64_t tasks = nhwc ? blocks : images ? (s.n + ipt - 1) / ipt : s.n * blocks;
   const int64_t threads = std::clamp<int64_t>(at::get_num_threads(), 1, tasks);
