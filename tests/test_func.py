@@ -55,7 +55,7 @@ def _cases(device):
                            randn(2, 4, 9, 9), randn(6, 2, 3, 3)),
         "conv2d_depthwise": (lambda x, p: dlcv_fast.conv2d(x, p, padding="same", groups=4),
                              randn(1, 4, 6, 6), randn(8, 1, 3, 3)),
-        "max_pool2d": (lambda x, p: dlcv_fast.max_pool2d(x * p.view(-1, 1, 1), 3, 2, 1),
+        "max_pool2d": (lambda x, p: dlcv_fast.max_pool2d(x * p[:, None, None], 3, 2, 1),
                        randn(2, 3, 7, 7), randn(3)),
         "batch_norm": (lambda x, p: dlcv_fast.batch_norm(x, None, None, p, gamma, True,
                                                          activation="relu"),
@@ -232,33 +232,51 @@ def test_attention_dropout_under_vmap_same_randomness():
         assert_close(got[i], want, msg=f"sample {i}")
 
 
-def test_attention_dropout_under_vmap_different_randomness():
-    """randomness='different': the samples fold into one call's batch, where each batch
-    index has its own dropout mask; the backward pass applies the same masks."""
-    q = torch.randn(3, 2, 2, 5, 4, dtype=DT)
-
-    def loss(q):
-        return _loss(dlcv_fast.scaled_dot_product_attention(q, q, q, dropout_p=0.5))
-
-    torch.manual_seed(1)
-    got = torch.func.vmap(lambda q: dlcv_fast.scaled_dot_product_attention(
-        q, q, q, dropout_p=0.5), randomness="different")(q)
-    torch.manual_seed(1)
-    grads = torch.func.vmap(torch.func.grad(loss), randomness="different")(q)
-    torch.manual_seed(1)
-    folded = q.flatten(0, 1).requires_grad_()
-    want = dlcv_fast.scaled_dot_product_attention(folded, folded, folded, dropout_p=0.5)
-    want_grad, = torch.autograd.grad(_loss(want), folded)
-    assert_close(got.flatten(0, 1), want.detach(), msg="output")
-    assert_close(grads.flatten(0, 1), want_grad, msg="per-sample gradients")
-    assert not torch.equal(got[0], got[1])
-
-
-def test_attention_dropout_under_vmap_error_randomness():
+@pytest.mark.parametrize("randomness", ["different", "error"])
+def test_attention_dropout_under_vmap_other_randomness_is_refused(randomness):
+    """Folded, each sample would get masks of its own, but the mask's gradient and the
+    double backward would regenerate the wrong ones: refused rather than wrong."""
     q = torch.randn(3, 1, 5, 4, dtype=DT)
-    with pytest.raises(RuntimeError, match="randomness='same' or 'different'"):
+    with pytest.raises(RuntimeError, match="needs randomness='same'"):
         torch.func.vmap(lambda q: dlcv_fast.scaled_dot_product_attention(
-            q, q, q, dropout_p=0.5))(q)
+            q, q, q, dropout_p=0.5), randomness=randomness)(q)
+
+
+def test_attention_dropout_jacobian():
+    """jacrev vmaps the backward pass alone: every row takes the forward's dropout masks."""
+    q, k, v = (torch.randn(2, 2, n, 3, dtype=DT) for n in (4, 5, 5))
+
+    def f(q):
+        torch.manual_seed(3)
+        return dlcv_fast.scaled_dot_product_attention(q, k, v, dropout_p=0.5).flatten()[:8]
+
+    got = torch.func.jacrev(f)(q)
+    assert_close(got, torch.autograd.functional.jacobian(f, q), msg="jacrev with dropout")
+
+
+def test_vmap_channels_last_weight():
+    """model.to(memory_format=torch.channels_last) with NCHW samples, as F.conv2d takes."""
+    w = torch.randn(4, 3, 3, 3, dtype=DT).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(5, 2, 3, 6, 6, dtype=DT)
+
+    def loss(w, x):
+        return _loss(dlcv_fast.conv2d(x, w, padding=1))
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, x)
+    want = torch.func.vmap(torch.func.grad(
+        lambda w, x: _loss(F.conv2d(x, w, padding=1))), in_dims=(None, 0))(w, x)
+    assert_close(got, want, msg="per-sample weight gradients")
+
+
+# (Not ddpm_step: its dynamic thresholding calls torch.quantile, which has no batching rule,
+# and PyTorch's per-sample fallback refuses a batch of none.)
+@pytest.mark.parametrize("case", [n for n in NAMES if n != "ddpm_step"], indirect=True)
+def test_vmap_over_no_samples(case):
+    fn, x, p = case
+    got = torch.func.vmap(fn, in_dims=(0, None))(x[None][:0], p)
+    assert got.shape == (0, *fn(x, p).shape)
+    got = torch.func.vmap(fn, in_dims=(None, 0))(x, p[None][:0])
+    assert got.shape == (0, *fn(x, p).shape)
 
 
 def test_under_torch_compile():

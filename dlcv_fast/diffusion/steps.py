@@ -117,7 +117,8 @@ def _clip(x0_coefficients, model_output, sample, clip_sample, clip_sample_range,
         a, b = x0_coefficients
         acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x0 = a * sample.to(acc) + b * model_output.to(acc)
-        s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), dynamic_thresholding_ratio, dim=1)
+        flat = x0.abs().reshape(x0.shape[0], math.prod(x0.shape[1:]))  # (no -1: batch 0)
+        s = torch.quantile(flat, dynamic_thresholding_ratio, dim=1)
         return CLIP_THRESHOLD, s.clamp(min=1.0, max=sample_max_value)
     if clip_sample:
         if not clip_sample_range > 0:

@@ -88,9 +88,29 @@ def register_vmap(op, rule) -> None:
     signature) as the batching rule of the op's Function, instead of the generated one.
     (torch.library.register_vmap would not do: a rule registered there runs with the vmap
     level still on functorch's stack, where the Functions of the ops it calls fail.)"""
+    def vmap(info, in_dims, *args):
+        if info.batch_size == 0:
+            return _empty_batch(rule, info, in_dims, args)
+        return rule(info, in_dims, *args)
+
     function = _FUNCTIONS[_overload(op)]
     function.generate_vmap_rule = False
-    function.vmap = staticmethod(rule)
+    function.vmap = staticmethod(vmap)
+
+
+def _empty_batch(rule, info, in_dims, args):
+    """A vmapped batch of none: the rule on one sample of zeros, cut to none. (Folded, an
+    empty batch would leave sizes that the rules read back unknown.)"""
+    one = [a.new_zeros(a.shape[:d] + (1,) + a.shape[d + 1:]) if isinstance(d, int) else a
+           for a, d in zip(args, in_dims)]
+    output, out_dims = rule(info._replace(batch_size=1), in_dims, *one)
+
+    def cut(t, d):
+        return t if d is None else t.narrow(d, 0, 0)
+
+    if isinstance(output, tuple):
+        return tuple(cut(t, d) for t, d in zip(output, out_dims)), out_dims
+    return cut(output, out_dims), out_dims
 
 
 def batched(t, dim, size: int):
@@ -108,7 +128,7 @@ def looped(op, info, in_dims, *args):
     not fold into one call."""
     outputs = []
     for i in range(info.batch_size):
-        one = [a if d is None else a.select(d, i) for a, d in zip(args, in_dims)]
+        one = [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
         outputs.append(op(*one))
     if isinstance(outputs[0], tuple):
         return tuple(torch.stack(o) for o in zip(*outputs)), (0,) * len(outputs[0])

@@ -327,8 +327,10 @@ def _double_backward(ctx, *grads):
 
 # Batching rules (torch.vmap): the vmapped samples fold into the batch dim. A mask that
 # has a batch dim is expanded over it first (a copy). Dropout's mask depends on the seed and
-# the batch index: folded, each sample gets its own (vmap's randomness='different'); under
-# randomness='same', one call per sample with the call's seed gives every sample the same.
+# the batch index: one call per sample with the call's seed gives every sample the same
+# masks (vmap's randomness='same'), which the mask's gradient and the double backward, in
+# PyTorch ops on the vmapped tensors, regenerate. Folded, each sample would get masks of its
+# own ('different'), but those two would not see them: refused.
 
 def _folded_mask(attn_mask, dim, n: int, batch: int):
     if attn_mask is None or (dim is None and (attn_mask.dim() < 4 or attn_mask.shape[0] == 1)):
@@ -341,10 +343,11 @@ def _folded_mask(attn_mask, dim, n: int, batch: int):
 def _forward_vmap_with(op):
     def rule(info, in_dims, query, key, value, attn_mask, dropout_p, is_causal, scale, seed):
         args = (query, key, value, attn_mask, dropout_p, is_causal, scale, seed)
-        if dropout_p > 0 and info.randomness == "error":
-            raise RuntimeError(f"{_OP}: dropout under torch.vmap needs randomness='same' or "
-                               f"'different' (the default, 'error', refuses random operations)")
-        if dropout_p > 0 and info.randomness == "same":
+        if dropout_p > 0:
+            if info.randomness != "same":
+                raise RuntimeError(
+                    f"{_OP}: dropout under torch.vmap needs randomness='same' (one dropout mask "
+                    f"for every sample), but got randomness='{info.randomness}'")
             return _func.looped(op, info, in_dims, *args)
         n = info.batch_size
         q, k, v = (_func.batched(t, d, n) for t, d in zip(args[:3], in_dims))
@@ -357,7 +360,7 @@ def _forward_vmap_with(op):
 
 def _backward_vmap_with(op):
     def rule(info, in_dims, *args):
-        if args[7] > 0 and info.randomness == "same":  # dropout_p
+        if args[7] > 0:  # dropout_p: every sample has the forward's masks
             return _func.looped(op, info, in_dims, *args)
         n = info.batch_size
         tensors = [_func.batched(t, d, n) for t, d in zip(args[:6], in_dims)]

@@ -536,7 +536,8 @@ def conv2d(
     batched = input.dim() == 4
     x = input if batched else input.unsqueeze(0)
     if (memory_format_of(weight) == torch.channels_last
-            and memory_format_of(x) != torch.channels_last):
+            and memory_format_of(x) != torch.channels_last
+            and not torch._C._are_functorch_transforms_active()):  # (vmap cannot relayout)
         # PyTorch's rule: a channels_last weight makes the convolution channels_last (the
         # recipe model.to(memory_format=torch.channels_last) with NCHW images).
         x = x.contiguous(memory_format=torch.channels_last)

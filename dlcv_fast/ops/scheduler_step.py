@@ -130,7 +130,8 @@ def _step_backward(ctx, grad_prev, grad_x0):
         # A threshold that is not positive made the sample NaN: its gradients are NaN too.
         g_u = torch.where(t > 0, g_x0 * inside / t, math.nan)
         # d(clamp(u, -t, t) / t) / dt: -u / t^2 inside, 0 where the clamp holds it at +-1.
-        g_th = (g_x0 * torch.where(inside, -u / (t * t), 0.0)).reshape(s.shape[0], -1).sum(1)
+        g_th = (g_x0 * torch.where(inside, -u / (t * t), 0.0)).reshape(
+            s.shape[0], math.prod(s.shape[1:])).sum(1)  # (no -1: a batch of 0 under vmap)
         g_th = torch.where(th.to(acc) > 0, g_th, math.nan).to(th.dtype)
     else:
         g_u = g_x0
