@@ -297,8 +297,8 @@ inline Conv2dShape group_span(Conv2dShape s, int64_t count) {
   return s;
 }
 
-// out (count, M, N) = a (count, M, K) @ b (count, K, N) [+ bias (count, M, 1) broadcast]: one
-// GEMM when count is 1, else a batched one.
+// out (count, M, N) = a (count, M, K) @ b (count, K, N) [+ bias (count or 1, M, 1)
+// broadcast]: one GEMM when count is 1, else a batched one.
 inline void group_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
                        const std::optional<at::Tensor>& bias = std::nullopt) {
   if (out.size(0) == 1) {
@@ -398,16 +398,14 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
   const at::Tensor w = wm.detach(), xd = x.detach();  // plain tensors, as in forward_nhwc
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->detach()) : std::nullopt;
+  // The bias as (1, O, 1), for the GEMMs batched over images.
+  const std::optional<at::Tensor> bias3 =
+      b.has_value() ? std::optional<at::Tensor>(b->view({1, s.o, 1})) : std::nullopt;
   if (pointwise && s.groups == 1) {
     // Y[n] = W X[n] for every image in one batched GEMM: 1.2x-1.75x faster than a GEMM per
     // image at batch 2 (ResNet-50's 1x1 layers, two threads).
     at::Tensor out = y.view({s.n, s.o, p});
-    const at::Tensor wb = w.unsqueeze(0).expand({s.n, s.o, s.c}), in = xd.view({s.n, s.c, p});
-    if (b.has_value()) {
-      at::baddbmm_out(out, b->view({1, s.o, 1}).expand({s.n, s.o, p}), wb, in);
-    } else {
-      at::bmm_out(out, wb, in);
-    }
+    group_gemm(out, w.unsqueeze(0).expand({s.n, s.o, s.c}), xd.view({s.n, s.c, p}), bias3);
     if (relu) out.clamp_min_(0);
     return;
   }
@@ -428,12 +426,7 @@ void forward_nchw(const at::Tensor& x, const at::Tensor& wm, const std::optional
           }
         });
         at::Tensor out = y.narrow(0, n0, nb).view({nb, s.o, p});
-        const at::Tensor wb = w.unsqueeze(0).expand({nb, s.o, k}), in = cols.narrow(0, 0, nb);
-        if (b.has_value()) {
-          at::baddbmm_out(out, b->view({1, s.o, 1}).expand({nb, s.o, p}), wb, in);
-        } else {
-          at::bmm_out(out, wb, in);
-        }
+        group_gemm(out, w.unsqueeze(0).expand({nb, s.o, k}), cols.narrow(0, 0, nb), bias3);
         if (relu) out.clamp_min_(0);
       }
     });

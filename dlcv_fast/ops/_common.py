@@ -46,8 +46,12 @@ def refuse_forward_ad(op: str, *tensors) -> None:
         return
     for t in tensors:
         if t is not None and fwAD.unpack_dual(t).tangent is not None:
-            raise RuntimeError(f"{op}: forward-mode AD (jvp) is not implemented; use "
-                               f"reverse mode (backward)")
+            raise forward_ad_error(op)
+
+
+def forward_ad_error(op: str) -> RuntimeError:
+    return RuntimeError(f"{op}: forward-mode AD (jvp) is not implemented; use reverse mode "
+                        f"(backward)")
 
 
 def relu_flag(op: str, activation) -> bool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch._library.custom_ops import CustomOpDef
 
+from dlcv_fast.ops._common import forward_ad_error
+
 _FUNCTIONS: dict = {}
 
 
@@ -44,8 +46,7 @@ def register_autograd(op, backward, setup_context, *, library: bool = True) -> N
         return overload(*args)
 
     def jvp(ctx, *tangents):
-        raise RuntimeError(f"{overload._opname}: forward-mode AD (jvp) is not implemented; use "
-                           f"reverse mode (backward)")
+        raise forward_ad_error(overload._opname)
 
     _FUNCTIONS[overload] = type(
         f"{overload._opname}_function", (torch.autograd.Function,),
@@ -121,6 +122,18 @@ def batched(t, dim, size: int):
     if dim is None:
         return t.expand(size, *t.shape)
     return t.movedim(dim, 0)
+
+
+def folded(t, dim, size: int):
+    """``t`` with its vmapped dimension merged into the next one, the batch dim (B*N, ...),
+    or per-sample parameters as one stack (B*C,); None stays None."""
+    return None if t is None else batched(t, dim, size).flatten(0, 1)
+
+
+def stacked(t, dim, size: int):
+    """``t`` (N, C, ...) per sample as (N, B*C, ...): the samples' channels side by side, so
+    that per-channel work (groups, statistics) stays per sample; None stays None."""
+    return None if t is None else batched(t, dim, size).movedim(0, 1).flatten(1, 2)
 
 
 def looped(op, info, in_dims, *args):

@@ -521,14 +521,6 @@ def _defined(t):
 # (N, B*C, ...), so that statistics stay per sample. Running statistics updated in training
 # must be vmapped too (one per sample, updated through a view), as in PyTorch.
 
-def _stacked_channels(t: Tensor) -> Tensor:
-    return t.movedim(0, 1).flatten(1, 2)
-
-
-def _stacked_params(t, dim, n: int):
-    return None if t is None else _func.batched(t, dim, n).flatten(0, 1)
-
-
 def _forward_vmap_with(op):
     def rule(info, in_dims, input, weight, bias, running_mean, running_var, training, momentum,
              eps, relu):
@@ -546,10 +538,10 @@ def _forward_vmap_with(op):
                     raise RuntimeError(f"batch_norm: under torch.vmap in training, {name} must "
                                        f"be contiguous with its vmapped dim first (updated "
                                        f"in place through a view)")
-            stats.append(_stacked_params(t, dim, n))
-        x = _func.batched(input, in_dims[0], n)
-        out, mean, invstd = op(_stacked_channels(x), _stacked_params(weight, in_dims[1], n),
-                               _stacked_params(bias, in_dims[2], n), *stats, training, momentum,
+            stats.append(_func.folded(t, dim, n))
+        out, mean, invstd = op(_func.stacked(input, in_dims[0], n),
+                               _func.folded(weight, in_dims[1], n),
+                               _func.folded(bias, in_dims[2], n), *stats, training, momentum,
                                eps, relu)
         return ((out.unflatten(1, (n, -1)), mean.unflatten(0, (n, -1)),
                  invstd.unflatten(0, (n, -1))), (1, 0, 0))
@@ -561,9 +553,9 @@ def _backward_vmap_with(op):
     def rule(info, in_dims, grad_output, input, weight, bias, save_mean, save_invstd, training,
              relu, output_mask):
         n = info.batch_size
-        gx, gw, gb = op(_stacked_channels(_func.batched(grad_output, in_dims[0], n)),
-                        _stacked_channels(_func.batched(input, in_dims[1], n)),
-                        *(_stacked_params(t, d, n) for t, d in zip(
+        gx, gw, gb = op(_func.stacked(grad_output, in_dims[0], n),
+                        _func.stacked(input, in_dims[1], n),
+                        *(_func.folded(t, d, n) for t, d in zip(
                             (weight, bias, save_mean, save_invstd), in_dims[2:6])),
                         training, relu, output_mask)
         return ((gx.unflatten(1, (n, -1)) if output_mask[0] else gx,

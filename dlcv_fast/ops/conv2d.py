@@ -383,27 +383,9 @@ def _bias_relu_backward_backward_with(ops: _Ops):
     return backward
 
 
-# dlcv_fast::conv2d has its autograd in C++ (csrc/dlcv_fast.cpp, the same formula as
-# _backward_with): registered from Python, it cost about 50 us more per call. Its Python
-# formula serves torch.func only.
-for _ops in (_CPP, _TRITON):
-    for _op, _backward, _setup in (
-            (_ops.forward, _backward_with, _setup_context),
-            (_ops.backward_input, _backward_input_backward_with, _setup_backward_context),
-            (_ops.backward_weight, _backward_weight_backward_with, _setup_backward_context),
-            (_ops.bias_relu_backward, _bias_relu_backward_backward_with,
-             _setup_bias_relu_context)):
-        _func.register_autograd(_op.overload, _backward(_ops), _setup,
-                                library=_op is not _CPP.forward)
-
-
 # Batching rules (torch.vmap). Samples of one weight fold into the batch dim N; B weights
 # (per-sample gradients, model ensembles) run side by side as B times the groups, the
 # samples' channels stacked: (B, N, C, H, W) -> (N, B*C, H, W), weights (B*O, C/g, kH, kW).
-
-def _stacked_channels(t: Tensor) -> Tensor:
-    return t.movedim(0, 1).flatten(1, 2)
-
 
 def _forward_vmap_with(ops: _Ops):
     def rule(info, in_dims, input, weight, bias, stride, padding, dilation, groups, relu):
@@ -413,9 +395,9 @@ def _forward_vmap_with(ops: _Ops):
             y = ops.forward(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups,
                             relu)
             return y.unflatten(0, (n, -1)), 0
-        w = _func.batched(weight, in_dims[1], n).flatten(0, 1)
-        b = None if bias is None else _func.batched(bias, in_dims[2], n).flatten(0, 1)
-        y = ops.forward(_stacked_channels(x), w, b, stride, padding, dilation, groups * n, relu)
+        y = ops.forward(_func.stacked(x, 0, n), _func.folded(weight, in_dims[1], n),
+                        _func.folded(bias, in_dims[2], n), stride, padding, dilation, groups * n,
+                        relu)
         return y.unflatten(1, (n, -1)), 1
 
     return rule
@@ -430,9 +412,9 @@ def _backward_input_vmap_with(ops: _Ops):
             gx = ops.backward_input(gy.flatten(0, 1), x.flatten(0, 1), weight, stride, padding,
                                     dilation, groups)
             return gx.unflatten(0, (n, -1)), 0
-        w = _func.batched(weight, in_dims[2], n).flatten(0, 1)
-        gx = ops.backward_input(_stacked_channels(gy), _stacked_channels(x), w, stride, padding,
-                                dilation, groups * n)
+        gx = ops.backward_input(_func.stacked(gy, 0, n), _func.stacked(x, 0, n),
+                                _func.folded(weight, in_dims[2], n), stride, padding, dilation,
+                                groups * n)
         return gx.unflatten(1, (n, -1)), 1
 
     return rule
@@ -441,10 +423,10 @@ def _backward_input_vmap_with(ops: _Ops):
 def _backward_weight_vmap_with(ops: _Ops):
     def rule(info, in_dims, grad_output, input, weight, stride, padding, dilation, groups):
         n = info.batch_size
-        gy = _stacked_channels(_func.batched(grad_output, in_dims[0], n))
-        x = _stacked_channels(_func.batched(input, in_dims[1], n))
-        w = _func.batched(weight, in_dims[2], n).flatten(0, 1)
-        gw = ops.backward_weight(gy, x, w, stride, padding, dilation, groups * n)
+        gw = ops.backward_weight(_func.stacked(grad_output, in_dims[0], n),
+                                 _func.stacked(input, in_dims[1], n),
+                                 _func.folded(weight, in_dims[2], n), stride, padding, dilation,
+                                 groups * n)
         return gw.unflatten(0, (n, -1)), 0
 
     return rule
@@ -454,9 +436,8 @@ def _bias_relu_backward_vmap_with(ops: _Ops):
     # Channels stacked, so that the bias's sum over N, H and W stays per sample.
     def rule(info, in_dims, grad_output, output, bias):
         n = info.batch_size
-        gy = _stacked_channels(_func.batched(grad_output, in_dims[0], n))
-        y = None if output is None else _stacked_channels(_func.batched(output, in_dims[1], n))
-        g, gb = ops.bias_relu_backward(gy, y, bias)
+        y = _func.stacked(output, in_dims[1], n)
+        g, gb = ops.bias_relu_backward(_func.stacked(grad_output, in_dims[0], n), y, bias)
         return ((g if y is None else g.unflatten(1, (n, -1)),
                  gb.unflatten(0, (n, -1)) if bias else gb),
                 (None if y is None else 1, 0 if bias else None))
@@ -464,12 +445,20 @@ def _bias_relu_backward_vmap_with(ops: _Ops):
     return rule
 
 
+# dlcv_fast::conv2d has its autograd in C++ (csrc/dlcv_fast.cpp, the same formula as
+# _backward_with): registered from Python, it cost about 50 us more per call. Its Python
+# formula serves torch.func only.
 for _ops in (_CPP, _TRITON):
-    for _op, _rule in ((_ops.forward, _forward_vmap_with),
-                       (_ops.backward_input, _backward_input_vmap_with),
-                       (_ops.backward_weight, _backward_weight_vmap_with),
-                       (_ops.bias_relu_backward, _bias_relu_backward_vmap_with)):
-        _func.register_vmap(_op.overload, _rule(_ops))
+    for _op, _backward, _setup, _rule in (
+            (_ops.forward, _backward_with, _setup_context, _forward_vmap_with),
+            (_ops.backward_input, _backward_input_backward_with, _setup_backward_context,
+             _backward_input_vmap_with),
+            (_ops.backward_weight, _backward_weight_backward_with, _setup_backward_context,
+             _backward_weight_vmap_with),
+            (_ops.bias_relu_backward, _bias_relu_backward_backward_with,
+             _setup_bias_relu_context, _bias_relu_backward_vmap_with)):
+        _func.register_autograd(_op, _backward(_ops), _setup, library=_op is not _CPP.forward)
+        _func.register_vmap(_op, _rule(_ops))
 
 for _name in ("conv2d", "conv2d_triton"):  # autocast: in its dtype, as torch's convolution
     register_lower_precision(_name)

@@ -157,8 +157,7 @@ def _step_vmap_with(op):
     # with them.
     def rule(info, in_dims, *args):
         n = info.batch_size
-        tensors = [None if t is None else _func.batched(t, d, n).flatten(0, 1)
-                   for t, d in zip(args[:5], in_dims)]
+        tensors = [_func.folded(t, d, n) for t, d in zip(args[:5], in_dims)]
         prev, x0 = op(*tensors, *args[5:])
         return (prev.unflatten(0, (n, -1)), x0.unflatten(0, (n, -1))), (0, 0)
 
